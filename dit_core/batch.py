@@ -1,0 +1,103 @@
+"""The determinism contract: the global batch of step s is a pure function of (seed, s).
+
+Everything random a training sample sees is drawn here, before any rank is
+involved: which images (indices), the diffusion timestep t, the noise, and the
+label-dropout mask for classifier-free guidance. A rank then takes a contiguous
+slice. So 1 process or N processes, accumulation 1 or 4, the same sample meets
+the same t and the same noise, and the mean loss over the global batch is the
+same number.
+
+Randomness is drawn from CPU generators: the CPU Mersenne Twister gives the same
+stream on every machine, so a GPU run sees exactly the batches of a CPU run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+_INDEX_STREAM, _BATCH_STREAM = 0, 1
+
+
+def _seed(*words: int) -> int:
+    """A 63-bit seed mixed from integers (SeedSequence avoids seed+step collisions)."""
+    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(_seed(seed, _INDEX_STREAM, epoch))
+    return torch.randperm(n, generator=g)
+
+
+def sample_indices(seed: int, step: int, batch_size: int, n: int) -> torch.Tensor:
+    """Indices of step `step`: positions [step*B, (step+1)*B) of an endless stream
+    of per-epoch permutations, so every image is seen once per epoch."""
+    pos = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offs = pos // n, pos % n
+    out = torch.empty(batch_size, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        m = epochs == e
+        out[m] = _epoch_permutation(seed, e, n)[offs[m]]
+    return out
+
+
+@dataclass
+class Batch:
+    """One global batch (or a shard of it). Tensors are on the CPU until `to`."""
+    indices: torch.Tensor   # (B,) int64 image indices
+    t: torch.Tensor         # (B,) int64 timesteps in [0, T)
+    noise: torch.Tensor     # (B, C, H, W) float32 standard normal
+    drop: torch.Tensor      # (B,) bool, True: the label is replaced by the null class
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+    def slice(self, start: int, stop: int) -> "Batch":
+        return Batch(self.indices[start:stop], self.t[start:stop], self.noise[start:stop], self.drop[start:stop])
+
+    def to(self, device) -> "Batch":
+        nb = torch.device(device).type == "cuda"
+        return Batch(*(x.to(device, non_blocking=nb) for x in (self.indices, self.t, self.noise, self.drop)))
+
+    @staticmethod
+    def cat(parts: list["Batch"]) -> "Batch":
+        return Batch(*(torch.cat([getattr(p, f) for p in parts])
+                       for f in ("indices", "t", "noise", "drop")))
+
+
+def global_batch(seed: int, step: int, batch_size: int, n_data: int, timesteps: int,
+                 label_dropout: float, image_shape=(1, 28, 28)) -> Batch:
+    """The global batch of optimizer step `step`: a pure function of its arguments."""
+    idx = sample_indices(seed, step, batch_size, n_data)
+    g = torch.Generator().manual_seed(_seed(seed, _BATCH_STREAM, step))
+    t = torch.randint(0, timesteps, (batch_size,), generator=g)
+    noise = torch.randn((batch_size, *image_shape), generator=g)
+    drop = torch.rand(batch_size, generator=g) < label_dropout
+    return Batch(idx, t, noise, drop)
+
+
+def shard_bounds(batch_size: int, rank: int, world_size: int, micro_step: int, accumulation: int) -> tuple[int, int]:
+    """[start, stop) of rank `rank`'s micro-batch `micro_step` inside the global batch.
+
+    Rank-major: rank r owns the contiguous block [r*B/W, (r+1)*B/W), and its
+    micro-batches are consecutive pieces of that block.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is not in [0, world_size={world_size}); check the launcher's environment.")
+    if accumulation < 1 or not 0 <= micro_step < accumulation:
+        raise ValueError(f"micro_step={micro_step} is not in [0, accumulation={accumulation}).")
+    if batch_size % (world_size * accumulation):
+        raise ValueError(
+            f"global batch size {batch_size} is not divisible by world size {world_size} x gradient "
+            f"accumulation {accumulation}; choose a batch that is a multiple of {world_size * accumulation}.")
+    per_rank = batch_size // world_size
+    micro = per_rank // accumulation
+    start = rank * per_rank + micro_step * micro
+    return start, start + micro
+
+
+def shard(batch: Batch, rank: int, world_size: int, micro_step: int = 0, accumulation: int = 1) -> Batch:
+    return batch.slice(*shard_bounds(len(batch), rank, world_size, micro_step, accumulation))

@@ -1,0 +1,221 @@
+"""A class-conditional Diffusion Transformer (DiT, Peebles & Xie 2023) for MNIST.
+
+Read top to bottom: image -> patches -> tokens (+ fixed 2-D position embedding);
+timestep and label -> one conditioning vector c; N blocks in which c sets the
+shift, scale and gate of every sub-layer (adaLN-Zero); a final layer -> patches
+-> the predicted noise, same shape as the image.
+
+Attention is a plain callable `attn_fn(q, k, v)` on (batch, seq, heads, head_dim)
+tensors, so later chapters swap in Ulysses or tensor-parallel attention with
+`model.set_attention(fn)` and never copy a block.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax(q k^T / sqrt(head_dim)) v on (B, S, H, D) tensors; returns (B, S, H, D)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # shift/scale are per sample (B, D); broadcast over the token axis.
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed (grid*grid, dim) embedding: half the channels encode the row, half the column."""
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(pos, omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    emb = np.concatenate([one_axis(dim // 2, rows.reshape(-1)), one_axis(dim // 2, cols.reshape(-1))], axis=1)
+    return torch.from_numpy(emb).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """Integer timestep -> sinusoidal features -> MLP -> (B, hidden)."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    @staticmethod
+    def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.sinusoidal(t, self.freq_dim))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> (B, hidden). Row `num_classes` is the null label used by
+    classifier-free guidance; which samples get it is decided by the batch (drop)."""
+
+    def __init__(self, num_classes: int, hidden: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, hidden)
+
+    def forward(self, y: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        if drop is not None:
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.table(y)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, num_heads: int):
+        super().__init__()
+        self.head_dim = hidden // num_heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.attn_fn = sdpa_attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        # Heads are inferred from the weight, so a tensor-parallel qkv holding
+        # a slice of the heads works unchanged.
+        qkv = self.qkv(x).view(B, S, 3, -1, self.head_dim)
+        q, k, v = qkv.unbind(2)                                  # each (B, S, H, D)
+        out = self.attn_fn(q, k, v)                              # (B, S, H, D)
+        return self.proj(out.reshape(B, S, -1))
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden: int, mlp_hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, mlp_hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(mlp_hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block; c sets shift/scale/gate of both sub-layers.
+
+    The modulation is zero-initialised (adaLN-Zero): every gate starts at 0, so
+    each block starts as the identity and the network begins as a shallow one.
+    """
+
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, num_heads)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        p, h, C = cfg.patch_size, cfg.hidden_size, cfg.in_channels
+        self.grid = cfg.image_size // p
+        # Patchify = a conv whose kernel and stride are the patch: one linear map per patch.
+        self.x_embedder = nn.Conv2d(C, h, kernel_size=p, stride=p)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(h, self.grid).unsqueeze(0), persistent=False)
+        self.t_embedder = TimestepEmbedder(h)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, h)
+        self.blocks = nn.ModuleList([DiTBlock(h, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(h, p, C)
+        self.initialize_weights()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid * self.grid
+
+    def initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        # adaLN-Zero: zero modulation (gates start closed) and a zero output layer,
+        # so the untrained model predicts exactly 0 noise.
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def set_attention(self, fn) -> None:
+        """Swap the attention callable of every block (Ulysses, tensor parallel, ...)."""
+        for blk in self.blocks:
+            blk.attn.attn_fn = fn
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, tokens, hidden), position embedding added."""
+        return self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, tokens, p*p*C) -> (B, C, H, W)."""
+        p, C, g = self.cfg.patch_size, self.cfg.in_channels, self.grid
+        x = x.reshape(x.shape[0], g, g, p, p, C)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], C, g * p, g * p)
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        return self.t_embedder(t) + self.y_embedder(y, drop)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the noise in x_t. x: (B, C, H, W), t: (B,) int, y: (B,) int."""
+        tokens = self.patchify(x)
+        c = self.condition(t, y, drop)
+        for blk in self.blocks:
+            tokens = blk(tokens, c)
+        return self.unpatchify(self.final_layer(tokens, c))
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance: eps_uncond + scale * (eps_cond - eps_uncond), in one batch."""
+        if scale == 1.0:
+            return self(x, t, y)
+        null = torch.full_like(y, self.cfg.num_classes)
+        eps = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        cond, uncond = eps.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,68 @@
+"""Pictures: sample grids and loss curves (matplotlib, no display needed)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+if "ipykernel" not in sys.modules:  # scripts and tests draw to files; notebooks keep their inline backend
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def grid_array(images: torch.Tensor, nrow: int = 10, pad: int = 2) -> np.ndarray:
+    """(N, 1, H, W) in [-1, 1] -> one (rows*(H+pad), nrow*(W+pad)) array in [0, 1]."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)[:, 0].numpy()
+    n, h, w = x.shape
+    rows = (n + nrow - 1) // nrow
+    out = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.float32)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = x[i]
+    return out
+
+
+def sample_grid(images: torch.Tensor, path: str | Path | None = None, nrow: int = 10, title: str | None = None):
+    """A grid of digits, one row per class when images are ordered class by class."""
+    fig, ax = plt.subplots(figsize=(nrow * 0.6, (len(images) + nrow - 1) // nrow * 0.6 + (0.4 if title else 0)))
+    ax.imshow(grid_array(images, nrow), cmap="gray", vmin=0, vmax=1)
+    ax.axis("off")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def loss_curve(logs: dict[str, list[dict]], path: str | Path | None = None, smooth: int = 20, title: str = "training loss"):
+    """One or more JSONL logs (label -> rows): raw loss faint, moving average bold."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, rows in logs.items():
+        steps = np.array([r["step"] for r in rows])
+        loss = np.array([r["loss"] for r in rows])
+        line, = ax.plot(steps, loss, alpha=0.25, lw=0.8)
+        if len(loss) >= smooth > 1:
+            k = np.ones(smooth) / smooth
+            ax.plot(steps[smooth - 1:], np.convolve(loss, k, mode="valid"), color=line.get_color(), lw=1.8,
+                    label=f"{label} (mean of {smooth})")
+        else:
+            line.set_label(label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def _finish(fig, path):
+    if path is None:
+        return fig
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,25 @@
+"""One process, one device: the reference run every strategy is compared with.
+
+    python launchers/single.py --config configs/tiny.yaml --max-steps 200
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+from dit_core.config import config_from_args, launcher_parser  # noqa: E402
+from dit_core.errors import run_main  # noqa: E402
+from dit_core.train import train  # noqa: E402
+
+
+def main(argv=None):
+    args = launcher_parser(__doc__.splitlines()[0]).parse_args(argv)
+    cfg = config_from_args(args)
+    result = train(cfg)
+    print(f"trained {result.steps} steps in {result.seconds:.1f}s; final loss {result.losses[-1]:.4f}; "
+          f"checkpoint {result.last_checkpoint}" if result.losses else f"nothing to train; checkpoint "
+          f"{result.last_checkpoint}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,37 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dit_core.config import load_config  # noqa: E402
+
+# A DiT small enough that a training step takes milliseconds on a CPU.
+MICRO = {"model.hidden_size": 32, "model.depth": 2, "model.num_heads": 2, "model.patch_size": 7,
+         "train.global_batch_size": 16, "train.train_subset": 512, "train.warmup_steps": 2,
+         "train.tensorboard": False, "train.lr": 1e-3, "run.device": "cpu"}
+
+
+@pytest.fixture
+def micro_cfg(tmp_path):
+    def make(**over):
+        o = dict(MICRO)
+        o["run.results_dir"] = str(tmp_path / "run")
+        o.update({k.replace("__", "."): v for k, v in over.items()})
+        return load_config(None, o)
+    return make
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from dit_core.data import load_mnist
+    return load_mnist("train")
+
+
+def run_py(args, **kw):
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, **kw)

@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from dit_core.config import load_config
+from dit_core.model import DiT, TimestepEmbedder, count_parameters, sdpa_attention
+
+
+def make(**over):
+    o = {"model.hidden_size": 32, "model.depth": 2, "model.num_heads": 4}
+    o.update({f"model.{k}": v for k, v in over.items()})
+    torch.manual_seed(0)
+    return DiT(load_config(None, o).model)
+
+
+@pytest.mark.parametrize("patch, tokens", [(4, 49), (2, 196), (7, 16)])
+def test_shapes(patch, tokens):
+    m = make(patch_size=patch)
+    x = torch.randn(3, 1, 28, 28)
+    assert m.patchify(x).shape == (3, tokens, 32)
+    out = m(x, torch.tensor([1, 500, 999]), torch.tensor([0, 5, 9]))
+    assert out.shape == x.shape
+
+
+def test_adaln_zero_init_predicts_zero_and_blocks_are_identity():
+    m = make()
+    x = torch.randn(2, 1, 28, 28)
+    t, y = torch.tensor([3, 700]), torch.tensor([1, 2])
+    assert torch.count_nonzero(m(x, t, y)) == 0
+    tok, c = m.patchify(x), m.condition(t, y)
+    for blk in m.blocks:
+        assert torch.equal(blk(tok, c), tok)   # gates are zero: the block is the identity
+
+
+def test_unpatchify_inverts_a_patch_reshape():
+    m = make(patch_size=4)
+    x = torch.randn(2, 1, 28, 28)
+    # (B, C, H, W) -> (B, tokens, p*p*C) in the order unpatchify expects
+    p, g = 4, 7
+    patches = x.reshape(2, 1, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(2, g * g, p * p)
+    assert torch.equal(m.unpatchify(patches), x)
+
+
+def test_attention_is_swappable_and_default_is_softmax_attention():
+    m = make()
+    for p in m.parameters():                     # leave adaLN-Zero so attention matters
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([10, 20]), torch.tensor([3, 4])
+    ref = m(x, t, y)
+    calls = []
+
+    def manual(q, k, v):                          # (B, S, H, D) written out by hand
+        calls.append(q.shape)
+        w = torch.einsum("bshd,bthd->bhst", q, k) / q.shape[-1] ** 0.5
+        return torch.einsum("bhst,bthd->bshd", w.softmax(-1), v)
+
+    m.set_attention(manual)
+    out = m(x, t, y)
+    assert len(calls) == 2 and calls[0] == (2, 49, 4, 8)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    m.set_attention(lambda q, k, v: torch.zeros_like(q))
+    assert not torch.allclose(m(x, t, y), ref)
+
+
+def test_null_label_and_cfg():
+    m = make()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    assert m.y_embedder.table.num_embeddings == 11
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([10, 20]), torch.tensor([3, 4])
+    null = torch.full_like(y, 10)
+    torch.testing.assert_close(m(x, t, y, drop=torch.tensor([True, True])), m(x, t, null))
+    torch.testing.assert_close(m.forward_with_cfg(x, t, y, 1.0), m(x, t, y))
+    cond, unc = m(x, t, y), m(x, t, null)
+    torch.testing.assert_close(m.forward_with_cfg(x, t, y, 3.0), unc + 3.0 * (cond - unc), rtol=1e-5, atol=1e-5)
+
+
+def test_timestep_embedding_and_parameter_count():
+    e = TimestepEmbedder.sinusoidal(torch.tensor([0, 1]), 8)
+    assert torch.equal(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    assert count_parameters(make()) > 0
+
+
+def test_sdpa_matches_manual_scale():
+    q, k, v = (torch.randn(2, 5, 3, 8) for _ in range(3))
+    w = torch.einsum("bshd,bthd->bhst", q, k) / 8 ** 0.5
+    torch.testing.assert_close(sdpa_attention(q, k, v), torch.einsum("bhst,bthd->bshd", w.softmax(-1), v),
+                               rtol=1e-5, atol=1e-6)
