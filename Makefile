@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(PY) launchers/demo.py --config configs/tiny.yaml --results-dir results/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests notebooks --nbval-lax -q
+	DIT_WORKBOOK_SMOKE=1 $(PY) -m pytest tests notebooks --nbval-lax -q
 
 clean:
 	rm -rf results

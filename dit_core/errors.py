@@ -6,8 +6,9 @@ from .data import DataError
 
 
 def user_errors() -> tuple:
+    from .parallel.dist import LaunchError
     from .train import CheckpointError
-    return (ConfigError, DataError, CheckpointError)
+    return (ConfigError, DataError, CheckpointError, LaunchError)
 
 
 def run_main(main, argv=None) -> None:

@@ -26,6 +26,7 @@ from .config import Config, ConfigError
 from .data import MNIST, load_mnist
 from .diffusion import Diffusion
 from .model import DiT
+from .parallel.dist import check_batch_split
 from .parity import JsonlLogger
 
 CKPT_FILES = ("model.pt", "ema.pt", "optimizer.pt", "training_state.json")
@@ -36,10 +37,11 @@ class CheckpointError(RuntimeError):
 
 
 class Parallel:
-    """Single process. Parallel strategies override these few methods."""
+    """Single process. Parallel strategies (dit_core.parallel.*) provide the same few members."""
 
     rank: int = 0
     world_size: int = 1
+    device: torch.device | None = None   # None: from run.device
 
     @property
     def is_main(self) -> bool:
@@ -192,6 +194,10 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
 
+    def summary(self) -> str:
+        loss = f"final loss {self.losses[-1]:.4f}; " if self.losses else "nothing left to train; "
+        return f"trained to step {self.steps} in {self.seconds:.1f}s; {loss}checkpoint {self.last_checkpoint}"
+
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device):
     t = cfg.train
@@ -209,16 +215,13 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
     `stop_at`, as a job with a time limit would, keeping the schedule of the full run)."""
     par = parallel or Parallel()
     t, run = cfg.train, cfg.run
-    device = resolve_device(run.device)
+    device = par.device or resolve_device(run.device)
     if device.type == "cuda":
         # fp32 parity runs compare exact float32 math: no TF32 shortcuts.
         torch.backends.cuda.matmul.allow_tf32 = t.precision != "fp32"
         torch.backends.cudnn.allow_tf32 = t.precision != "fp32"
     accum, W = t.grad_accum, par.world_size
-    if t.global_batch_size % (W * accum):
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by world size {W} x "
-            f"train.grad_accum={accum}; use a multiple of {W * accum}.")
+    check_batch_split(t.global_batch_size, W, accum)
 
     torch.manual_seed(t.seed)  # same initial weights on every rank and every run
     model = DiT(cfg.model).to(device)

@@ -16,9 +16,7 @@ def main(argv=None):
     args = launcher_parser(__doc__.splitlines()[0]).parse_args(argv)
     cfg = config_from_args(args)
     result = train(cfg)
-    print(f"trained {result.steps} steps in {result.seconds:.1f}s; final loss {result.losses[-1]:.4f}; "
-          f"checkpoint {result.last_checkpoint}" if result.losses else f"nothing to train; checkpoint "
-          f"{result.last_checkpoint}")
+    print(result.summary())
 
 
 if __name__ == "__main__":

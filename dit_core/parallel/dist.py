@@ -1,0 +1,74 @@
+"""Process setup: one place that turns torchrun's environment into a process group.
+
+NCCL when this rank has a GPU, gloo on the CPU; one device per local rank. The
+returned `DistEnv` is passed explicitly to whatever needs it (no global state).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
+
+REQUIRED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class LaunchError(RuntimeError):
+    """The process was not started by a distributed launcher (or the launch is inconsistent)."""
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    group: object = None      # the data-parallel group (None = the default group, all ranks)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env(device: str = "auto", launcher: str = "torchrun --nproc_per_node N") -> DistEnv:
+    missing = [k for k in REQUIRED_ENV if k not in os.environ]
+    if missing:
+        raise LaunchError(f"{', '.join(missing)} not set: this script must be started by a distributed launcher, "
+                          f"e.g. `{launcher} <script>`, not plain python.")
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ConfigError("run.device='cuda' but no CUDA GPU is visible; use --device cpu or --device auto.")
+        if local >= torch.cuda.device_count():
+            raise LaunchError(f"local rank {local} has no GPU (this node sees {torch.cuda.device_count()}); "
+                              f"start at most {torch.cuda.device_count()} processes per node.")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+        # Processes of one node share its cores: one thread each unless told otherwise.
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                **({"device_id": dev} if backend == "nccl" else {}))
+    return DistEnv(rank, world, local, dev, backend)
+
+
+def teardown() -> None:
+    # No barrier: after an error on one rank a barrier would hang the others.
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_batch_split(global_batch: int, world_size: int, accumulation: int) -> None:
+    if global_batch % (world_size * accumulation):
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} is not divisible by world size {world_size} x "
+            f"train.grad_accum={accumulation}; use a multiple of {world_size * accumulation}.")
