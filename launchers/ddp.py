@@ -20,15 +20,17 @@ def main(argv=None):
                    help="hand: bucketed, overlapped (dit_core.parallel.ddp); torch: DistributedDataParallel; "
                         "naive: one blocking all-reduce per parameter")
     p.add_argument("--bucket-cap-mb", type=float, default=25)
+    p.add_argument("--seed-by-rank", action="store_true", help="(teaching) initialise every rank differently")
+    p.add_argument("--break", dest="broken", choices=("average", "broadcast"),
+                   help="(teaching, hand/naive) skip the gradient averaging or the initial broadcast")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     env = init_from_env(cfg.run.device)
-    try:
-        result = train(cfg, parallel=DDPStrategy(env, args.impl, args.bucket_cap_mb), quiet=not env.is_main)
-        if env.is_main:
-            print(f"[{args.impl}, {env.world_size} x {env.backend}] {result.summary()}")
-    finally:
-        teardown()
+    result = train(cfg, parallel=DDPStrategy(env, args.impl, args.bucket_cap_mb, args.seed_by_rank, args.broken),
+                   quiet=not env.is_main)
+    if env.is_main:
+        print(f"[{args.impl}, {env.world_size} x {env.backend}] {result.summary()}")
+    teardown()
 
 
 if __name__ == "__main__":

@@ -23,14 +23,17 @@ import torch.nn as nn
 
 class DataParallel(nn.Module):
     def __init__(self, module: nn.Module, bucket_cap_mb: float = 25, overlap: bool = True,
-                 group=None, first_bucket_mb: float = 1.0):
+                 group=None, first_bucket_mb: float = 1.0, average: bool = True, broadcast: bool = True):
         super().__init__()
         self.module = module
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.overlap = overlap
+        # average=False / broadcast=False exist only to show, in the chapter, the run each one saves.
+        self._divisor = self.world_size if average else 1
         self._sync = True
-        self._broadcast_from_rank0()
+        if broadcast:
+            self._broadcast_from_rank0()
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.buckets = self._make_buckets(bucket_cap_mb, first_bucket_mb) if overlap else []
         self._hooks = []
@@ -97,7 +100,7 @@ class DataParallel(nn.Module):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, group=self.group)
-                p.grad.div_(self.world_size)
+                p.grad.div_(self._divisor)
             return
         # Buckets whose gradients never all arrived (unused parameters) are launched now, in order.
         while self._next < len(self.buckets):
@@ -105,7 +108,7 @@ class DataParallel(nn.Module):
             self._next += 1
         for b, (work, flat) in self._pending.items():
             work.wait()
-            flat.div_(self.world_size)
+            flat.div_(self._divisor)
             offset = 0
             for p in self.buckets[b]:
                 n = p.numel()
@@ -135,10 +138,16 @@ class DDPStrategy:
     """How `dit_core.train` runs under data parallelism: the wrapper, no_sync, the final
     gradient sync, and the all-reduced loss for the log (the mean over the global batch)."""
 
-    def __init__(self, env, impl: str = "hand", bucket_cap_mb: float = 25):
+    def __init__(self, env, impl: str = "hand", bucket_cap_mb: float = 25, seed_by_rank: bool = False,
+                 broken: str | None = None):
         if impl not in IMPLS:
             raise ValueError(f"--impl {impl!r} is not one of {', '.join(IMPLS)}.")
+        if broken not in (None, "average", "broadcast"):
+            raise ValueError(f"--break {broken!r} is not average or broadcast.")
         self.env, self.impl, self.bucket_cap_mb = env, impl, bucket_cap_mb
+        # Teaching switches: initialise each rank differently (as code seeding by rank does), and
+        # drop the averaging or the initial broadcast, to see what each one protects.
+        self.seed_by_rank, self.broken = seed_by_rank or broken == "broadcast", broken
         self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
 
     @property
@@ -146,12 +155,16 @@ class DDPStrategy:
         return self.rank == 0
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        if self.seed_by_rank and self.rank > 0:   # rank 0 keeps the seed of the single-process run
+            torch.manual_seed(1000 + self.rank)
+            model.initialize_weights()
         if self.impl == "torch":
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
             return DDP(model, device_ids=ids, bucket_cap_mb=self.bucket_cap_mb, process_group=self.env.group)
         return DataParallel(model, bucket_cap_mb=self.bucket_cap_mb, overlap=self.impl == "hand",
-                            group=self.env.group)
+                            group=self.env.group, average=self.broken != "average",
+                            broadcast=self.broken != "broadcast")
 
     def no_sync(self, model: nn.Module):
         return model.no_sync()

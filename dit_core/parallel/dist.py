@@ -62,8 +62,10 @@ def init_from_env(device: str = "auto", launcher: str = "torchrun --nproc_per_no
 
 
 def teardown() -> None:
-    # No barrier: after an error on one rank a barrier would hang the others.
+    """Call after a successful run: wait for every rank (rank 0 may still be writing its
+    checkpoint), then close the group. Not called on an error path, where a barrier would hang."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
