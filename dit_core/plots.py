@@ -87,3 +87,33 @@ def parity_curves(a: list[dict], b: list[dict], path: str | Path | None = None, 
     bottom.grid(alpha=0.3)
     fig.tight_layout()
     return _finish(fig, path)
+
+
+def collective_diagrams(results: dict[int, dict], names, path: str | Path | None = None):
+    """Who holds what before and after each collective: one row per rank, one cell per element.
+    Cells are coloured by the rank that contributed them (tens digit); sums are grey."""
+    world = len(results)
+    fig, axes = plt.subplots(len(names), 2, figsize=(9, 1.15 * world * len(names) / 2 + 1),
+                             gridspec_kw={"width_ratios": [1, world]})
+    cmap = plt.get_cmap("tab10")
+    for row, name in enumerate(names):
+        for col, key in enumerate(("before", name)):
+            ax = axes[row, col]
+            for r in range(world):
+                vals = results[r][key]
+                for j, v in enumerate(vals):
+                    summed = key != "before" and name in ("all_reduce", "reduce_scatter")
+                    owner = None if summed else int(v) // 10
+                    color = cmap(owner) if owner is not None else (0.8, 0.8, 0.8)
+                    ax.add_patch(plt.Rectangle((j, world - 1 - r), 0.95, 0.9, color=color, alpha=0.55))
+                    ax.text(j + 0.47, world - 1 - r + 0.45, f"{v:g}", ha="center", va="center", fontsize=7)
+            ax.set_xlim(0, world * world if key == name else world)
+            ax.set_ylim(0, world)
+            ax.set_yticks([r + 0.45 for r in range(world)], [f"rank {world - 1 - r}" for r in range(world)],
+                          fontsize=7)
+            ax.set_xticks([])
+            for sp in ax.spines.values():
+                sp.set_visible(False)
+            ax.set_title("before" if key == "before" else f"after {name}", fontsize=9, loc="left")
+    fig.tight_layout()
+    return _finish(fig, path)
