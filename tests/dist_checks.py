@@ -17,7 +17,7 @@ from dit_core.data import load_mnist  # noqa: E402
 from dit_core.diffusion import Diffusion  # noqa: E402
 from dit_core.model import DiT  # noqa: E402
 from dit_core.parallel.ddp import DataParallel  # noqa: E402
-from dit_core.parallel.dist import init_from_env, teardown  # noqa: E402
+from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
 
 CFG = load_config(None, {"model.hidden_size": 32, "model.depth": 2, "model.num_heads": 2, "model.patch_size": 7})
 
@@ -105,6 +105,7 @@ def main():
     if rank == 0:
         Path(sys.argv[1]).write_text(json.dumps(out, indent=1))
     teardown()
+    exit_process(0)
 
 
 if __name__ == "__main__":

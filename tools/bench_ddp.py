@@ -22,7 +22,7 @@ from dit_core.config import load_config  # noqa: E402
 from dit_core.diffusion import Diffusion  # noqa: E402
 from dit_core.model import DiT  # noqa: E402
 from dit_core.parallel.ddp import DDPStrategy  # noqa: E402
-from dit_core.parallel.dist import init_from_env, teardown  # noqa: E402
+from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
 from dit_core.train import autocast_ctx  # noqa: E402
 
 
@@ -100,6 +100,7 @@ def main():
     if env.is_main:
         print(json.dumps(out), flush=True)
     teardown()
+    exit_process(0)
 
 
 if __name__ == "__main__":

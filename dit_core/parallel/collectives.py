@@ -87,6 +87,8 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         json.dump(res, f)
     dist.barrier()
     dist.destroy_process_group()
+    from .dist import exit_process
+    exit_process(0)
 
 
 def _free_port() -> int:
