@@ -60,7 +60,9 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.sinusoidal(t, self.freq_dim))
+        # Cast to the weights' dtype: a no-op in fp32 and under autocast, needed when an engine
+        # (DeepSpeed bf16/fp16) has cast the whole model.
+        return self.mlp(self.sinusoidal(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -187,7 +189,8 @@ class DiT(nn.Module):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, tokens, hidden), position embedding added."""
-        return self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+        x = self.x_embedder(x).flatten(2).transpose(1, 2)
+        return x + self.pos_embed.to(x.dtype)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, tokens, p*p*C) -> (B, C, H, W)."""
@@ -201,7 +204,7 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 drop: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the noise in x_t. x: (B, C, H, W), t: (B,) int, y: (B,) int."""
-        tokens = self.patchify(x)
+        tokens = self.patchify(x.to(self.x_embedder.weight.dtype))
         c = self.condition(t, y, drop)
         for blk in self.blocks:
             tokens = blk(tokens, c)

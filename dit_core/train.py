@@ -29,9 +29,6 @@ from .model import DiT
 from .parallel.dist import check_batch_split
 from .parity import JsonlLogger
 
-CKPT_FILES = ("model.pt", "ema.pt", "optimizer.pt", "training_state.json")
-
-
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not match the config."""
 
@@ -60,6 +57,13 @@ class Parallel:
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def barrier(self) -> None:
+        """Wait for every rank (checkpoints written by several ranks)."""
+
+    def make_engine(self, model: nn.Module, cfg: Config, device: torch.device) -> "TorchEngine":
+        """Who does backward and the optimizer step. DeepSpeed hands back its own engine."""
+        return TorchEngine(model, self, cfg, device)
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -84,10 +88,14 @@ def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def ema_decay(decay: float, num_updates: int) -> float:
+    # Warm-up the decay so short runs still average mostly trained weights.
+    return min(decay, (1 + num_updates) / (10 + num_updates))
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, num_updates: int) -> None:
-    # Warm-up the decay so short runs still average mostly trained weights.
-    d = min(decay, (1 + num_updates) / (10 + num_updates))
+    d = ema_decay(decay, num_updates)
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach().to(e.dtype), 1 - d)
 
@@ -102,23 +110,128 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+# ---------------------------------------------------------------- the optimizer side
+
+class EMA:
+    """Exponential moving average of the weights, kept whole on every rank."""
+
+    def __init__(self, model: nn.Module):
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
+
+    def update(self, model: nn.Module, decay: float, num_updates: int) -> None:
+        ema_update(self.module, model, decay, num_updates)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.module.load_state_dict(sd)
+
+
+class TorchEngine:
+    """Backward, gradient sync, clipping, optimizer and LR step, checkpoint files: plain PyTorch.
+
+    `dit_core.parallel.zero` provides the same members on top of a DeepSpeed engine, which
+    owns all of these jobs itself (accumulation, clipping, partitioned optimizer state).
+    """
+
+    name = "torch"
+    saves_on_every_rank = False      # DeepSpeed: every rank writes its own partition
+
+    def __init__(self, model: nn.Module, par: Parallel, cfg: Config, device: torch.device):
+        t = cfg.train
+        self.model, self.par = model, par
+        self.autocast = t.precision      # fp32 params, bf16/fp16 matmuls (DeepSpeed casts the model instead)
+        self.optimizer, self.scheduler = build_optimizer(model, cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+        self.accum = t.grad_accum
+        self.clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.wrapped = par.wrap(model)
+        self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
+
+    def micro_step(self, last: bool):
+        """Context of one micro-batch's forward and backward: only the last one synchronises."""
+        return contextlib.nullcontext() if last else self.par.no_sync(self.wrapped)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Each micro-batch is 1/accum of this rank's share: the gradient of the mean.
+        scaled = loss / self.accum
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self) -> float:
+        """Synchronise, clip, step, zero, schedule; returns the gradient norm before clipping."""
+        self.par.finish_gradient_sync(self.wrapped)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(grad_norm)
+
+    def make_ema(self) -> EMA:
+        return EMA(self.model)
+
+    def update_ema(self, ema: EMA, decay: float, num_updates: int) -> None:
+        ema.update(self.model, decay, num_updates)
+
+    def state_info(self) -> dict:
+        return {}
+
+    def save(self, folder: Path) -> None:
+        torch.save(unwrap(self.model).state_dict(), folder / "model.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None},
+                   folder / "optimizer.pt")
+
+    def load(self, folder: Path, device: torch.device) -> None:
+        check_files(folder, ("model.pt", "optimizer.pt"))
+        load_model_weights(folder, self.model)
+        opt_state = _torch_load(folder / "optimizer.pt", device)
+        self.optimizer.load_state_dict(opt_state["optimizer"])
+        self.scheduler.load_state_dict(opt_state["scheduler"])
+        if self.scaler is not None and opt_state.get("scaler"):
+            self.scaler.load_state_dict(opt_state["scaler"])
+
+
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(results_dir: str | Path, step: int, model: nn.Module, ema: nn.Module,
-                    optimizer, scheduler, scaler, cfg: Config, samples_seen: int) -> Path:
-    """Write checkpoint-<step>/ into a temporary folder, then rename: never half-written."""
+def save_checkpoint(results_dir: str | Path, step: int, engine, ema, cfg: Config, samples_seen: int,
+                    par: Parallel | None = None) -> Path | None:
+    """Write checkpoint-<step>/ into a temporary folder, then rename: never half-written.
+
+    Every rank calls this. Rank 0 writes the EMA and the training state; the engine's files come
+    from rank 0 alone (full weights) or, under DeepSpeed, from every rank (its partition)."""
+    par = par or Parallel()
     final = Path(results_dir) / f"checkpoint-{step}"
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(unwrap(model).state_dict(), tmp / "model.pt")
-    torch.save(ema.state_dict(), tmp / "ema.pt")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
+    tmp = final.with_name(f".{final.name}.tmp")
+    if par.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ema_sd = ema.state_dict()            # a collective when the EMA is sharded (ZeRO-3)
+    if engine.saves_on_every_rank:
+        par.barrier()                    # the folder exists before anyone writes into it
+        engine.save(tmp)
+        par.barrier()                    # every partition is on disk before the rename
+    elif par.is_main:
+        engine.save(tmp)
+    if not par.is_main:
+        return None
+    torch.save(ema_sd, tmp / "ema.pt")
     (tmp / "training_state.json").write_text(json.dumps(
-        {"step": step, "samples_seen": samples_seen, "config": cfg.to_dict()}, indent=1))
+        {"step": step, "samples_seen": samples_seen, "engine": engine.name, **engine.state_info(),
+         "config": cfg.to_dict()}, indent=1))
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old)
@@ -127,15 +240,19 @@ def save_checkpoint(results_dir: str | Path, step: int, model: nn.Module, ema: n
     return final
 
 
+def check_files(path: Path, names) -> None:
+    missing = [f for f in names if not (path / f).exists()]
+    if missing:
+        raise CheckpointError(f"Checkpoint '{path}' lacks {', '.join(missing)}; it is incomplete: "
+                              f"pick another checkpoint-<step> folder.")
+
+
 def read_training_state(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"Checkpoint '{path}' is not a folder; pass a checkpoint-<step> folder "
                               f"written by a launcher (e.g. results/run/checkpoint-1000).")
-    missing = [f for f in CKPT_FILES if not (path / f).is_file()]
-    if missing:
-        raise CheckpointError(f"Checkpoint '{path}' lacks {', '.join(missing)}; it is incomplete: "
-                              f"pick another checkpoint-<step> folder.")
+    check_files(path, ("training_state.json", "ema.pt"))
     try:
         return json.loads((path / "training_state.json").read_text())
     except json.JSONDecodeError:
@@ -162,6 +279,10 @@ def check_model_config(state: dict, cfg: Config, path: Path) -> None:
 
 def load_model_weights(path: str | Path, model: nn.Module, file: str = "model.pt") -> None:
     path = Path(path)
+    if not (path / file).is_file() and file == "model.pt" and (path / "ds").is_dir():
+        raise CheckpointError(f"'{path}' is a DeepSpeed checkpoint without plain weights; convert it first: "
+                              f"python -m dit_core.parallel.zero convert {path} {path}-plain")
+    check_files(path, (file,))
     sd = _torch_load(path / file, "cpu")
     try:
         model.load_state_dict(sd)
@@ -185,10 +306,20 @@ def model_from_checkpoint(path: str | Path, device="cpu", ema: bool = True) -> t
 
 # ---------------------------------------------------------------- the loop
 
+class TrainHooks:
+    """Points inside a step where a measurement may look (every rank calls them)."""
+
+    def step_begin(self, step: int, engine) -> None: ...
+
+    def after_backward(self, step: int, micro: int, engine) -> None: ...
+
+    def step_end(self, step: int, engine) -> None: ...
+
+
 @dataclass
 class TrainResult:
     model: nn.Module
-    ema: nn.Module
+    ema: EMA
     losses: list = field(default_factory=list)
     last_checkpoint: Path | None = None
     steps: int = 0
@@ -204,16 +335,22 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device):
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                             **({"fused": True} if fused else {}))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
-    return opt, sched
+    return opt, build_scheduler(opt, cfg)
+
+
+def build_scheduler(optimizer, cfg: Config):
+    t = cfg.train
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
 
 
 def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = None,
-          quiet: bool = False, stop_at: int | None = None) -> TrainResult:
+          quiet: bool = False, stop_at: int | None = None, hooks: "TrainHooks | None" = None) -> TrainResult:
     """Train from scratch or from cfg.run.resume up to train.max_steps (or stop early at
-    `stop_at`, as a job with a time limit would, keeping the schedule of the full run)."""
+    `stop_at`, as a job with a time limit would, keeping the schedule of the full run).
+    `hooks` (a TrainHooks) lets a measurement look inside a step on every rank."""
     par = parallel or Parallel()
+    hooks = hooks or TrainHooks()
     t, run = cfg.train, cfg.run
     device = par.device or resolve_device(run.device)
     if device.type == "cuda":
@@ -223,32 +360,25 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
     accum, W = t.grad_accum, par.world_size
     check_batch_split(t.global_batch_size, W, accum)
 
-    torch.manual_seed(t.seed)  # same initial weights on every rank and every run
-    model = DiT(cfg.model).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer, scheduler = build_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
-    diffusion = Diffusion(cfg.diffusion, device)
-    data = (data or load_mnist("train", "cpu", t.train_subset)).to(device)
-
     start, samples_seen = 0, 0
     if run.resume:
         state = read_training_state(run.resume)
         check_model_config(state, cfg, Path(run.resume))
-        load_model_weights(run.resume, model)
-        load_model_weights(run.resume, ema, "ema.pt")
-        opt_state = _torch_load(Path(run.resume) / "optimizer.pt", device)
-        optimizer.load_state_dict(opt_state["optimizer"])
-        scheduler.load_state_dict(opt_state["scheduler"])
-        if scaler is not None and opt_state.get("scaler"):
-            scaler.load_state_dict(opt_state["scaler"])
         start, samples_seen = int(state["step"]), int(state["samples_seen"])
         if start > t.max_steps:
             raise ConfigError(f"--resume '{run.resume}' is at step {start}, past train.max_steps={t.max_steps}; "
                               f"raise --max-steps.")
 
-    wrapped = par.wrap(model)
-    fwd = torch.compile(wrapped) if t.compile else wrapped
+    torch.manual_seed(t.seed)  # same initial weights on every rank and every run
+    model = DiT(cfg.model).to(device)
+    diffusion = Diffusion(cfg.diffusion, device)
+    data = (data or load_mnist("train", "cpu", t.train_subset)).to(device)
+    engine = par.make_engine(model, cfg, device)
+    ema = engine.make_ema()
+    if run.resume:
+        engine.load(Path(run.resume), device)
+        ema.load_state_dict(_torch_load(Path(run.resume) / "ema.pt", device))
+
     results = Path(run.results_dir)
     logger = tb = bar = None
     if par.is_main:
@@ -262,44 +392,31 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
             bar = tqdm(total=t.max_steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
 
     out = TrainResult(model=model, ema=ema, steps=start)
-    params = [p for p in model.parameters() if p.requires_grad]
-    clip = t.grad_clip if t.grad_clip > 0 else float("inf")
     t0 = time.perf_counter()
     end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
     for step in range(start, end):
         gb = global_batch(t.seed, step, t.global_batch_size, len(data), cfg.diffusion.timesteps,
                           cfg.diffusion.label_dropout, (cfg.model.in_channels, cfg.model.image_size,
                                                         cfg.model.image_size))
+        hooks.step_begin(step, engine)
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             b = shard(gb, par.rank, W, micro, accum).to(device)
             x0, y = data.gather(b.indices)
-            sync = contextlib.nullcontext() if micro == accum - 1 else par.no_sync(wrapped)
-            with sync:
-                with autocast_ctx(t.precision, device):
-                    loss = diffusion.loss(fwd, x0, y, b.t, b.noise, b.drop)
-                # Each micro-batch is 1/accum of this rank's share: the gradient of the mean.
-                scaled = loss / accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
+            with engine.micro_step(last=micro == accum - 1):
+                with autocast_ctx(engine.autocast, device):
+                    loss = diffusion.loss(engine.forward, x0, y, b.t, b.noise, b.drop)
+                engine.backward(loss)
+            hooks.after_backward(step, micro, engine)
             loss_sum += loss.detach()
-        par.finish_gradient_sync(wrapped)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        lr = optimizer.param_groups[0]["lr"]
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        ema_update(ema, model, t.ema_decay, step)
+        lr = engine.lr()
+        grad_norm = engine.step()
+        hooks.step_end(step, engine)
+        engine.update_ema(ema, t.ema_decay, step)
         samples_seen += t.global_batch_size
         # The logged loss is the mean over the whole global batch (all ranks).
         loss_val = par.all_reduce_mean(loss_sum / accum).item()
-        rec = {"step": step, "loss": loss_val, "grad_norm": float(grad_norm), "lr": lr,
-               "samples_seen": samples_seen}
+        rec = {"step": step, "loss": loss_val, "grad_norm": grad_norm, "lr": lr, "samples_seen": samples_seen}
         out.losses.append(loss_val)
         if not math.isfinite(loss_val) and t.precision != "fp16":
             raise FloatingPointError(f"loss became {loss_val} at step {step}; lower train.lr "
@@ -314,13 +431,12 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
                 if step % t.log_every == 0:
                     bar.set_postfix(loss=f"{loss_val:.4f}")
         done = step + 1
-        if t.ckpt_every and done % t.ckpt_every == 0 and done != end and par.is_main:
-            save_checkpoint(results, done, model, ema, optimizer, scheduler, scaler, cfg, samples_seen)
+        if t.ckpt_every and done % t.ckpt_every == 0 and done != end:
+            save_checkpoint(results, done, engine, ema, cfg, samples_seen, par)
     out.seconds = time.perf_counter() - t0
     out.steps = end
+    out.last_checkpoint = save_checkpoint(results, end, engine, ema, cfg, samples_seen, par)
     if par.is_main:
-        out.last_checkpoint = save_checkpoint(results, end, model, ema, optimizer, scheduler,
-                                              scaler, cfg, samples_seen)
         logger.close()
         if tb is not None:
             tb.close()

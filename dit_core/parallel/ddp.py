@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..train import Parallel
+
 
 class DataParallel(nn.Module):
     def __init__(self, module: nn.Module, bucket_cap_mb: float = 25, overlap: bool = True,
@@ -134,7 +136,7 @@ class DataParallel(nn.Module):
 IMPLS = ("hand", "torch", "naive")
 
 
-class DDPStrategy:
+class DDPStrategy(Parallel):
     """How `dit_core.train` runs under data parallelism: the wrapper, no_sync, the final
     gradient sync, and the all-reduced loss for the log (the mean over the global batch)."""
 
@@ -149,10 +151,6 @@ class DDPStrategy:
         # drop the averaging or the initial broadcast, to see what each one protects.
         self.seed_by_rank, self.broken = seed_by_rank or broken == "broadcast", broken
         self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.seed_by_rank and self.rank > 0:   # rank 0 keeps the seed of the single-process run
@@ -177,3 +175,6 @@ class DDPStrategy:
         t = t.detach().clone()
         dist.all_reduce(t, group=self.env.group)
         return t / self.world_size
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.env.group)

@@ -1,0 +1,303 @@
+"""ZeRO through DeepSpeed: the same training loop, with DeepSpeed's engine doing the optimizer side.
+
+Data parallelism keeps a whole copy of everything on every rank. ZeRO (Zero Redundancy
+Optimizer) removes the copies, stage by stage, for N data-parallel ranks and Ψ parameters:
+
+    stage 0   nothing partitioned: plain data parallelism (all-reduce of the gradients)
+    stage 1   optimizer state partitioned: each rank updates 1/N of the weights
+    stage 2   ... and gradients: reduce-scatter instead of all-reduce, each rank keeps 1/N
+    stage 3   ... and the parameters: all-gathered layer by layer for forward and backward
+
+Nothing about the loss changes: every stage computes the same mean gradient of the same
+global batch, so every stage must reproduce the single-process loss curve.
+
+`ZeroStrategy` plugs into `dit_core.train.train` like the DDP strategy does; `DeepSpeedEngine`
+gives DeepSpeed's engine the members `train` calls (backward, step, EMA, save, load).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..config import Config, ConfigError
+from ..train import EMA, CheckpointError, Parallel, _torch_load, build_scheduler, ema_decay
+
+STAGES = (0, 1, 2, 3)
+
+
+def check_stage(stage: int) -> None:
+    if stage not in STAGES:
+        raise ConfigError(f"--stage {stage} is not a ZeRO stage; use 0, 1, 2 or 3.")
+
+
+# ---------------------------------------------------------------- the DeepSpeed config
+
+def ds_config(cfg: Config, world_size: int, stage: int, persistence_threshold: int | None = None,
+              bucket_elements: int | None = None) -> dict:
+    """The DeepSpeed config that trains exactly the project config's run."""
+    t = cfg.train
+    check_stage(stage)
+    from .dist import check_batch_split
+    check_batch_split(t.global_batch_size, world_size, t.grad_accum)
+    zero: dict = {"stage": stage}
+    if bucket_elements:
+        # DeepSpeed's default buckets hold 5e8 elements: 2 GB of fp32 per buffer, whatever the model.
+        zero.update(reduce_bucket_size=bucket_elements, allgather_bucket_size=bucket_elements)
+        if stage == 3:
+            zero.update(stage3_prefetch_bucket_size=bucket_elements)
+    if stage == 3 and persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = persistence_threshold
+    c = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.global_batch_size // (world_size * t.grad_accum),
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,   # torch AdamW as the client optimizer
+        "steps_per_print": 2 ** 31,
+    }
+    if t.precision == "bf16":
+        c["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        c["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return c
+
+
+_AGREE = {  # DeepSpeed key -> (where it lives in the project config, how to read it from a DS config)
+    "train_batch_size": ("train.global_batch_size", lambda c: c.get("train_batch_size")),
+    "train_micro_batch_size_per_gpu": ("train.global_batch_size / (world size x train.grad_accum)",
+                                       lambda c: c.get("train_micro_batch_size_per_gpu")),
+    "gradient_accumulation_steps": ("train.grad_accum", lambda c: c.get("gradient_accumulation_steps")),
+    "gradient_clipping": ("train.grad_clip", lambda c: c.get("gradient_clipping")),
+    "zero_optimization.stage": ("--stage", lambda c: c.get("zero_optimization", {}).get("stage")),
+    "bf16.enabled": ("train.precision", lambda c: c.get("bf16", {}).get("enabled")),
+    "fp16.enabled": ("train.precision", lambda c: c.get("fp16", {}).get("enabled")),
+}
+
+
+def merge_user_config(built: dict, path: str | Path) -> dict:
+    """A user's DeepSpeed JSON may add anything (buckets, offload, overlap), but the keys that
+    decide the math must agree with the project config, or the run is not the run it claims."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config '{path}' does not exist; pass one of configs/ds_zero*.json.")
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON ({e.msg} at line {e.lineno}); fix it.") from None
+    for key, (ours, read) in _AGREE.items():
+        theirs, want = read(user), read(built)
+        if key.endswith(".enabled"):
+            want = bool(want)    # absent from ours = off
+        if theirs is None or theirs == "auto":
+            continue
+        if theirs != want:
+            raise ConfigError(f"DeepSpeed config '{path}' sets {key}={theirs!r} but the project config gives "
+                              f"{want!r} ({ours}); make them agree, or write \"auto\" in the JSON.")
+    # The user's settings win over our defaults (buckets, offload, ...); "auto" takes ours.
+    def merge(ours: dict, theirs: dict) -> dict:
+        out = dict(ours)
+        for k, v in theirs.items():
+            if v == "auto":
+                continue
+            out[k] = merge(ours[k], v) if isinstance(v, dict) and isinstance(ours.get(k), dict) else v
+        return out
+    merged = merge(built, user)
+    return merged
+
+
+# ---------------------------------------------------------------- EMA under ZeRO-3
+
+class ShardedEMA:
+    """Under ZeRO-3 a rank holds only its partition of each weight, so it keeps only that
+    partition's moving average: the EMA is sharded like the optimizer state. Gathered for saving."""
+
+    def __init__(self, model: nn.Module):
+        self.named = list(model.named_parameters())
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.shadow = [p.ds_tensor.detach().float().clone() for _, p in self.named]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float, num_updates: int) -> None:
+        d = ema_decay(decay, num_updates)
+        for e, (_, p) in zip(self.shadow, self.named):
+            e.lerp_(p.ds_tensor.detach().float(), 1 - d)
+
+    def state_dict(self) -> dict:
+        """A collective: every rank must call it. Returns the full weights on every rank."""
+        out = {}
+        for e, (name, p) in zip(self.shadow, self.named):
+            parts = [torch.empty_like(e) for _ in range(self.world)]
+            dist.all_gather(parts, e)
+            out[name] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).clone()
+        return out
+
+    def load_state_dict(self, sd: dict) -> None:
+        for i, (name, p) in enumerate(self.named):
+            n = self.shadow[i].numel()
+            full = sd[name].detach().float().flatten().to(self.shadow[i].device)
+            full = torch.cat([full, full.new_zeros(n * self.world - full.numel())])
+            self.shadow[i] = full[self.rank * n:(self.rank + 1) * n].clone()
+
+
+# ---------------------------------------------------------------- the engine
+
+class DeepSpeedEngine:
+    """The members `dit_core.train` calls, on top of `deepspeed.initialize`.
+
+    DeepSpeed counts micro-batches itself: `engine.backward` scales the loss by 1/accumulation,
+    and `engine.step()` is called after every micro-batch but only steps at the boundary.
+    """
+
+    name = "deepspeed"
+    saves_on_every_rank = True
+    autocast = "fp32"          # bf16/fp16: DeepSpeed casts the model itself (no autocast)
+
+    def __init__(self, model: nn.Module, par: "ZeroStrategy", cfg: Config, device: torch.device):
+        import deepspeed
+
+        t = cfg.train
+        self.model, self.par, self.stage = model, par, par.stage
+        optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas),
+                                      weight_decay=t.weight_decay)
+        self.config = ds_config(cfg, par.world_size, par.stage, par.persistence_threshold, par.bucket_elements)
+        if par.ds_config_path:
+            self.config = merge_user_config(self.config, par.ds_config_path)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.config, dist_init_required=False,
+            lr_scheduler=lambda opt: build_scheduler(opt, cfg))
+        self.forward = self.engine
+        self.precision = t.precision
+
+    def micro_step(self, last: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()       # only advances DeepSpeed's micro-step counter
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self) -> float:
+        own = None
+        if self.stage == 0 and self.precision == "fp32":
+            # DeepSpeed clips plain fp32 data parallelism without keeping the norm: take it here,
+            # from the all-reduced gradients, as torch's clip_grad_norm_ would.
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            own = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        self.engine.step()           # the boundary: clip, optimizer step, zero grads, LR step
+        norm = own if own is not None else self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def make_ema(self):
+        if self.stage == 3:
+            return ShardedEMA(self.model)
+        ema = EMA(self.model)
+        ema.module.float()           # keep the average in fp32 even when the model runs in bf16
+        return ema
+
+    def update_ema(self, ema, decay: float, num_updates: int) -> None:
+        ema.update(self.model, decay, num_updates)
+
+    def state_info(self) -> dict:
+        return {"zero_stage": self.stage, "world_size": self.par.world_size, "precision": self.precision}
+
+    def save(self, folder: Path) -> None:
+        # DeepSpeed writes folder/ds/: the module (stages 0-2) and one optimizer partition per rank.
+        self.engine.save_checkpoint(str(folder), tag="ds")
+
+    def load(self, folder: Path, device: torch.device) -> None:
+        state = json.loads((folder / "training_state.json").read_text())
+        if state.get("engine") != "deepspeed" or not (folder / "ds").is_dir():
+            raise CheckpointError(f"Checkpoint '{folder}' was not written by DeepSpeed; resume it with the "
+                                  f"launcher that wrote it ({state.get('engine', 'torch')} engine).")
+        want, have = self.state_info(), {k: state.get(k) for k in self.state_info()}
+        if want != have:
+            diff = "; ".join(f"{k}: checkpoint {have[k]!r} vs now {want[k]!r}" for k in want if want[k] != have[k])
+            raise CheckpointError(f"Checkpoint '{folder}' was written by another ZeRO setup ({diff}); "
+                                  f"resume with the same stage, world size and precision.")
+        path, _ = self.engine.load_checkpoint(str(folder), tag="ds", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load '{folder / 'ds'}'; the checkpoint is incomplete.")
+
+
+class ZeroStrategy(Parallel):
+    def __init__(self, env, stage: int, ds_config_path: str | None = None,
+                 persistence_threshold: int | None = None, bucket_elements: int | None = None):
+        check_stage(stage)
+        self.env, self.stage, self.ds_config_path = env, stage, ds_config_path
+        self.persistence_threshold, self.bucket_elements = persistence_threshold, bucket_elements
+        self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
+
+    def make_engine(self, model: nn.Module, cfg: Config, device: torch.device) -> DeepSpeedEngine:
+        return DeepSpeedEngine(model, self, cfg, device)
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().float().clone()
+        dist.all_reduce(t)
+        return t / self.world_size
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- plain weights from a ZeRO checkpoint
+
+def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """A DeepSpeed checkpoint folder -> a plain one (model.pt, ema.pt, training_state.json)
+    that `dit_core.evaluate` and sampling read. Stages 1-3 keep the fp32 weights in the
+    optimizer partitions: DeepSpeed's own zero_to_fp32 merges them. Stage 0 stores the module."""
+    import shutil
+
+    from ..train import read_training_state
+    src, dst = Path(src), Path(dst)
+    state = read_training_state(src)
+    if state.get("engine") != "deepspeed" or not (src / "ds").is_dir():
+        raise CheckpointError(f"'{src}' is not a DeepSpeed checkpoint (no ds/ folder); it needs no conversion.")
+    if dst.exists():
+        raise CheckpointError(f"'{dst}' already exists; pass a new folder to write the plain checkpoint into.")
+    if state.get("zero_stage", 0) == 0:
+        sd = _torch_load(src / "ds" / "mp_rank_00_model_states.pt", "cpu")["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(src), tag="ds")
+    sd = {k: v.float().contiguous() for k, v in sd.items()}
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(sd, tmp / "model.pt")
+    shutil.copy(src / "ema.pt", tmp / "ema.pt")
+    (tmp / "training_state.json").write_text(json.dumps({**state, "engine": "torch", "converted_from": str(src)},
+                                                        indent=1))
+    tmp.rename(dst)
+    return dst
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from ..errors import run_main
+    p = argparse.ArgumentParser(prog="python -m dit_core.parallel.zero")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="DeepSpeed checkpoint folder -> plain checkpoint folder")
+    c.add_argument("src")
+    c.add_argument("dst")
+
+    def run(_):
+        args = p.parse_args(argv)
+        out = convert_checkpoint(args.src, args.dst)
+        print(f"wrote {out} (model.pt, ema.pt, training_state.json)")
+    run_main(run)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
