@@ -229,7 +229,9 @@ class StepReport(TrainHooks):
         largest = max(getattr(p, "ds_numel", p.numel()) for p in params)
         mine = {"rank": dist.get_rank(), "memory": self.memory,
                 "comm_bytes": dict(self.counter.bytes), "comm_calls": dict(self.counter.calls),
-                "comm_ring_bytes": self.counter.ring_bytes(world)}
+                "comm_ring_bytes": self.counter.ring_bytes(world),
+                "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() and
+                engine.model.x_embedder.weight.is_cuda else None}
         ranks = [None] * world
         dist.all_gather_object(ranks, mine)
         if dist.get_rank() != 0:
