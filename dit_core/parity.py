@@ -65,13 +65,6 @@ def format_table(rows: list[dict], name_a: str = "A", name_b: str = "B") -> str:
     return "\n".join(lines)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_launcher(script: str, args: list[str], nproc: int = 1, log: str | Path | None = None,
                  launcher: str = "torchrun", timeout: int = 900, env: dict | None = None) -> list[dict]:
     """Run a launcher (`python`, `torchrun --nproc_per_node nproc` or `deepspeed --num_gpus nproc`)
@@ -92,8 +85,9 @@ def run_launcher(script: str, args: list[str], nproc: int = 1, log: str | Path |
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(root / script)]
     elif launcher == "deepspeed":
+        from .parallel.dist import free_port
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
-               f"--master_port={_free_port()}", str(root / script)]
+               f"--master_port={free_port()}", str(root / script)]
     else:
         raise ValueError(f"launcher={launcher!r} is not python, torchrun or deepspeed.")
     full_env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", TQDM_DISABLE="1", **(env or {}))

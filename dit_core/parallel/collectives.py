@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .dist import exit_process, free_port
+
 COLLECTIVES = ("broadcast", "all_reduce", "reduce_scatter", "all_gather", "all_to_all")
 
 
@@ -87,21 +89,13 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         json.dump(res, f)
     dist.barrier()
     dist.destroy_process_group()
-    from .dist import exit_process
     exit_process(0)
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_all(world_size: int = 4) -> dict[int, dict]:
     """Spawn world_size processes; return {rank: {"before": [...], collective: [...]}}."""
     outdir = tempfile.mkdtemp(prefix="dit-collectives-")
-    mp.spawn(_worker, args=(world_size, _free_port(), outdir), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_port(), outdir), nprocs=world_size, join=True)
     return {r: json.load(open(os.path.join(outdir, f"rank{r}.json"))) for r in range(world_size)}
 
 

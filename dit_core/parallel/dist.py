@@ -77,6 +77,14 @@ def check_batch_split(global_batch: int, world_size: int, accumulation: int) -> 
             f"train.grad_accum={accumulation}; use a multiple of {world_size * accumulation}.")
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a rendezvous on this machine."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def exit_process(code: int = 0) -> None:
     """End a launched rank without Python's interpreter finalization.
 

@@ -107,8 +107,7 @@ def merge_user_config(built: dict, path: str | Path) -> dict:
                 continue
             out[k] = merge(ours[k], v) if isinstance(v, dict) and isinstance(ours.get(k), dict) else v
         return out
-    merged = merge(built, user)
-    return merged
+    return merge(built, user)
 
 
 # ---------------------------------------------------------------- EMA under ZeRO-3
