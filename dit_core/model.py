@@ -187,10 +187,17 @@ class DiT(nn.Module):
         for blk in self.blocks:
             blk.attn.attn_fn = fn
 
-    def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, tokens, hidden), position embedding added."""
-        x = self.x_embedder(x).flatten(2).transpose(1, 2)
-        return x + self.pos_embed.to(x.dtype)
+    def patchify(self, x: torch.Tensor, tokens: slice = slice(None)) -> torch.Tensor:
+        """(B, C, H, W) -> (B, tokens, hidden), position embedding added. `tokens` keeps a
+        contiguous range of them (sequence parallelism: each rank its own slice)."""
+        x = self.x_embedder(x).flatten(2).transpose(1, 2)[:, tokens]
+        return x + self.pos_embed[:, tokens].to(x.dtype)
+
+    def patch_tokens(self, img: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, tokens, p*p*C) in the final layer's layout: unpatchify's inverse."""
+        p, C, g = self.cfg.patch_size, self.cfg.in_channels, self.grid
+        x = img.reshape(img.shape[0], C, g, p, g, p)
+        return torch.einsum("bchpwq->bhwpqc", x).reshape(img.shape[0], g * g, p * p * C)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, tokens, p*p*C) -> (B, C, H, W)."""
@@ -204,11 +211,17 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 drop: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the noise in x_t. x: (B, C, H, W), t: (B,) int, y: (B,) int."""
-        tokens = self.patchify(x.to(self.x_embedder.weight.dtype))
+        return self.unpatchify(self.forward_tokens(x, t, y, drop))
+
+    def forward_tokens(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                       drop: torch.Tensor | None = None, tokens: slice = slice(None)) -> torch.Tensor:
+        """The predicted noise as patches (B, tokens, p*p*C), for a contiguous range of the tokens
+        (all by default; under sequence parallelism, this rank's slice)."""
+        h = self.patchify(x.to(self.x_embedder.weight.dtype), tokens)
         c = self.condition(t, y, drop)
         for blk in self.blocks:
-            tokens = blk(tokens, c)
-        return self.unpatchify(self.final_layer(tokens, c))
+            h = blk(h, c)
+        return self.final_layer(h, c)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
         """Classifier-free guidance: eps_uncond + scale * (eps_cond - eps_uncond), in one batch."""

@@ -25,7 +25,7 @@ from .batch import global_batch, shard
 from .config import Config, ConfigError
 from .data import MNIST, load_mnist
 from .diffusion import Diffusion
-from .model import DiT
+from .model import DiT, sdpa_attention
 from .parallel.dist import check_batch_split
 from .parity import JsonlLogger
 
@@ -43,6 +43,20 @@ class Parallel:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which slice of the global batch this rank trains on. Ranks that split one sample's work
+        (sequence or tensor parallelism) share a data rank."""
+        return self.rank
+
+    @property
+    def data_world_size(self) -> int:
+        return self.world_size
+
+    def loss(self, diffusion: Diffusion, model, x0, y, t, noise, drop) -> torch.Tensor:
+        """This rank's loss of one micro-batch (sequence parallelism: its share of it)."""
+        return diffusion.loss(model, x0, y, t, noise, drop)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
@@ -117,6 +131,10 @@ class EMA:
 
     def __init__(self, model: nn.Module):
         self.module = copy.deepcopy(model).requires_grad_(False).eval()
+        if isinstance(self.module, DiT):
+            # The EMA is read alone (sampling, evaluation), never inside the parallel step:
+            # plain attention, whatever the training model had swapped in.
+            self.module.set_attention(sdpa_attention)
 
     def update(self, model: nn.Module, decay: float, num_updates: int) -> None:
         ema_update(self.module, model, decay, num_updates)
@@ -357,7 +375,7 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
         # fp32 parity runs compare exact float32 math: no TF32 shortcuts.
         torch.backends.cuda.matmul.allow_tf32 = t.precision != "fp32"
         torch.backends.cudnn.allow_tf32 = t.precision != "fp32"
-    accum, W = t.grad_accum, par.world_size
+    accum, W = t.grad_accum, par.data_world_size
     check_batch_split(t.global_batch_size, W, accum)
 
     start, samples_seen = 0, 0
@@ -401,11 +419,11 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
         hooks.step_begin(step, engine)
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            b = shard(gb, par.rank, W, micro, accum).to(device)
+            b = shard(gb, par.data_rank, W, micro, accum).to(device)
             x0, y = data.gather(b.indices)
             with engine.micro_step(last=micro == accum - 1):
                 with autocast_ctx(engine.autocast, device):
-                    loss = diffusion.loss(engine.forward, x0, y, b.t, b.noise, b.drop)
+                    loss = par.loss(diffusion, engine.forward, x0, y, b.t, b.noise, b.drop)
                 engine.backward(loss)
             hooks.after_backward(step, micro, engine)
             loss_sum += loss.detach()

@@ -38,6 +38,19 @@ def test_unpatchify_inverts_a_patch_reshape():
     p, g = 4, 7
     patches = x.reshape(2, 1, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(2, g * g, p * p)
     assert torch.equal(m.unpatchify(patches), x)
+    assert torch.equal(m.patch_tokens(x), patches)          # patch_tokens is that reshape
+
+
+def test_a_slice_of_tokens_sees_its_own_position_embedding():
+    """Sequence parallelism's building blocks: patchify and the token output of any contiguous slice."""
+    m = make(patch_size=7)
+    with torch.no_grad():                     # leave adaLN-Zero, so the output depends on the weights
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([3, 700]), torch.tensor([1, 2])
+    full = m.patchify(x)
+    assert torch.equal(m.patchify(x, slice(8, 16)), full[:, 8:16])
+    assert torch.equal(m.unpatchify(m.forward_tokens(x, t, y)), m(x, t, y))
 
 
 def test_attention_is_swappable_and_default_is_softmax_attention():

@@ -25,14 +25,18 @@ from ..train import Parallel
 
 class DataParallel(nn.Module):
     def __init__(self, module: nn.Module, bucket_cap_mb: float = 25, overlap: bool = True,
-                 group=None, first_bucket_mb: float = 1.0, average: bool = True, broadcast: bool = True):
+                 group=None, first_bucket_mb: float = 1.0, average: bool = True, broadcast: bool = True,
+                 divisor: int | None = None):
         super().__init__()
         self.module = module
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.overlap = overlap
         # average=False / broadcast=False exist only to show, in the chapter, the run each one saves.
-        self._divisor = self.world_size if average else 1
+        # `divisor`: the summed gradient is divided by this (default: the group size). Sequence
+        # parallelism sums partial gradients inside a group and averages across groups: it divides
+        # by the number of data-parallel groups.
+        self._divisor = (divisor or self.world_size) if average else 1
         self._sync = True
         if broadcast:
             self._broadcast_from_rank0()

@@ -96,3 +96,47 @@ def exit_process(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# ---------------------------------------------------------------- 2-D layouts (DP x SP, DP x TP)
+
+@dataclass
+class Mesh:
+    """Ranks laid out as a (dp, inner) grid: rank = dp_rank * inner + inner_rank.
+
+    The inner dimension (sequence or tensor parallel) takes *consecutive* ranks, so with one
+    process per GPU its group sits inside one node, on the fastest links: Ulysses and tensor
+    parallelism communicate inside every layer, data parallelism once per step.
+    """
+    dp_size: int
+    inner_size: int
+    dp_rank: int
+    inner_rank: int
+    dp_group: object
+    inner_group: object
+
+
+def build_mesh(env: DistEnv, inner: int, flag: str) -> Mesh:
+    """Every rank builds every group, in the same order (new_group is a collective call)."""
+    check_degree(env.world_size, inner, flag)
+    dp = env.world_size // inner
+    mine = {}
+    for d in range(dp):                               # inner groups: [d*inner, ..., d*inner + inner - 1]
+        ranks = [d * inner + i for i in range(inner)]
+        g = dist.new_group(ranks)
+        if env.rank in ranks:
+            mine["inner"] = g
+    for i in range(inner):                            # data-parallel groups: same inner rank, every dp rank
+        ranks = [d * inner + i for d in range(dp)]
+        g = dist.new_group(ranks)
+        if env.rank in ranks:
+            mine["dp"] = g
+    return Mesh(dp, inner, env.rank // inner, env.rank % inner, mine["dp"], mine["inner"])
+
+
+def check_degree(world_size: int, degree: int, flag: str) -> None:
+    if degree < 1:
+        raise ConfigError(f"{flag} {degree} must be at least 1.")
+    if world_size % degree:
+        raise ConfigError(f"world size {world_size} is not divisible by {flag} {degree}; start a multiple of "
+                          f"{degree} processes (or lower {flag}).")

@@ -1,0 +1,101 @@
+"""Ulysses sequence parallelism with real processes: torchrun, gloo, on the CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import MICRO, ROOT
+from dit_core.config import ConfigError, load_config
+from dit_core.parallel.ulysses import (check_sequence_parallel, megatron_sp_elements, ring_attention_elements,
+                                       ulysses_elements)
+from dit_core.parity import compare, max_rel, run_launcher
+
+STEPS = 20
+
+
+def flags(**over):
+    o = {k: v for k, v in MICRO.items() if k.startswith(("model.", "train."))}
+    o.update({"model.num_heads": 4, "train.grad_clip": 1.0, "train.global_batch_size": 16})   # 16 tokens, 4 heads
+    o.update(over)
+    args = ["--config", "configs/tiny.yaml", "--max-steps", str(STEPS), "--device", "cpu"]
+    for k, v in o.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+def torchrun(script, args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script)] + args
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    d = tmp_path_factory.mktemp("single")
+    return {acc: run_launcher("launchers/single.py", flags(**{"train.grad_accum": acc}) +
+                              ["--results-dir", str(d / f"a{acc}")], launcher="python")
+            for acc in (1, 2)}
+
+
+def test_ulysses_attention_equals_full_attention(tmp_path):
+    out = tmp_path / "checks.json"
+    r = torchrun("tests/ulysses_checks.py", [str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = json.loads(out.read_text())
+    for impl in ("ours", "deepspeed"):         # ours, and DeepSpeed's DistributedAttention on the same call
+        assert c[impl]["shape_ok"], c[impl]
+        assert c[impl]["worst"] <= 1e-5, c[impl]   # output and the gradients of q, k and v, both ranks
+    assert c["heads_error"].startswith("3 attention heads are not divisible by the sequence-parallel degree 2")
+    assert c["tokens_error"].startswith("a sequence of 49 tokens cannot be split evenly over 2 ranks")
+    # 3 layers x (q,k,v out + output back) forward, the same again in backward; bytes equal the formula.
+    assert c["a2a_calls"] == 3 * 2 * 2
+    assert c["a2a_sent_forward"] == c["formula_forward"] > 0
+    assert c["a2a_sent_step"] == 2 * c["formula_forward"]
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_ranks_sharing_each_image_match_one_process(single, tmp_path, accum):
+    log = run_launcher("launchers/ulysses.py", flags(**{"train.grad_accum": accum}) +
+                       ["--sp-degree", "2", "--results-dir", str(tmp_path)], nproc=2)
+    rows = compare(single[accum], log)
+    assert len(rows) == STEPS and log[-1]["samples_seen"] == STEPS * 16
+    assert max_rel(rows) <= 1e-5, max_rel(rows)
+    assert (tmp_path / f"checkpoint-{STEPS}" / "model.pt").is_file()   # a plain single-process checkpoint
+
+
+def test_dp2_x_sp2_matches_one_process(single, tmp_path):
+    log = run_launcher("launchers/ulysses.py", flags() + ["--sp-degree", "2", "--results-dir", str(tmp_path)], nproc=4)
+    assert max_rel(compare(single[1], log)) <= 1e-5
+
+
+def test_bad_layout_is_one_sentence(tmp_path):
+    r = torchrun("launchers/ulysses.py", flags(**{"model.patch_size": 4}) +
+                 ["--sp-degree", "2", "--results-dir", str(tmp_path / "r")])
+    sentence = ("error: model.patch_size=4 gives 49 tokens, not divisible by --sp-degree 2; "
+                "use model.patch_size 1 (784 tokens) or 2 (196 tokens) or 7 (16 tokens).")
+    assert r.returncode != 0 and sentence in r.stderr, r.stderr[-2000:]
+    assert "dit_core/" not in r.stderr and "launchers/ulysses.py\"" not in r.stderr   # no traceback of ours
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("over,degree,world,expect", [
+    ({"model.num_heads": 2}, 4, 4, "model.num_heads=2 is not divisible by --sp-degree 4"),
+    ({"model.patch_size": 14, "model.num_heads": 8}, 8, 8, "model.patch_size=14 gives 4 tokens, not divisible by --sp-degree 8"),
+    ({}, 2, 3, "world size 3 is not divisible by --sp-degree 2"),
+    ({}, 0, 2, "--sp-degree 0 must be at least 1"),
+])
+def test_layout_checks(over, degree, world, expect):
+    cfg = load_config("configs/tiny.yaml", over)
+    with pytest.raises(ConfigError, match=expect):
+        check_sequence_parallel(cfg.model, degree, world)
+
+
+def test_communication_formulas():
+    b, n, h = 8, 196, 256
+    assert ulysses_elements(b, n, h, 1) == 0
+    for P in (2, 4, 8):   # per layer: Ulysses sends 1/P of Megatron-SP's volume, ring attention half of it
+        assert ulysses_elements(b, n, h, P) * P == pytest.approx(megatron_sp_elements(b, n, h, P))
+        assert ring_attention_elements(b, n, h, P) * 2 == pytest.approx(megatron_sp_elements(b, n, h, P))
