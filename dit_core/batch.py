@@ -101,3 +101,57 @@ def shard_bounds(batch_size: int, rank: int, world_size: int, micro_step: int, a
 
 def shard(batch: Batch, rank: int, world_size: int, micro_step: int = 0, accumulation: int = 1) -> Batch:
     return batch.slice(*shard_bounds(len(batch), rank, world_size, micro_step, accumulation))
+
+
+class GlobalBatchStream(torch.utils.data.Dataset):
+    """The contract as a map-style dataset, for frameworks that own the data loader (Accelerate).
+
+    Item i is one training sample of the stream of global batches, (x0, y, t, noise, drop). The
+    order is chosen so that a loader with batch size B/accumulation (one micro-step of every rank
+    together), cut into `world` contiguous pieces, hands rank r exactly
+    `shard(global_batch(step), r, world, micro, accumulation)`, the slice the other launchers train on.
+    `__getitems__` builds a whole piece at once (pass `collate_fn=stack_samples`).
+    """
+
+    def __init__(self, seed: int, batch_size: int, steps: int, data, timesteps: int, label_dropout: float,
+                 image_shape, world: int, accumulation: int):
+        shard_bounds(batch_size, 0, world, 0, accumulation)         # the divisibility check, one sentence
+        self.seed, self.B, self.steps, self.data = seed, batch_size, steps, data
+        self.timesteps, self.label_dropout, self.image_shape = timesteps, label_dropout, image_shape
+        self.world, self.accum = world, accumulation
+        self._cached: tuple[int, Batch] | None = None
+
+    def __len__(self) -> int:
+        return self.steps * self.B
+
+    def position(self, i: int) -> tuple[int, int]:
+        """Stream index -> (step, position in that step's global batch)."""
+        step, j = divmod(i, self.B)
+        micro, k = divmod(j, self.B // self.accum)               # which micro-step, then which rank's piece
+        rank, q = divmod(k, self.B // (self.world * self.accum))
+        return step, shard_bounds(self.B, rank, self.world, micro, self.accum)[0] + q
+
+    def _batch(self, step: int) -> Batch:
+        if self._cached is None or self._cached[0] != step:
+            self._cached = (step, global_batch(self.seed, step, self.B, len(self.data), self.timesteps,
+                                               self.label_dropout, self.image_shape))
+        return self._cached[1]
+
+    def __getitems__(self, items: list[int]):
+        pos = [self.position(i) for i in items]
+        parts = []
+        for step in sorted({s for s, _ in pos}):
+            where = torch.tensor([p for s, p in pos if s == step])
+            b = self._batch(step)
+            parts.append(Batch(b.indices[where], b.t[where], b.noise[where], b.drop[where]))
+        b = Batch.cat(parts)
+        x0, y = self.data.gather(b.indices)
+        return x0, y, b.t, b.noise, b.drop
+
+    def __getitem__(self, i: int):
+        return tuple(x[0] for x in self.__getitems__([i]))
+
+
+def stack_samples(batch):
+    """collate_fn for GlobalBatchStream: `__getitems__` already returns whole tensors."""
+    return batch

@@ -66,9 +66,10 @@ def format_table(rows: list[dict], name_a: str = "A", name_b: str = "B") -> str:
 
 
 def run_launcher(script: str, args: list[str], nproc: int = 1, log: str | Path | None = None,
-                 launcher: str = "torchrun", timeout: int = 900, env: dict | None = None) -> list[dict]:
-    """Run a launcher (`python`, `torchrun --nproc_per_node nproc` or `deepspeed --num_gpus nproc`)
-    and return its JSONL log.
+                 launcher: str = "torchrun", timeout: int = 900, env: dict | None = None,
+                 launch_args: list[str] | None = None) -> list[dict]:
+    """Run a launcher (`python`, `torchrun --nproc_per_node nproc`, `deepspeed --num_gpus nproc` or
+    `accelerate launch --num_processes nproc [launch_args]`) and return its JSONL log.
 
     Tests and notebooks use this to run the real thing: separate processes, real collectives.
     """
@@ -88,8 +89,12 @@ def run_launcher(script: str, args: list[str], nproc: int = 1, log: str | Path |
         from .parallel.dist import free_port
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
                f"--master_port={free_port()}", str(root / script)]
+    elif launcher == "accelerate":
+        from .parallel.dist import free_port
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", f"--num_processes={nproc}",
+               f"--main_process_port={free_port()}", *(launch_args or []), str(root / script)]
     else:
-        raise ValueError(f"launcher={launcher!r} is not python, torchrun or deepspeed.")
+        raise ValueError(f"launcher={launcher!r} is not python, torchrun, deepspeed or accelerate.")
     full_env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", TQDM_DISABLE="1", **(env or {}))
     r = subprocess.run(cmd + list(args) + ["--log-jsonl", str(log)], cwd=root, env=full_env,
                        capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,191 @@
+"""Hugging Face Accelerate: one training script for one CPU, many CPUs, one or many GPUs, and DeepSpeed.
+
+    python launchers/accelerate.py --config configs/tiny.yaml --max-steps 200                   # one device
+    torchrun --nproc_per_node 2 launchers/accelerate.py --config configs/tiny.yaml --device cpu  # gloo, CPUs
+    accelerate launch --num_processes 2 launchers/accelerate.py --config configs/mnist.yaml      # GPUs, NCCL
+    accelerate launch --config_file configs/accelerate_zero2.yaml launchers/accelerate.py --config configs/mnist.yaml
+
+Unlike the other launchers this one writes its own loop, the way an Accelerate user would: the library owns
+the data loader, accumulation, mixed precision, clipping and checkpoints. The model, the diffusion loss, the
+optimizer, the schedule, the EMA and the batches of the determinism contract are the project's.
+"""
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+# Python puts this script's folder first on sys.path, where this file would shadow the `accelerate`
+# package itself: take that entry out, then add the repository root (run from a clone without installing).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import (DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin,  # noqa: E402
+                               InitProcessGroupKwargs)
+from torch.utils.data import DataLoader  # noqa: E402
+
+from dit_core.batch import GlobalBatchStream, stack_samples  # noqa: E402
+from dit_core.config import ConfigError, config_from_args, launcher_parser  # noqa: E402
+from dit_core.data import load_mnist  # noqa: E402
+from dit_core.diffusion import Diffusion  # noqa: E402
+from dit_core.errors import run_main  # noqa: E402
+from dit_core.model import DiT  # noqa: E402
+from dit_core.parallel.dist import check_batch_split, exit_process  # noqa: E402
+from dit_core.parity import JsonlLogger  # noqa: E402
+from dit_core.train import EMA, build_optimizer, check_model_config, ema_decay, read_training_state  # noqa: E402
+
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class Progress:
+    """The step counter, saved and restored with Accelerate's state (register_for_checkpointing)."""
+
+    def __init__(self):
+        self.step, self.samples_seen = 0, 0
+
+    def state_dict(self):
+        return {"step": self.step, "samples_seen": self.samples_seen}
+
+    def load_state_dict(self, sd):
+        self.step, self.samples_seen = int(sd["step"]), int(sd["samples_seen"])
+
+
+def make_accelerator(cfg) -> Accelerator:
+    t, device = cfg.train, cfg.run.device
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device='cuda' but no CUDA GPU is visible; use --device cpu or --device auto.")
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return Accelerator(
+        # Accelerate runs DeepSpeed only when cpu=False; on a CPU-only machine it then needs gloo named.
+        cpu=cpu and not deepspeed,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu and deepspeed else None,
+        mixed_precision=PRECISION[t.precision],
+        # As a plugin, not `gradient_accumulation_steps=`: that one is overridden by the environment
+        # `accelerate launch` sets from its config file.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum),
+        # The loader yields one micro-step of *every* process (B/accum samples); split_batches cuts it into
+        # contiguous per-process pieces. (The default, False, would give each process its own whole batch.)
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        step_scheduler_with_optimizer=True,
+    )
+
+
+def check_deepspeed_config(accelerator: Accelerator, cfg) -> None:
+    """The DeepSpeed section of an Accelerate config must agree with the project config."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    want = {"gradient_accumulation_steps": cfg.train.grad_accum, "gradient_clipping": cfg.train.grad_clip}
+    for key, value in want.items():
+        got = ds.get(key, "auto")
+        if got == "auto":
+            ds[key] = value      # Accelerate would fill clipping "auto" with 1.0, whatever the project says
+        elif float(got) != float(value):
+            raise ConfigError(f"the Accelerate config's DeepSpeed {key}={got} disagrees with the project config "
+                              f"({value}); set it to {value} or auto in the YAML.")
+
+
+def save(accelerator, folder: Path, model, ema: EMA, progress: Progress, cfg) -> None:
+    """checkpoint-<step>/: Accelerate's state (exact resume) plus the project's plain files, written
+    into a temporary folder and renamed when every process is done."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "accelerate"))                # every process: its part
+    weights = accelerator.get_state_dict(model)                    # gathered where sharded
+    if accelerator.is_main_process:
+        torch.save(weights, tmp / "model.pt")
+        torch.save(ema.state_dict(), tmp / "ema.pt")
+        (tmp / "training_state.json").write_text(json.dumps(
+            {**progress.state_dict(), "engine": "accelerate", "config": cfg.to_dict()}, indent=1))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+
+
+def main(argv=None):
+    args = launcher_parser(__doc__.splitlines()[0]).parse_args(argv)
+    cfg = config_from_args(args)
+    t = cfg.train
+    accelerator = make_accelerator(cfg)
+    check_batch_split(t.global_batch_size, accelerator.num_processes, t.grad_accum)
+    check_deepspeed_config(accelerator, cfg)
+    if accelerator.device.type == "cuda":           # fp32 parity runs compare exact float32 math
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.precision != "fp32"
+
+    torch.manual_seed(t.seed)                        # same initial weights everywhere
+    model = DiT(cfg.model)
+    optimizer, scheduler = build_optimizer(model, cfg, accelerator.device)
+    data = load_mnist("train", "cpu", t.train_subset)
+    stream = GlobalBatchStream(t.seed, t.global_batch_size, t.max_steps, data, cfg.diffusion.timesteps,
+                               cfg.diffusion.label_dropout, (cfg.model.in_channels, cfg.model.image_size,
+                                                             cfg.model.image_size),
+                               accelerator.num_processes, t.grad_accum)
+    loader = DataLoader(stream, batch_size=t.global_batch_size // t.grad_accum, collate_fn=stack_samples)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    ema, progress = EMA(accelerator.unwrap_model(model)), Progress()
+    accelerator.register_for_checkpointing(ema, progress)
+
+    if cfg.run.resume:
+        state = read_training_state(cfg.run.resume)
+        check_model_config(state, cfg, Path(cfg.run.resume))
+        accelerator.load_state(str(Path(cfg.run.resume) / "accelerate"))
+        loader = accelerator.skip_first_batches(loader, progress.step * t.grad_accum)
+    results = Path(cfg.run.results_dir)
+    logger = None
+    if accelerator.is_main_process:
+        results.mkdir(parents=True, exist_ok=True)
+        logger = JsonlLogger(cfg.run.log_jsonl or results / "log.jsonl", append=bool(cfg.run.resume))
+
+    diffusion = Diffusion(cfg.diffusion, accelerator.device)
+    clip = t.grad_clip if t.grad_clip > 0 else math.inf
+    model.train()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for x0, y, tt, noise, drop in loader:
+        with accelerator.accumulate(model):          # no gradient sync until the last micro-step
+            if accelerator.sync_gradients:
+                lr = scheduler.get_last_lr()[0]      # the rate this step uses (DeepSpeed steps it in backward)
+            loss = diffusion.loss(model, x0, y, tt, noise, drop)
+            accelerator.backward(loss)               # divides by the accumulation steps
+            if accelerator.sync_gradients:
+                # Under DeepSpeed, backward has already clipped and stepped: this returns that step's norm.
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()                         # a no-op on the other micro-steps (and under DeepSpeed)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        if not accelerator.sync_gradients:
+            continue
+        ema.update(accelerator.unwrap_model(model), t.ema_decay, progress.step)
+        mean_loss = accelerator.reduce(loss_sum / t.grad_accum, reduction="mean").item()
+        loss_sum.zero_()
+        progress.samples_seen += t.global_batch_size
+        if not math.isfinite(mean_loss) and t.precision != "fp16":
+            raise FloatingPointError(f"loss became {mean_loss} at step {progress.step}; lower train.lr (now {t.lr}).")
+        if accelerator.is_main_process:
+            logger.write({"step": progress.step, "loss": mean_loss, "grad_norm": float(grad_norm), "lr": lr,
+                          "samples_seen": progress.samples_seen})
+            if progress.step % t.log_every == 0:
+                accelerator.print(f"step {progress.step}: loss {mean_loss:.4f} (decay {ema_decay(t.ema_decay, progress.step):.4f})")
+        progress.step += 1
+        if t.ckpt_every and progress.step % t.ckpt_every == 0 and progress.step != t.max_steps:
+            save(accelerator, results / f"checkpoint-{progress.step}", model, ema, progress, cfg)
+    save(accelerator, results / f"checkpoint-{progress.step}", model, ema, progress, cfg)
+    if logger is not None:
+        logger.close()
+    accelerator.print(f"[accelerate, {accelerator.num_processes} x {accelerator.distributed_type.value}] trained to "
+                      f"step {progress.step}; checkpoint {results / f'checkpoint-{progress.step}'}")
+    accelerator.end_training()
+    if accelerator.num_processes > 1:
+        exit_process(0)
+
+
+if __name__ == "__main__":
+    run_main(main)
