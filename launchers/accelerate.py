@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 # Python puts this script's folder first on sys.path, where this file would shadow the `accelerate`
@@ -148,6 +149,7 @@ def main(argv=None):
     clip = t.grad_clip if t.grad_clip > 0 else math.inf
     model.train()
     loss_sum = torch.zeros((), device=accelerator.device)
+    t0 = time.perf_counter()
     for x0, y, tt, noise, drop in loader:
         with accelerator.accumulate(model):          # no gradient sync until the last micro-step
             if accelerator.sync_gradients:
@@ -177,11 +179,12 @@ def main(argv=None):
         progress.step += 1
         if t.ckpt_every and progress.step % t.ckpt_every == 0 and progress.step != t.max_steps:
             save(accelerator, results / f"checkpoint-{progress.step}", model, ema, progress, cfg)
+    seconds = time.perf_counter() - t0
     save(accelerator, results / f"checkpoint-{progress.step}", model, ema, progress, cfg)
     if logger is not None:
         logger.close()
     accelerator.print(f"[accelerate, {accelerator.num_processes} x {accelerator.distributed_type.value}] trained to "
-                      f"step {progress.step}; checkpoint {results / f'checkpoint-{progress.step}'}")
+                      f"step {progress.step} in {seconds:.1f}s; checkpoint {results / f'checkpoint-{progress.step}'}")
     accelerator.end_training()
     if accelerator.num_processes > 1:
         exit_process(0)

@@ -33,6 +33,8 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -
     """Cut `scatter_dim` into P chunks and send chunk j to rank j; the chunk received from rank j
     lands at position j of `gather_dim`. (P = size of `group`.)"""
     P = dist.get_world_size(group)
+    if P == 1:
+        return x                  # a group of one: nothing to exchange
     if x.shape[scatter_dim] % P:
         raise ValueError(f"dimension {scatter_dim} of size {x.shape[scatter_dim]} cannot be cut into {P} equal "
                          f"chunks for the all-to-all; make it a multiple of {P}.")
