@@ -363,10 +363,13 @@ def build_scheduler(optimizer, cfg: Config):
 
 
 def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = None,
-          quiet: bool = False, stop_at: int | None = None, hooks: "TrainHooks | None" = None) -> TrainResult:
+          quiet: bool = False, stop_at: int | None = None, hooks: "TrainHooks | None" = None,
+          model_fn=None) -> TrainResult:
     """Train from scratch or from cfg.run.resume up to train.max_steps (or stop early at
     `stop_at`, as a job with a time limit would, keeping the schedule of the full run).
-    `hooks` (a TrainHooks) lets a measurement look inside a step on every rank."""
+    `hooks` (a TrainHooks) lets a measurement look inside a step on every rank. `model_fn`
+    (ModelConfig -> module with the DiT's interface) trains a variant instead of `DiT`, for the
+    chapters that compare designs."""
     par = parallel or Parallel()
     hooks = hooks or TrainHooks()
     t, run = cfg.train, cfg.run
@@ -388,7 +391,7 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
                               f"raise --max-steps.")
 
     torch.manual_seed(t.seed)  # same initial weights on every rank and every run
-    model = DiT(cfg.model).to(device)
+    model = (model_fn or DiT)(cfg.model).to(device)
     diffusion = Diffusion(cfg.diffusion, device)
     data = (data or load_mnist("train", "cpu", t.train_subset)).to(device)
     engine = par.make_engine(model, cfg, device)

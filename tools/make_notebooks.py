@@ -15,12 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks"
 
 
-def md(s):
-    return nbformat.v4.new_markdown_cell(s.strip())
-
-
-def code(s):
-    return nbformat.v4.new_code_cell(s.strip())
+from nbcells import code, md  # noqa: E402  (tools/ is on sys.path when this file runs)
 
 
 CH00 = [
@@ -1228,8 +1223,10 @@ GPU throughput (SP 2 against one GPU at 784 and 3136 tokens, and `ulysses_attent
 """),
 ]
 
-NOTEBOOKS = {"00_setup.ipynb": CH00, "05_collectives.ipynb": CH05, "06_data_parallel_by_hand.ipynb": CH06,
-             "07_deepspeed_zero.ipynb": CH07, "08_accelerate.ipynb": CH08, "09_ulysses_sequence_parallel.ipynb": CH09}
+from chapters_basics import CH01, CH02, CH03, CH04  # noqa: E402
+
+NOTEBOOKS = {"00_setup.ipynb": CH00, "01_pytorch_internals.ipynb": CH01, "02_dit_from_scratch.ipynb": CH02, "03_diffusion.ipynb": CH03, "05_collectives.ipynb": CH05, "06_data_parallel_by_hand.ipynb": CH06,
+             "04_training_recipe.ipynb": CH04, "07_deepspeed_zero.ipynb": CH07, "08_accelerate.ipynb": CH08, "09_ulysses_sequence_parallel.ipynb": CH09}
 
 
 def build(name, cells, execute=True):
