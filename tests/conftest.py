@@ -35,3 +35,22 @@ def run_py(args, **kw):
     import subprocess
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, **kw)
+
+
+def launcher_flags(steps: int, **over) -> list[str]:
+    """Launcher arguments for the MICRO DiT on the CPU: global batch 16, clipping 1.0 (unless overridden)."""
+    o = {k: v for k, v in MICRO.items() if k.startswith(("model.", "train."))}
+    o.update({"train.grad_clip": 1.0, "train.global_batch_size": 16})
+    o.update(over)
+    args = ["--config", "configs/tiny.yaml", "--max-steps", str(steps), "--device", "cpu"]
+    for k, v in o.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+def single_runs(folder, flags) -> dict:
+    """The reference: `python launchers/single.py` with accumulation 1 and 2; {accum: log}, runs in folder/a<accum>."""
+    from dit_core.parity import run_launcher
+    return {acc: run_launcher("launchers/single.py", flags(**{"train.grad_accum": acc}) +
+                              ["--results-dir", str(folder / f"a{acc}")], launcher="python")
+            for acc in (1, 2)}

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from conftest import MICRO, ROOT
-from dit_core.parity import compare, max_rel, read_jsonl, run_launcher
+from conftest import ROOT, launcher_flags, single_runs
+from dit_core.parity import compare, max_rel, run_launcher
 from dit_core.train import model_from_checkpoint
 
 STEPS = 20
@@ -16,21 +16,13 @@ SCRIPT = "launchers/accelerate.py"
 
 
 def flags(**over):
-    o = {k: v for k, v in MICRO.items() if k.startswith(("model.", "train."))}
-    o.update({"train.grad_clip": 1.0, "train.global_batch_size": 16})
-    o.update(over)
-    args = ["--config", "configs/tiny.yaml", "--max-steps", str(STEPS), "--device", "cpu"]
-    for k, v in o.items():
-        args += ["--set", f"{k}={v}"]
-    return args
+    return launcher_flags(STEPS, **over)
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     d = tmp_path_factory.mktemp("single")
-    return {acc: (run_launcher("launchers/single.py", flags(**{"train.grad_accum": acc}) +
-                               ["--results-dir", str(d / f"a{acc}")], launcher="python"), d / f"a{acc}")
-            for acc in (1, 2)}
+    return {acc: (log, d / f"a{acc}") for acc, log in single_runs(d, flags).items()}
 
 
 def test_one_process_is_the_single_run_exactly(single, tmp_path):

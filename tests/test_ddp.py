@@ -5,28 +5,19 @@ import sys
 
 import pytest
 
-from conftest import MICRO, ROOT, run_py
+from conftest import ROOT, launcher_flags, run_py, single_runs
 from dit_core.parity import compare, max_rel, run_launcher
 
 STEPS = 24
 
 
 def flags(**over):
-    o = {k: v for k, v in MICRO.items() if k.startswith(("model.", "train."))}
-    o.update({"train.grad_clip": 1.0, "train.global_batch_size": 16})
-    o.update(over)
-    args = ["--config", "configs/tiny.yaml", "--max-steps", str(STEPS), "--device", "cpu"]
-    for k, v in o.items():
-        args += ["--set", f"{k}={v}"]
-    return args
+    return launcher_flags(STEPS, **over)
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    d = tmp_path_factory.mktemp("single")
-    return {acc: run_launcher("launchers/single.py", flags(**{"train.grad_accum": acc}) +
-                              ["--results-dir", str(d / f"a{acc}")], launcher="python")
-            for acc in (1, 2)}
+    return single_runs(tmp_path_factory.mktemp("single"), flags)
 
 
 @pytest.mark.parametrize("impl", ["hand", "torch", "naive"])

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from dit_core.config import ConfigError, load_config
+from dit_core.config import ConfigError
 from dit_core.parity import read_jsonl
 from dit_core.train import CheckpointError, lr_factor, model_from_checkpoint, train
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import MICRO, ROOT
+from conftest import ROOT, launcher_flags, single_runs
 from dit_core.config import ConfigError, load_config
 from dit_core.parallel.ulysses import (check_sequence_parallel, megatron_sp_elements, ring_attention_elements,
                                        ulysses_elements)
@@ -16,13 +16,7 @@ STEPS = 20
 
 
 def flags(**over):
-    o = {k: v for k, v in MICRO.items() if k.startswith(("model.", "train."))}
-    o.update({"model.num_heads": 4, "train.grad_clip": 1.0, "train.global_batch_size": 16})   # 16 tokens, 4 heads
-    o.update(over)
-    args = ["--config", "configs/tiny.yaml", "--max-steps", str(STEPS), "--device", "cpu"]
-    for k, v in o.items():
-        args += ["--set", f"{k}={v}"]
-    return args
+    return launcher_flags(STEPS, **{"model.num_heads": 4, **over})     # 16 tokens and 4 heads: both divide by 2
 
 
 def torchrun(script, args, nproc=2):
@@ -34,10 +28,7 @@ def torchrun(script, args, nproc=2):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    d = tmp_path_factory.mktemp("single")
-    return {acc: run_launcher("launchers/single.py", flags(**{"train.grad_accum": acc}) +
-                              ["--results-dir", str(d / f"a{acc}")], launcher="python")
-            for acc in (1, 2)}
+    return single_runs(tmp_path_factory.mktemp("single"), flags)
 
 
 def test_ulysses_attention_equals_full_attention(tmp_path):

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, run_py
+from conftest import ROOT, run_py, single_runs
 from dit_core.parity import compare, max_rel, run_launcher
 from test_ddp import STEPS, flags
 
@@ -19,9 +19,7 @@ def zflags(**over):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     d = tmp_path_factory.mktemp("single")
-    logs = {acc: run_launcher("launchers/single.py", zflags(**{"train.grad_accum": acc}) +
-                              ["--results-dir", str(d / f"a{acc}")], launcher="python")
-            for acc in (1, 2)}
+    logs = single_runs(d, zflags)
     logs["checkpoint"] = d / "a1" / f"checkpoint-{STEPS}"
     return logs
 
