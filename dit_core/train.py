@@ -71,6 +71,11 @@ class Parallel:
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        """Clip to the norm of the whole model's gradient; returns the norm before clipping. (Tensor
+        parallelism overrides it: there each rank holds only slices of some gradients.)"""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     def barrier(self) -> None:
         """Wait for every rank (checkpoints written by several ranks)."""
 
@@ -185,7 +190,7 @@ class TorchEngine:
         self.par.finish_gradient_sync(self.wrapped)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        grad_norm = self.par.clip_grad_norm_(self.params, self.clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

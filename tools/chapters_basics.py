@@ -499,6 +499,7 @@ from dit_core.config import load_config
 from dit_core.model import DiT, DiTBlock, TimestepEmbedder, sincos_pos_embed_2d, modulate
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # the training runs of section 5 use a GPU if there is one
 os.chdir("..")
 cfg = load_config("configs/tiny.yaml")
 torch.manual_seed(0)
@@ -510,10 +511,11 @@ B, p, h = 4, cfg.model.patch_size, cfg.model.hidden_size
 x, t, y = torch.randn(B, 1, 28, 28), torch.tensor([0, 10, 500, 999]), torch.tensor([3, 1, 4, 1])
 """),
     md("""
-## 1. Patchify: a reshape and a linear map (= a strided convolution)
+## 1. Patchify and unpatchify: a reshape and a linear map (= a strided convolution)
 
 28x28 pixels in 7x7 patches give a 4x4 grid: 16 tokens of 49 pixels each, each mapped to `hidden` numbers by the same
-linear layer. A convolution with kernel = stride = patch size is exactly that.
+linear layer. A convolution with kernel = stride = patch size is exactly that. At the other end, the final layer
+gives each token 49 numbers and `unpatchify` puts them back in their place in the image.
 """),
     code("""
 # NBVAL_CHECK_OUTPUT
@@ -526,6 +528,8 @@ def patchify(img, p, weight, bias):
 ours = patchify(x, p, dit.x_embedder.weight, dit.x_embedder.bias)
 theirs = dit.x_embedder(x).flatten(2).transpose(1, 2)
 print("tokens:", tuple(ours.shape), "| equal to the conv:", torch.allclose(ours, theirs, atol=1e-6))
+# The way back: the final layer emits p*p numbers per token, and unpatchify lays them out as the image.
+print("unpatchify puts every patch back where it came from:", torch.equal(dit.unpatchify(dit.patch_tokens(x)), x))
 """),
     md("""
 ## 2. Position, timestep and label
@@ -705,7 +709,7 @@ for name, changes in VARIANTS.items():
         return m
     d = tempfile.mkdtemp(prefix="ch02-")
     c = load_config("configs/tiny.yaml", {"train.max_steps": STEPS, "train.warmup_steps": min(200, STEPS // 3),
-                                          "train.tensorboard": False, "run.device": "cpu", "run.results_dir": d})
+                                          "train.tensorboard": False, "run.device": DEVICE, "run.results_dir": d})
     t0 = time.perf_counter()
     res = train(c, quiet=True, model_fn=make)
     logs[name], models[name] = res.losses, res.ema.module
@@ -724,10 +728,10 @@ ax.set_title("same batches, same steps: the four differences")
     code("""
 from dit_core.diffusion import Diffusion
 from dit_core.plots import grid_array
-diffusion = Diffusion(cfg.diffusion)
+diffusion = Diffusion(cfg.diffusion, DEVICE)
 fig, axes = plt.subplots(1, len(models), figsize=(2.2 * len(models), 2.6))
 for ax, (name, m) in zip(axes, models.items()):
-    imgs = diffusion.sample(m.eval(), torch.arange(10).repeat(2), cfg_scale=cfg.sample.cfg_scale, steps=25, seed=0)
+    imgs = diffusion.sample(m.eval(), torch.arange(10, device=DEVICE).repeat(2), cfg_scale=cfg.sample.cfg_scale, steps=25, seed=0)
     ax.imshow(grid_array(imgs, nrow=10), cmap="gray"); ax.set_title(name, fontsize=7); ax.axis("off")
 plt.tight_layout()
 """),
@@ -767,6 +771,7 @@ from dit_core.diffusion import Diffusion, make_betas
 from dit_core.plots import grid_array
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # training and sampling use a GPU if there is one
 os.chdir("..")
 cfg = load_config("configs/tiny.yaml")
 diffusion = Diffusion(cfg.diffusion)
@@ -822,7 +827,7 @@ from dit_core.train import train
 STEPS = 150 if SMOKE else 4000
 d = tempfile.mkdtemp(prefix="ch03-")
 run_cfg = load_config("configs/tiny.yaml", {"train.max_steps": STEPS, "train.warmup_steps": min(200, STEPS // 5),
-                                            "train.tensorboard": False, "run.device": "cpu", "run.results_dir": d})
+                                            "train.tensorboard": False, "run.device": DEVICE, "run.results_dir": d})
 t0 = time.perf_counter()
 res = train(run_cfg, quiet=True)
 print(f"{STEPS} steps of {run_cfg.train.global_batch_size} images in {time.perf_counter() - t0:.0f} s")
@@ -838,14 +843,17 @@ deterministic path through a subsequence of the steps: here 50, 20x fewer networ
     code("""
 from dit_core.evaluate import score_samples, format_report
 ema = res.ema.module.eval()
+diffusion = Diffusion(cfg.diffusion, DEVICE)
 N_PER = 3 if SMOKE else 30
-labels = torch.arange(10).repeat_interleave(N_PER)
+labels = torch.arange(10, device=DEVICE).repeat_interleave(N_PER)
 samples, timing = {}, {}
 for sampler, steps in (("ddpm", 1000), ("ddim", 50)):
     t0 = time.perf_counter()
     samples[sampler] = diffusion.sample(ema, labels, cfg_scale=cfg.sample.cfg_scale, sampler=sampler, steps=steps, seed=0)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()                 # GPU work is asynchronous: wait for it before reading the clock
     timing[sampler] = time.perf_counter() - t0
-scores = {s: score_samples(samples[s], labels) for s in samples}
+scores = {s: score_samples(samples[s], labels, DEVICE) for s in samples}
 for s in samples:
     print(f"{s}: {timing[s]:.1f} s for {len(labels)} images, sample accuracy {scores[s]['accuracy']:.0%}")
 fig, axes = plt.subplots(1, 2, figsize=(10, 3))
@@ -870,9 +878,9 @@ scales = [0.0, 1.0, 3.0, 5.0, 8.0]
 fig, axes = plt.subplots(1, len(scales), figsize=(2.4 * len(scales), 2.8))
 acc = {}
 for ax, s in zip(axes, scales):
-    imgs = diffusion.sample(ema, torch.arange(10).repeat(2), cfg_scale=s, steps=50, seed=1)
+    imgs = diffusion.sample(ema, torch.arange(10, device=DEVICE).repeat(2), cfg_scale=s, steps=50, seed=1)
     ax.imshow(grid_array(imgs, nrow=10), cmap="gray"); ax.set_title(f"guidance {s}", fontsize=9); ax.axis("off")
-    acc[s] = score_samples(imgs, torch.arange(10).repeat(2))["accuracy"]
+    acc[s] = score_samples(imgs, torch.arange(10, device=DEVICE).repeat(2), DEVICE)["accuracy"]
 plt.tight_layout()
 print("sample accuracy by guidance scale:", {s: f"{a:.0%}" for s, a in acc.items()})
 """),
@@ -887,7 +895,7 @@ real digits (feature FID), next to its floor, the same distance between two sets
 raw = res.model.eval()
 for name, m in (("EMA weights", ema), ("raw weights", raw)):
     imgs = diffusion.sample(m, labels, cfg_scale=cfg.sample.cfg_scale, steps=50, seed=2)
-    print(name + ":", format_report(score_samples(imgs, labels)))
+    print(name + ":", format_report(score_samples(imgs, labels, DEVICE)))
 """),
     md("""
 **What to notice.** A few minutes of CPU training give digits the classifier reads far better than chance (10%)
