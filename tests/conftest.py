@@ -54,3 +54,12 @@ def single_runs(folder, flags) -> dict:
     return {acc: run_launcher("launchers/single.py", flags(**{"train.grad_accum": acc}) +
                               ["--results-dir", str(folder / f"a{acc}")], launcher="python")
             for acc in (1, 2)}
+
+
+def torchrun(script: str, args: list[str], nproc: int = 2):
+    """Start a script under torchrun (CPU, one thread per process); returns the CompletedProcess."""
+    import subprocess
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script)] + list(args)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))

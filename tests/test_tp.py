@@ -1,13 +1,10 @@
 """Tensor parallelism with real processes: torchrun, gloo, on the CPU."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, launcher_flags, single_runs
+from conftest import launcher_flags, single_runs, torchrun
 from dit_core.config import ConfigError, load_config
 from dit_core.diffusion import Diffusion
 from dit_core.parallel.tensor import check_tensor_parallel
@@ -21,13 +18,6 @@ def flags(**over):
     # 4 heads and an MLP of 128 split over 2 ranks; clipping at 0.05 acts at every step, so the
     # tensor-parallel gradient norm (slices summed over the group) is exercised too.
     return launcher_flags(STEPS, **{"model.num_heads": 4, "train.grad_clip": 0.05, **over})
-
-
-def torchrun(script, args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / script)] + args
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,9 @@
 """Ulysses sequence parallelism with real processes: torchrun, gloo, on the CPU."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, launcher_flags, single_runs
+from conftest import launcher_flags, single_runs, torchrun
 from dit_core.config import ConfigError, load_config
 from dit_core.parallel.ulysses import (check_sequence_parallel, megatron_sp_elements, ring_attention_elements,
                                        ulysses_elements)
@@ -17,13 +14,6 @@ STEPS = 20
 
 def flags(**over):
     return launcher_flags(STEPS, **{"model.num_heads": 4, **over})     # 16 tokens and 4 heads: both divide by 2
-
-
-def torchrun(script, args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / script)] + args
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
 
 
 @pytest.fixture(scope="module")

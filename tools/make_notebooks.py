@@ -1404,7 +1404,7 @@ measured by `tools/gpu_tp.sh` on `nvidia-h200-x2`; the numbers, or why they are 
 | ZeRO-3 (07) | weights sliced too | 3Ψ per micro-batch (gather twice, reduce-scatter) | 1.6e-7 | the weights do not fit; 310 MiB per rank at the same Ψ |
 | Accelerate (08) | as the backend it runs (DDP or DeepSpeed) | the same as that backend | 1.6e-7 (DDP), 1.6e-7 (ZeRO-2) | one script for every machine |
 | Ulysses (09) | everything, 1/P of each sample's tokens | 4·b·N·h/P·(P-1)/P per layer forward, the same backward | 2.3e-7 (DP 2 x SP 2) | sequences too long for one GPU's activations; P ≤ heads |
-| Tensor parallel (10) | 1/P of every block matrix | 4·b·N·h per block and micro-batch (all-reduce) | see section 3 | layers too big for one GPU; inside a node |
+| Tensor parallel (10) | 1/P of every block matrix | 4·b·N·h per block and micro-batch (all-reduce) | 1.7e-7 (TP 2), 1.8e-7 (DP 2 x TP 2) | layers too big for one GPU; inside a node |
 
 Parity numbers are from `docs/results.md` (each with its command); every strategy is also a test that launches real
 processes and compares with the single process.

@@ -182,3 +182,31 @@ class DDPStrategy(Parallel):
 
     def barrier(self) -> None:
         dist.barrier(group=self.env.group)
+
+
+class MeshStrategy(Parallel):
+    """Base of the 2-D strategies (Ulysses, tensor parallelism): ranks on a (data-parallel x inner) mesh
+    built by `dist.build_mesh`; the hand-written DataParallel synchronises the gradients."""
+
+    def __init__(self, env, degree: int, flag: str):
+        from .dist import build_mesh
+        self.env = env
+        self.mesh = build_mesh(env, degree, flag)
+        self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
+
+    @property
+    def data_rank(self) -> int:
+        return self.mesh.dp_rank            # ranks that share one sample's work share a data rank
+
+    @property
+    def data_world_size(self) -> int:
+        return self.mesh.dp_size
+
+    def no_sync(self, model: nn.Module):
+        return model.no_sync()
+
+    def finish_gradient_sync(self, model: nn.Module) -> None:
+        model.finish_gradient_synchronization()
+
+    def barrier(self) -> None:
+        dist.barrier()

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
 from ..model import DiT  # noqa: F401  (parallelize's argument)
-from ..train import EMA, Parallel, TorchEngine, check_files, _torch_load
-from .ddp import DataParallel
-from .dist import DistEnv, build_mesh, check_degree
+from ..train import EMA, TorchEngine, _torch_load, check_files
+from .ddp import DataParallel, MeshStrategy
+from .dist import DistEnv, check_degree
 
 
 class GroupRef:
@@ -240,22 +240,12 @@ class TensorParallelEngine(TorchEngine):
         return {"tp_degree": self.par.mesh.inner_size, "world_size": self.par.world_size}
 
 
-class TensorParallelStrategy(Parallel):
+class TensorParallelStrategy(MeshStrategy):
     """DP x TP for `dit_core.train`: ranks [d*P, (d+1)*P) hold the slices of one model and train on
     data-parallel slice d of the global batch; gradients are averaged across the data-parallel group."""
 
     def __init__(self, env: DistEnv, degree: int):
-        self.env = env
-        self.mesh = build_mesh(env, degree, "--tp-degree")
-        self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
-
-    @property
-    def data_rank(self) -> int:
-        return self.mesh.dp_rank
-
-    @property
-    def data_world_size(self) -> int:
-        return self.mesh.dp_size
+        super().__init__(env, degree, "--tp-degree")
 
     def make_engine(self, model, cfg, device):
         parallelize(model, self.mesh.inner_group)      # before the optimizer sees the parameters
@@ -263,12 +253,6 @@ class TensorParallelStrategy(Parallel):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return DataParallel(model, group=self.mesh.dp_group)
-
-    def no_sync(self, model):
-        return model.no_sync()
-
-    def finish_gradient_sync(self, model) -> None:
-        model.finish_gradient_synchronization()
 
     def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
         """The norm of the *whole* model's gradient: sliced parameters' squares summed over the tensor-
@@ -290,9 +274,6 @@ class TensorParallelStrategy(Parallel):
         t = t.detach().clone()
         dist.all_reduce(t)                   # tensor-parallel ranks hold the same loss: the mean over all
         return t / self.world_size           # ranks is the mean over the data-parallel groups
-
-    def barrier(self) -> None:
-        dist.barrier()
 
 
 # ---------------------------------------------------------------- communication (elements)

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
 from ..model import DiT, sdpa_attention
-from ..train import Parallel
-from .ddp import DataParallel
-from .dist import DistEnv, build_mesh, check_degree
+from .ddp import DataParallel, MeshStrategy
+from .dist import DistEnv, check_degree
 
 
 # ---------------------------------------------------------------- the primitive
@@ -131,7 +130,7 @@ def check_sequence_parallel(model: ModelConfig, degree: int, world_size: int) ->
                           f"{degree}; use model.patch_size {' or '.join(ok)}.")
 
 
-class UlyssesStrategy(Parallel):
+class UlyssesStrategy(MeshStrategy):
     """DP x SP for `dit_core.train`: ranks [d*P, (d+1)*P) form sequence-parallel group d and train on
     data-parallel slice d of the global batch. One all-reduce over all ranks, divided by the number
     of groups, sums the partial gradients inside a group and averages across groups at once.
@@ -148,29 +147,14 @@ class UlyssesStrategy(Parallel):
     def __init__(self, env: DistEnv, degree: int, broken: str | None = None):
         if broken not in (None, *self.BROKEN):
             raise ValueError(f"--break {broken!r} is not one of {', '.join(self.BROKEN)}.")
-        self.env, self.broken = env, broken
-        self.mesh = build_mesh(env, degree, "--sp-degree")
-        self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
+        super().__init__(env, degree, "--sp-degree")
+        self.broken = broken
         self.sp_model: SequenceParallelDiT | None = None
-
-    @property
-    def data_rank(self) -> int:
-        return self.mesh.dp_rank
-
-    @property
-    def data_world_size(self) -> int:
-        return self.mesh.dp_size
 
     def wrap(self, model: nn.Module) -> nn.Module:
         self.sp_model = SequenceParallelDiT(model, self.mesh.inner_group)
         group = self.mesh.dp_group if self.broken == "grad-group" else None
         return DataParallel(self.sp_model, group=group, divisor=self.mesh.dp_size)
-
-    def no_sync(self, model: nn.Module):
-        return model.no_sync()
-
-    def finish_gradient_sync(self, model: nn.Module) -> None:
-        model.finish_gradient_synchronization()
 
     def loss(self, diffusion, model, x0, y, t, noise, drop) -> torch.Tensor:
         pred = model(diffusion.q_sample(x0, t, noise), t, y, drop).float()    # this rank's tokens only
@@ -185,9 +169,6 @@ class UlyssesStrategy(Parallel):
         t = t.detach().clone()
         dist.all_reduce(t)                  # partial losses: sum within groups, then mean across them
         return t / (self.world_size if self.broken == "loss-norm" else self.mesh.dp_size)
-
-    def barrier(self) -> None:
-        dist.barrier()
 
 
 # ---------------------------------------------------------------- communication volumes (elements)
