@@ -124,12 +124,15 @@ class GlobalBatchStream(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.steps * self.B
 
-    def position(self, i: int) -> tuple[int, int]:
-        """Stream index -> (step, position in that step's global batch)."""
-        step, j = divmod(i, self.B)
-        micro, k = divmod(j, self.B // self.accum)               # which micro-step, then which rank's piece
-        rank, q = divmod(k, self.B // (self.world * self.accum))
-        return step, shard_bounds(self.B, rank, self.world, micro, self.accum)[0] + q
+    def positions(self, items) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stream indices -> (step, position in that step's global batch), the inverse of rank-major
+        sharding: micro-step, then rank, then the place inside that rank's micro-batch."""
+        i = torch.as_tensor(items)
+        micro_size, piece = self.B // self.accum, self.B // (self.world * self.accum)
+        step, j = i // self.B, i % self.B
+        micro, k = j // micro_size, j % micro_size
+        rank, q = k // piece, k % piece
+        return step, rank * (self.B // self.world) + micro * piece + q
 
     def _batch(self, step: int) -> Batch:
         if self._cached is None or self._cached[0] != step:
@@ -138,13 +141,12 @@ class GlobalBatchStream(torch.utils.data.Dataset):
         return self._cached[1]
 
     def __getitems__(self, items: list[int]):
-        pos = [self.position(i) for i in items]
+        steps, pos = self.positions(items)
         parts = []
-        for step in sorted({s for s, _ in pos}):
-            where = torch.tensor([p for s, p in pos if s == step])
-            b = self._batch(step)
+        for step in steps.unique().tolist():      # a loader batch lies inside one step unless B/accum splits oddly
+            b, where = self._batch(step), pos[steps == step]
             parts.append(Batch(b.indices[where], b.t[where], b.noise[where], b.drop[where]))
-        b = Batch.cat(parts)
+        b = parts[0] if len(parts) == 1 else Batch.cat(parts)
         x0, y = self.data.gather(b.indices)
         return x0, y, b.t, b.noise, b.drop
 

@@ -37,7 +37,7 @@ from dit_core.errors import run_main  # noqa: E402
 from dit_core.model import DiT  # noqa: E402
 from dit_core.parallel.dist import check_batch_split, exit_process  # noqa: E402
 from dit_core.parity import JsonlLogger  # noqa: E402
-from dit_core.train import EMA, build_optimizer, check_model_config, ema_decay, read_training_state  # noqa: E402
+from dit_core.train import EMA, build_optimizer, check_model_config, read_training_state  # noqa: E402
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -175,7 +175,7 @@ def main(argv=None):
             logger.write({"step": progress.step, "loss": mean_loss, "grad_norm": float(grad_norm), "lr": lr,
                           "samples_seen": progress.samples_seen})
             if progress.step % t.log_every == 0:
-                accelerator.print(f"step {progress.step}: loss {mean_loss:.4f} (decay {ema_decay(t.ema_decay, progress.step):.4f})")
+                accelerator.print(f"step {progress.step}: loss {mean_loss:.4f}")
         progress.step += 1
         if t.ckpt_every and progress.step % t.ckpt_every == 0 and progress.step != t.max_steps:
             save(accelerator, results / f"checkpoint-{progress.step}", model, ema, progress, cfg)

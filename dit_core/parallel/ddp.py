@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..train import Parallel
+from .dist import build_mesh
 
 
 class DataParallel(nn.Module):
@@ -189,7 +190,6 @@ class MeshStrategy(Parallel):
     built by `dist.build_mesh`; the hand-written DataParallel synchronises the gradients."""
 
     def __init__(self, env, degree: int, flag: str):
-        from .dist import build_mesh
         self.env = env
         self.mesh = build_mesh(env, degree, flag)
         self.rank, self.world_size, self.device = env.rank, env.world_size, env.device

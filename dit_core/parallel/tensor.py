@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
-from ..model import DiT  # noqa: F401  (parallelize's argument)
+from ..model import DiT
 from ..train import EMA, TorchEngine, _torch_load, check_files
 from .ddp import DataParallel, MeshStrategy
 from .dist import DistEnv, check_degree
@@ -257,12 +257,15 @@ class TensorParallelStrategy(MeshStrategy):
     def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
         """The norm of the *whole* model's gradient: sliced parameters' squares summed over the tensor-
         parallel group, replicated ones counted once. Every rank then clips by the same factor."""
-        grads = [p.grad for p in params if p.grad is not None]
-        sliced = sum((g.float().square().sum() for p, g in zip(params, grads) if hasattr(p, "tensor_parallel")),
-                     torch.zeros((), device=grads[0].device))
+        with_grad = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in with_grad]
+
+        def squares(keep):
+            return sum((p.grad.float().square().sum() for p in with_grad if keep(p)),
+                       torch.zeros((), device=grads[0].device))
+        sliced = squares(lambda p: hasattr(p, "tensor_parallel"))
         dist.all_reduce(sliced, group=self.mesh.inner_group)
-        whole = sum((g.float().square().sum() for p, g in zip(params, grads) if not hasattr(p, "tensor_parallel")),
-                    torch.zeros((), device=grads[0].device))
+        whole = squares(lambda p: not hasattr(p, "tensor_parallel"))
         norm = (sliced + whole).sqrt()
         if math.isfinite(max_norm):
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
