@@ -54,7 +54,10 @@ class TrainConfig:
     grad_clip: float = 1.0       # 0 turns clipping off
     ema_decay: float = 0.999
     precision: str = "fp32"      # fp32, bf16, fp16
-    compile: bool = False
+    compile: bool = False        # compile the model's forward (the fast path compiles the whole loss)
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs; none: no compile
+    fast: str = "auto"           # one-GPU fast path (batches drawn on the device, loss read back at log
+                                 # steps): auto = on for one process on CUDA; off = the parity contract
     log_every: int = 50          # progress bar / TensorBoard refresh (JSONL logs every step)
     ckpt_every: int = 0          # 0: only the final checkpoint
     tensorboard: bool = True
@@ -96,6 +99,8 @@ _CHOICES = {
     ("diffusion", "schedule"): ("linear", "cosine"),
     ("diffusion", "loss"): ("mse", "l1"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
+    ("train", "fast"): ("auto", "on", "off"),
+    ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "none"),
     ("sample", "sampler"): ("ddim", "ddpm"),
     ("run", "device"): ("auto", "cpu", "cuda"),
 }
@@ -249,6 +254,8 @@ def launcher_parser(description: str):
     p.add_argument("--seed", type=int, help="seed of the weights and of every batch (train.seed)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (run.device)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="train.precision")
+    p.add_argument("--fast", choices=("auto", "on", "off"),
+                   help="one-GPU fast path (train.fast); off: batches from the determinism contract, for parity")
     p.add_argument("--results-dir", help="checkpoints, TensorBoard and the default log go here")
     p.add_argument("--log-jsonl", help="rank 0 writes one JSON object per optimizer step here")
     p.add_argument("--resume", help="a checkpoint-<step> folder to continue from exactly")
@@ -259,7 +266,7 @@ def launcher_parser(description: str):
 
 _FLAG_KEYS = {"max_steps": "train.max_steps", "global_batch_size": "train.global_batch_size",
               "grad_accum": "train.grad_accum", "seed": "train.seed", "device": "run.device",
-              "precision": "train.precision", "results_dir": "run.results_dir",
+              "precision": "train.precision", "fast": "train.fast", "results_dir": "run.results_dir",
               "log_jsonl": "run.log_jsonl", "resume": "run.resume"}
 
 

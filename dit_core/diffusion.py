@@ -44,6 +44,7 @@ class Diffusion:
             "posterior_mean_coef1": b * np.sqrt(ab_prev) / (1.0 - ab),
             "posterior_mean_coef2": (1.0 - ab_prev) * np.sqrt(1.0 - b) / (1.0 - ab),
         }
+        arrays["alphas_cumprod_ext"] = np.append(ab, 1.0)      # abar after the last sampling step
         for k, v in arrays.items():
             setattr(self, k, torch.tensor(v, dtype=torch.float32, device=device))
 
@@ -66,41 +67,64 @@ class Diffusion:
     def q_posterior_mean(self, x0, x_t, t):
         return self._at(self.posterior_mean_coef1, t) * x0 + self._at(self.posterior_mean_coef2, t) * x_t
 
+    def sampling_steps(self, sampler: str, steps: int) -> list[int]:
+        """The timesteps a sampler visits, from T-1 down to 0."""
+        if sampler == "ddpm":
+            return list(range(self.T - 1, -1, -1))
+        if sampler == "ddim":
+            return sorted(set(np.linspace(0, self.T - 1, steps).round().astype(int).tolist()), reverse=True)
+        raise ValueError(f"sampler={sampler!r} is not ddim or ddpm.")
+
+    def denoise_step(self, model, x, t, prev, labels, z, cfg_scale: float, sampler: str, eta: float,
+                     clip: bool) -> torch.Tensor:
+        """x_t -> x_prev for a batch. t, prev: (B,) long tensors (prev = -1 after the last step); z:
+        the step's fresh noise (DDPM, DDIM with eta > 0), else unused. Only tensor arithmetic, no
+        branch on values, so the step can be recorded once as a CUDA graph."""
+        eps = model.forward_with_cfg(x, t, labels, cfg_scale).float()
+        x0 = self.predict_x0(x, t, eps)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            # eps consistent with the clipped x0, so both samplers stay on the data range
+            eps = (x - self._at(self.sqrt_ab, t) * x0) / self._at(self.sqrt_one_minus_ab, t)
+        more = (prev >= 0).float().view(-1, 1, 1, 1)           # 0 at the last step: no new noise
+        if sampler == "ddpm":
+            mean = self.q_posterior_mean(x0, x, t)
+            return mean + more * torch.exp(0.5 * self._at(self.posterior_log_variance, t)) * z
+        ab = self._at(self.alphas_cumprod, t)
+        # alphas_cumprod with a 1 appended: index -1 (after the last step) reads abar = 1
+        ab_prev = self._at(self.alphas_cumprod_ext, prev.remainder(self.T + 1))
+        sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        return x + more * sigma * z if eta > 0 else x
+
     @torch.no_grad()
     def sample(self, model, labels: torch.Tensor, cfg_scale: float = 3.0, sampler: str = "ddim",
-               steps: int = 50, eta: float = 0.0, seed: int = 0, clip: bool = True) -> torch.Tensor:
-        """Images in [-1, 1] for the given labels, with classifier-free guidance."""
+               steps: int = 50, eta: float = 0.0, seed: int = 0, clip: bool = True,
+               fast: bool = False, compile: bool = False) -> torch.Tensor:
+        """Images in [-1, 1] for the given labels, with classifier-free guidance.
+
+        fast (CUDA): the denoising step is recorded once as a CUDA graph and replayed, so each of
+        the (up to 1000) steps costs one launch instead of one per kernel; compile: torch.compile
+        the step first (fewer, fused kernels). Same noise, same arithmetic: the same digits."""
         device = labels.device
         c = model.cfg
+        ts = self.sampling_steps(sampler, steps)
         g = torch.Generator(device=device).manual_seed(seed)
-        x = torch.randn((labels.shape[0], c.in_channels, c.image_size, c.image_size), generator=g, device=device)
-        if sampler == "ddpm":
-            ts = list(range(self.T - 1, -1, -1))
-        elif sampler == "ddim":
-            ts = sorted(set(np.linspace(0, self.T - 1, steps).round().astype(int).tolist()), reverse=True)
-        else:
-            raise ValueError(f"sampler={sampler!r} is not ddim or ddpm.")
-        for i, step in enumerate(ts):
-            t = torch.full((labels.shape[0],), step, device=device, dtype=torch.long)
-            eps = model.forward_with_cfg(x, t, labels, cfg_scale).float()
-            x0 = self.predict_x0(x, t, eps)
-            if clip:
-                x0 = x0.clamp(-1, 1)
-                # eps consistent with the clipped x0, so both samplers stay on the data range
-                eps = (x - self._at(self.sqrt_ab, t) * x0) / self._at(self.sqrt_one_minus_ab, t)
-            if sampler == "ddpm":
-                mean = self.q_posterior_mean(x0, x, t)
-                if step > 0:
-                    z = torch.randn(x.shape, generator=g, device=device)
-                    x = mean + torch.exp(0.5 * self._at(self.posterior_log_variance, t)) * z
-                else:
-                    x = mean
-            else:
-                prev = ts[i + 1] if i + 1 < len(ts) else -1
-                ab = self.alphas_cumprod[step]
-                ab_prev = self.alphas_cumprod[prev] if prev >= 0 else torch.ones((), device=device)
-                sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
-                x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-                if prev >= 0 and eta > 0:
-                    x = x + sigma * torch.randn(x.shape, generator=g, device=device)
+        shape = (labels.shape[0], c.in_channels, c.image_size, c.image_size)
+        x = torch.randn(shape, generator=g, device=device)
+        noisy = sampler == "ddpm" or eta > 0
+        def step_fn(x, t, prev, z):
+            return self.denoise_step(model, x, t, prev, labels, z, cfg_scale, sampler, eta, clip)
+
+        # Row i: every sample's timestep at step i; the last row (-1) follows the final step.
+        timesteps = torch.tensor(ts + [-1], device=device).view(-1, 1).expand(-1, shape[0]).contiguous()
+        z = None
+        if fast and device.type == "cuda":
+            from .fast import GraphedStep
+            z = torch.zeros_like(x)
+            step_fn = GraphedStep(torch.compile(step_fn) if compile else step_fn, (x, timesteps[0], timesteps[1], z))
+        for i in range(len(ts)):
+            if noisy:
+                z = torch.randn(shape, generator=g, device=device)
+            x = step_fn(x, timesteps[i], timesteps[i + 1], z)
         return x.clamp(-1, 1)

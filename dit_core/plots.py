@@ -117,3 +117,26 @@ def collective_diagrams(results: dict[int, dict], names, path: str | Path | None
             ax.set_title("before" if key == "before" else f"after {name}", fontsize=9, loc="left")
     fig.tight_layout()
     return _finish(fig, path)
+
+
+def quality_curve(points: list[dict], path: str | Path | None = None, acc_goal: float = 0.99, fid_goal: float = 3.0):
+    """Sample accuracy and feature FID (as a multiple of its real-vs-real floor) against training seconds."""
+    sec = [p["seconds"] for p in points]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot(sec, [100 * p["accuracy"] for p in points], "o-", color="C0", label="sample accuracy")
+    ax.plot(sec, [100 * p["min_class_accuracy"] for p in points], "o--", color="C0", alpha=0.5,
+            label="worst class")
+    ax.axhline(100 * acc_goal, color="C0", lw=0.8, ls=":")
+    ax.set_xlabel("seconds of training (compilation included)")
+    ax.set_ylabel("accuracy (%)", color="C0")
+    ax.set_ylim(max(0, min(100 * p["min_class_accuracy"] for p in points) - 5), 100.5)
+    ax2 = ax.twinx()
+    ax2.plot(sec, [p["fid"] / p["fid_floor"] for p in points], "s-", color="C3", label="FID / floor")
+    ax2.axhline(fid_goal, color="C3", lw=0.8, ls=":")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("feature FID / real-vs-real floor", color="C3")
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [h.get_label() for h in lines], loc="center right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _finish(fig, path)

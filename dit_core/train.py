@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from .batch import global_batch, shard
 from .config import Config, ConfigError
 from .data import MNIST, load_mnist
 from .diffusion import Diffusion
+from .fast import DeviceBatches, fast_enabled
 from .model import DiT, sdpa_attention
 from .parallel.dist import check_batch_split
 from .parity import JsonlLogger
@@ -84,6 +86,11 @@ class Parallel:
         return TorchEngine(model, self, cfg, device)
 
 
+def compiled(fn, mode: str):
+    """torch.compile with the config's mode ("none": the function itself)."""
+    return fn if mode == "none" else torch.compile(fn, mode=mode)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,8 +122,10 @@ def ema_decay(decay: float, num_updates: int) -> float:
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, num_updates: int) -> None:
     d = ema_decay(decay, num_updates)
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().to(e.dtype), 1 - d)
+    pairs = [(e, p.detach().to(e.dtype)) for e, p in zip(ema.parameters(), model.parameters())]
+    if pairs:
+        # One multi-tensor kernel instead of one launch per parameter (same lerp, element by element).
+        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - d)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -171,7 +180,7 @@ class TorchEngine:
         self.clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.wrapped = par.wrap(model)
-        self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
+        self.forward = compiled(self.wrapped, t.compile_mode) if t.compile else self.wrapped
 
     def micro_step(self, last: bool):
         """Context of one micro-batch's forward and backward: only the last one synchronises."""
@@ -185,8 +194,9 @@ class TorchEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def step(self) -> float:
-        """Synchronise, clip, step, zero, schedule; returns the gradient norm before clipping."""
+    def step(self) -> torch.Tensor:
+        """Synchronise, clip, step, zero, schedule; returns the gradient norm before clipping (a
+        tensor: reading it would make the host wait for the GPU, so the loop reads it at log steps)."""
         self.par.finish_gradient_sync(self.wrapped)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -198,7 +208,7 @@ class TorchEngine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return float(grad_norm)
+        return grad_norm.detach()
 
     def make_ema(self) -> EMA:
         return EMA(self.model)
@@ -338,6 +348,10 @@ class TrainHooks:
 
     def step_end(self, step: int, engine) -> None: ...
 
+    def logged(self, records: list, ema: "EMA", seconds: float) -> None:
+        """Rank 0, after `records` (one per step) were read back and written; `seconds` since the
+        loop started, the GPU's work included (reading the loss waited for it)."""
+
 
 @dataclass
 class TrainResult:
@@ -367,6 +381,13 @@ def build_scheduler(optimizer, cfg: Config):
         optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
 
 
+def _contract_batch(cfg: Config, n_data: int, shape, step: int):
+    """The determinism contract's global batch of `step` (CPU generators, equal on every rank)."""
+    t = cfg.train
+    return global_batch(t.seed, step, t.global_batch_size, n_data, cfg.diffusion.timesteps,
+                        cfg.diffusion.label_dropout, shape)
+
+
 def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = None,
           quiet: bool = False, stop_at: int | None = None, hooks: "TrainHooks | None" = None,
           model_fn=None) -> TrainResult:
@@ -385,6 +406,11 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
         torch.backends.cudnn.allow_tf32 = t.precision != "fp32"
     accum, W = t.grad_accum, par.data_world_size
     check_batch_split(t.global_batch_size, W, accum)
+    alone = type(par) is Parallel
+    if t.fast == "on" and not alone:
+        raise ConfigError(f"train.fast=on is the one-process path, but this launcher runs "
+                          f"{type(par).__name__}; use --fast off (or auto) with parallel launchers.")
+    fast = fast_enabled(t.fast, device, alone, t.precision)
 
     start, samples_seen = 0, 0
     if run.resume:
@@ -404,6 +430,17 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
     if run.resume:
         engine.load(Path(run.resume), device)
         ema.load_state_dict(_torch_load(Path(run.resume) / "ema.pt", device))
+    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    if fast:
+        # The fast path: batches drawn on the GPU, the whole loss compiled, losses read back only
+        # at log steps (each read makes the host wait for the GPU).
+        draw = DeviceBatches(data, t.seed, t.global_batch_size, cfg.diffusion.timesteps,
+                             cfg.diffusion.label_dropout, shape)
+        loss_fn = compiled(functools.partial(par.loss, diffusion, engine.wrapped), t.compile_mode)
+    else:
+        draw = functools.partial(_contract_batch, cfg, len(data), shape)
+        loss_fn = functools.partial(par.loss, diffusion, engine.forward)
+    read_every = t.log_every if fast else 1
 
     results = Path(run.results_dir)
     logger = tb = bar = None
@@ -418,12 +455,38 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
             bar = tqdm(total=t.max_steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
 
     out = TrainResult(model=model, ema=ema, steps=start)
+    pending: list[dict] = []          # this interval's steps; their loss and norm still on the GPU
     t0 = time.perf_counter()
+
+    def read_back() -> None:
+        """One wait for the GPU per interval: every pending step's loss and gradient norm at once."""
+        if not pending:
+            return
+        on_gpu = [x for r in pending for x in (r["loss"], r["grad_norm"]) if isinstance(x, torch.Tensor)]
+        vals = iter(torch.stack([x.float().reshape(()) for x in on_gpu]).tolist())
+        for r in pending:                     # DeepSpeed hands back its norm as a Python float already
+            r["loss"] = next(vals)
+            r["grad_norm"] = next(vals) if isinstance(r["grad_norm"], torch.Tensor) else r["grad_norm"]
+            loss_val = r["loss"]
+            out.losses.append(loss_val)
+            if not math.isfinite(loss_val) and t.precision != "fp16":
+                raise FloatingPointError(f"loss became {loss_val} at step {r['step']}; lower train.lr "
+                                         f"(now {t.lr}) or turn on train.grad_clip.")
+        if par.is_main:
+            for r in pending:
+                logger.write(r)
+                if tb is not None and (r["step"] % t.log_every == 0 or r["step"] == t.max_steps - 1):
+                    for k in ("loss", "grad_norm", "lr"):
+                        tb.add_scalar(f"train/{k}", r[k], r["step"])
+            if bar is not None:
+                bar.update(len(pending))
+                bar.set_postfix(loss=f"{pending[-1]['loss']:.4f}", refresh=False)
+            hooks.logged(list(pending), ema, time.perf_counter() - t0)
+        pending.clear()
+
     end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
     for step in range(start, end):
-        gb = global_batch(t.seed, step, t.global_batch_size, len(data), cfg.diffusion.timesteps,
-                          cfg.diffusion.label_dropout, (cfg.model.in_channels, cfg.model.image_size,
-                                                        cfg.model.image_size))
+        gb = draw(step)
         hooks.step_begin(step, engine)
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
@@ -431,7 +494,7 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
             x0, y = data.gather(b.indices)
             with engine.micro_step(last=micro == accum - 1):
                 with autocast_ctx(engine.autocast, device):
-                    loss = par.loss(diffusion, engine.forward, x0, y, b.t, b.noise, b.drop)
+                    loss = loss_fn(x0, y, b.t, b.noise, b.drop)
                 engine.backward(loss)
             hooks.after_backward(step, micro, engine)
             loss_sum += loss.detach()
@@ -441,23 +504,13 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
         engine.update_ema(ema, t.ema_decay, step)
         samples_seen += t.global_batch_size
         # The logged loss is the mean over the whole global batch (all ranks).
-        loss_val = par.all_reduce_mean(loss_sum / accum).item()
-        rec = {"step": step, "loss": loss_val, "grad_norm": grad_norm, "lr": lr, "samples_seen": samples_seen}
-        out.losses.append(loss_val)
-        if not math.isfinite(loss_val) and t.precision != "fp16":
-            raise FloatingPointError(f"loss became {loss_val} at step {step}; lower train.lr "
-                                     f"(now {t.lr}) or turn on train.grad_clip.")
-        if par.is_main:
-            logger.write(rec)
-            if tb is not None and (step % t.log_every == 0 or step == t.max_steps - 1):
-                for k in ("loss", "grad_norm", "lr"):
-                    tb.add_scalar(f"train/{k}", rec[k], step)
-            if bar is not None:
-                bar.update(1)
-                if step % t.log_every == 0:
-                    bar.set_postfix(loss=f"{loss_val:.4f}")
+        pending.append({"step": step, "loss": par.all_reduce_mean(loss_sum / accum), "grad_norm": grad_norm,
+                        "lr": lr, "samples_seen": samples_seen})
         done = step + 1
+        if done % read_every == 0 or done == end:
+            read_back()
         if t.ckpt_every and done % t.ckpt_every == 0 and done != end:
+            read_back()
             save_checkpoint(results, done, engine, ema, cfg, samples_seen, par)
     out.seconds = time.perf_counter() - t0
     out.steps = end
