@@ -226,6 +226,13 @@ class TorchEngine:
                    folder / "optimizer.pt")
 
     def load(self, folder: Path, device: torch.device) -> None:
+        state = read_training_state(folder)
+        if "tp_degree" in state:
+            raise CheckpointError(
+                f"Checkpoint '{folder}' was written by launchers/tp.py (--tp-degree {state['tp_degree']}, "
+                f"{state.get('world_size')} processes), whose optimizer state is sliced per rank; resume it with "
+                f"torchrun --nproc_per_node {state.get('world_size')} launchers/tp.py --tp-degree {state['tp_degree']} "
+                f"(its model.pt and ema.pt are whole weights: python -m dit_core.evaluate reads them).")
         check_files(folder, ("model.pt", "optimizer.pt"))
         load_model_weights(folder, self.model)
         opt_state = _torch_load(folder / "optimizer.pt", device)

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import launcher_flags, single_runs, torchrun
+from conftest import launcher_flags, run_py, single_runs, torchrun
 from dit_core.config import ConfigError, load_config
 from dit_core.diffusion import Diffusion
 from dit_core.parallel.tensor import check_tensor_parallel
@@ -41,7 +41,7 @@ def test_tensor_parallel_layers_equal_the_full_layers(tmp_path):
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_two_ranks_sharing_every_layer_match_one_process(single, tmp_path, accum):
-    log = run_launcher("launchers/tp.py", flags(**{"train.grad_accum": accum}) +
+    log = run_launcher("launchers/tp.py", flags(**{"train.grad_accum": accum, "train.ckpt_every": STEPS // 2}) +
                        ["--tp-degree", "2", "--results-dir", str(tmp_path)], nproc=2)
     ref, ref_dir = single[accum]
     assert len(log) == STEPS and max_rel(compare(ref, log)) <= 1e-5
@@ -54,6 +54,26 @@ def test_two_ranks_sharing_every_layer_match_one_process(single, tmp_path, accum
     a = d.sample(ours, labels, cfg_scale=3.0, steps=10, seed=0)
     b = d.sample(theirs, labels, cfg_scale=3.0, steps=10, seed=0)
     assert (a - b).abs().max() <= 1e-4
+    if accum == 1:
+        # Resume from the step-10 checkpoint under the same layout: the same last 10 losses, bit for bit.
+        # One process cannot resume it (its optimizer state is sliced per rank): one sentence says how.
+        half, ckpt = STEPS // 2, tmp_path / f"checkpoint-{STEPS // 2}"
+        again = run_launcher("launchers/tp.py", flags() + ["--tp-degree", "2", "--results-dir", str(tmp_path / "again"),
+                                                           "--resume", str(ckpt)], nproc=2)
+        assert [r["loss"] for r in again] == [r["loss"] for r in log[half:]]
+        r = run_py(["launchers/single.py", *flags(), "--results-dir", str(tmp_path / "s"), "--resume", str(ckpt)])
+        assert r.returncode == 2 and "written by launchers/tp.py (--tp-degree 2, 2 processes)" in r.stderr
+        assert "torchrun --nproc_per_node 2 launchers/tp.py --tp-degree 2" in r.stderr
+
+
+def test_tensor_parallel_layout_mismatch_is_one_sentence(tmp_path):
+    from dit_core.parallel.tensor import check_tp_layout
+    from dit_core.train import CheckpointError
+    check_tp_layout(tmp_path, {"tp_degree": 2, "world_size": 4}, {"tp_degree": 2, "world_size": 4})
+    with pytest.raises(CheckpointError, match=r"--tp-degree 2 on 2 processes, not 2 on 4.*--nproc_per_node 2"):
+        check_tp_layout(tmp_path, {"tp_degree": 2, "world_size": 2}, {"tp_degree": 2, "world_size": 4})
+    with pytest.raises(CheckpointError, match="without tensor parallelism"):
+        check_tp_layout(tmp_path, {"step": 3}, {"tp_degree": 2, "world_size": 2})
 
 
 def test_dp2_x_tp2_matches_one_process(single, tmp_path):

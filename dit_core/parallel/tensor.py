@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
 from ..model import DiT
-from ..train import EMA, TorchEngine, _torch_load, check_files
+from ..train import EMA, CheckpointError, TorchEngine, _torch_load, check_files, read_training_state
 from .ddp import DataParallel, MeshStrategy
 from .dist import DistEnv, check_degree
 
@@ -213,6 +213,21 @@ class TensorParallelEMA(EMA):
         load_full_state_dict(self.module, sd)
 
 
+def check_tp_layout(folder, state: dict, want: dict) -> None:
+    """The optimizer state of a TP checkpoint is one file per rank, sliced for its degree: only the same
+    TP degree and world size can resume it (its model.pt and ema.pt are whole and load anywhere)."""
+    if "tp_degree" not in state:
+        raise CheckpointError(f"Checkpoint '{folder}' was written without tensor parallelism (its optimizer state "
+                              f"is whole); resume it with the launcher that wrote it, not launchers/tp.py.")
+    have = {k: state.get(k) for k in want}
+    if have != want:
+        raise CheckpointError(
+            f"Checkpoint '{folder}' was written with --tp-degree {have['tp_degree']} on {have['world_size']} "
+            f"processes, not {want['tp_degree']} on {want['world_size']}; its optimizer state is sliced per rank: "
+            f"resume with torchrun --nproc_per_node {have['world_size']} launchers/tp.py --tp-degree "
+            f"{have['tp_degree']}.")
+
+
 class TensorParallelEngine(TorchEngine):
     """TorchEngine with gathered weights in model.pt and one optimizer file per rank."""
 
@@ -229,6 +244,7 @@ class TensorParallelEngine(TorchEngine):
                    folder / f"optimizer-rank{self.par.rank}.pt")
 
     def load(self, folder, device):
+        check_tp_layout(folder, read_training_state(folder), self.state_info())
         name = f"optimizer-rank{self.par.rank}.pt"
         check_files(folder, ("model.pt", name))
         load_full_state_dict(self.model, _torch_load(folder / "model.pt", device))
