@@ -83,6 +83,7 @@ class PilMnist(torch.utils.data.Dataset):
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work (a timing must not stop while kernels still run)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -192,6 +192,11 @@ def evaluate_checkpoint(path, n_per_class: int = 100, device="cpu", use_ema: boo
     return score_samples(images, labels, device), images, labels, cfg
 
 
+def grid_order(labels: torch.Tensor, num_classes: int, per_class: int = 10) -> torch.Tensor:
+    """Indices of the first `per_class` samples of each class, class by class: one grid row per class."""
+    return torch.cat([torch.nonzero(labels == k)[:per_class, 0] for k in range(num_classes)])
+
+
 def format_report(r: dict) -> str:
     per = "  ".join(f"{k}:{v:.0%}" for k, v in r["per_class"].items())
     return (f"sample accuracy {r['accuracy']:.1%} over {r['n_samples']} CFG samples "
@@ -222,8 +227,7 @@ def main(argv=None):
     print(format_report(r))
     if args.grid:
         from .plots import sample_grid
-        idx = torch.cat([torch.nonzero(labels == k)[:10, 0] for k in range(cfg.model.num_classes)])
-        sample_grid(images[idx].cpu(), args.grid, nrow=10)
+        sample_grid(images[grid_order(labels, cfg.model.num_classes)].cpu(), args.grid, nrow=10)
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
 

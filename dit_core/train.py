@@ -469,12 +469,16 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
         """One wait for the GPU per interval: every pending step's loss and gradient norm at once."""
         if not pending:
             return
-        on_gpu = [x for r in pending for x in (r["loss"], r["grad_norm"]) if isinstance(x, torch.Tensor)]
-        vals = iter(torch.stack([x.float().reshape(()) for x in on_gpu]).tolist())
-        for r in pending:                     # DeepSpeed hands back its norm as a Python float already
-            r["loss"] = next(vals)
-            r["grad_norm"] = next(vals) if isinstance(r["grad_norm"], torch.Tensor) else r["grad_norm"]
-            loss_val = r["loss"]
+        n = len(pending)
+        values = [r["loss"] for r in pending]
+        norms_on_device = isinstance(pending[0]["grad_norm"], torch.Tensor)   # DeepSpeed returns a float
+        if norms_on_device:
+            values += [r["grad_norm"] for r in pending]
+        values = torch.stack([v.float().reshape(()) for v in values]).tolist()
+        for i, r in enumerate(pending):
+            r["loss"] = loss_val = values[i]
+            if norms_on_device:
+                r["grad_norm"] = values[n + i]
             out.losses.append(loss_val)
             if not math.isfinite(loss_val) and t.precision != "fp16":
                 raise FloatingPointError(f"loss became {loss_val} at step {r['step']}; lower train.lr "

@@ -8,11 +8,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from dit_core.config import config_from_args, launcher_parser  # noqa: E402
 from dit_core.errors import run_main  # noqa: E402
-from dit_core.evaluate import evaluate_checkpoint, format_report  # noqa: E402
+from dit_core.evaluate import evaluate_checkpoint, format_report, grid_order  # noqa: E402
 from dit_core.parity import read_jsonl  # noqa: E402
 from dit_core.plots import loss_curve, sample_grid  # noqa: E402
 from dit_core.train import resolve_device, train  # noqa: E402
@@ -30,8 +29,7 @@ def main(argv=None):
     result = train(cfg)
     t0 = time.perf_counter()
     scores, images, labels, _ = evaluate_checkpoint(result.last_checkpoint, args.n_per_class, device)
-    idx = torch.cat([torch.nonzero(labels == k)[:10, 0] for k in range(cfg.model.num_classes)])
-    sample_grid(images[idx].cpu(), out / "samples.png",
+    sample_grid(images[grid_order(labels, cfg.model.num_classes)].cpu(), out / "samples.png",
                 title=f"CFG {cfg.sample.cfg_scale}, EMA weights, {cfg.sample.sampler}")
     log = read_jsonl(cfg.run.log_jsonl or out / "log.jsonl")
     loss_curve({"single process": log}, out / "loss.png")

@@ -18,17 +18,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from dit_core.batch import global_batch, shard  # noqa: E402
+from dit_core.bench import sync  # noqa: E402
 from dit_core.config import load_config  # noqa: E402
 from dit_core.diffusion import Diffusion  # noqa: E402
 from dit_core.model import DiT  # noqa: E402
 from dit_core.parallel.ddp import DDPStrategy  # noqa: E402
 from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
 from dit_core.train import autocast_ctx  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_allreduce(env, mb: float, iters: int = 20) -> dict:

@@ -19,16 +19,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dit_core.bench import sync  # noqa: E402
 from dit_core.config import load_config  # noqa: E402
 from dit_core.model import DiT, sdpa_attention  # noqa: E402
 from dit_core.parallel.ddp import DataParallel  # noqa: E402
 from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
 from dit_core.parallel.ulysses import SequenceParallelDiT, ulysses_attention  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device, warmup, iters):

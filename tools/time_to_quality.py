@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from dit_core.bench import format_sampling, sampling_rows  # noqa: E402
 from dit_core.config import load_config, parse_overrides  # noqa: E402
 from dit_core.diffusion import Diffusion  # noqa: E402
-from dit_core.evaluate import format_report, generate, score_samples, train_on_generated  # noqa: E402
+from dit_core.evaluate import format_report, generate, grid_order, score_samples, train_on_generated  # noqa: E402
 from dit_core.model import DiT  # noqa: E402
 from dit_core.plots import quality_curve, sample_grid  # noqa: E402
 from dit_core.train import TrainHooks, resolve_device, train  # noqa: E402
@@ -99,8 +99,7 @@ def main(argv=None):
               f"(worst class {s['min_class_accuracy']:.0%})  FID {r['fid']:.1f} / floor {r['fid_floor']:.1f}",
               flush=True)
     print(format_report(r))
-    idx = torch.cat([torch.nonzero(labels == k)[:10, 0] for k in range(cfg.model.num_classes)])
-    sample_grid(images[idx].cpu(), out / "samples.png",
+    sample_grid(images[grid_order(labels, cfg.model.num_classes)].cpu(), out / "samples.png",
                 title=f"{s['seconds']:.0f} s of training, CFG {cfg.sample.cfg_scale}, EMA, {cfg.sample.sampler}")
     quality_curve(points, out / "quality_curve.png")
     report = {"config": cfg.to_dict(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
