@@ -1,0 +1,284 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · PyTorch internals: the foundations of distributed training
+#
+# Every distributed strategy in this workbook moves, splits or rebuilds one of four things: **tensors** (and the
+# memory behind them), **gradients** (built by autograd), **modules** (their parameters and buffers) and **optimizer
+# state**. This chapter opens each one and proves, cell by cell, the facts the later chapters rely on: why an
+# all-to-all needs `.contiguous()`, why DDP hooks fire when they do, why Adam's state is what ZeRO partitions first,
+# why bf16 needs no loss scaling and fp16 does, and what activation checkpointing trades.
+
+# %%
+import os, time
+import torch, torch.nn as nn
+import matplotlib.pyplot as plt
+SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
+torch.manual_seed(0)
+os.chdir("..")  # configs/ are read from the repository root
+
+# %% [markdown]
+# ## 1. Storage, strides and contiguity
+#
+# A tensor is a view onto a flat block of memory (its *storage*) with a shape and a **stride** per dimension: how
+# many elements to step to move one index. `view` only changes shape and strides, so it needs memory laid out in the
+# right order; `transpose`/`permute` swap strides without moving data, which leaves the tensor **non-contiguous**.
+# `reshape` views when it can and copies when it must; `contiguous()` copies into the natural order. Collectives
+# (`all_to_all_single`, `all_reduce`) send flat memory, so the Ulysses chapter calls `.contiguous()` before sending.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+t = torch.arange(12).view(3, 4)
+tt = t.t()                                   # transpose: same storage, strides swapped
+print("shape", tuple(t.shape), "strides", t.stride(), "| transposed strides", tt.stride())
+print("view shares storage:", t.view(4, 3).untyped_storage().data_ptr() == t.untyped_storage().data_ptr())
+print("transpose is contiguous:", tt.is_contiguous())
+try:
+    tt.view(12)
+except RuntimeError as e:
+    print("view of the transpose fails:", str(e).split(".")[0])
+print("reshape of the transpose copies:", tt.reshape(12).data_ptr() != t.data_ptr(), "->", tt.reshape(12).tolist())
+print("contiguous() copies into row order:", tt.contiguous().stride())
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(8, 2.4))
+for ax, x, title in ((axes[0], t, "t (3x4), strides (4, 1)"), (axes[1], tt, "t.t() (4x3), strides (1, 4): same memory")):
+    ax.imshow(x, cmap="viridis"); ax.set_title(title, fontsize=9); ax.set_xticks([]); ax.set_yticks([])
+    for (i, j), v in __import__("numpy").ndenumerate(x.numpy()):
+        ax.text(j, i, v, ha="center", va="center", color="w")
+plt.tight_layout()
+
+# %% [markdown]
+# **What to notice:** the numbers are the *storage offsets*. In the transposed tensor, walking along a row jumps 4
+# places in memory: nothing was copied, only the strides changed.
+#
+# ## 2. Autograd: leaves, `grad_fn`, and gradients that add up
+#
+# Tensors you create with `requires_grad=True` are **leaves**; every result of an operation records the function that
+# made it (`grad_fn`), forming the graph `backward()` walks. `backward()` **adds** into `.grad`: call it twice and the
+# gradient doubles. That is exactly what gradient accumulation (梯度累积) uses, and why every training step must zero
+# the gradients. `zero_grad(set_to_none=True)` (the default) frees the gradient memory instead of filling it with
+# zeros, and DDP's hooks (chapter 06) fire when a leaf's gradient has been accumulated.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+w = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+y = (w * w).sum()
+print("w is a leaf:", w.is_leaf, "| y is a leaf:", y.is_leaf, "| y.grad_fn:", type(y.grad_fn).__name__,
+      "<-", type(y.grad_fn.next_functions[0][0]).__name__)
+y.backward()
+print("after one backward: ", w.grad.tolist())
+(w * w).sum().backward()
+print("after a second one:  ", w.grad.tolist(), "(added, not replaced)")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+lin = nn.Linear(1024, 1024)
+opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+lin(torch.randn(8, 1024)).sum().backward()
+grad_bytes = lambda: sum(p.grad.numel() * p.grad.element_size() for p in lin.parameters() if p.grad is not None)
+opt.zero_grad(set_to_none=False)
+print(f"zero_grad(set_to_none=False): gradients still hold {grad_bytes() / 2**20:.2f} MiB of zeros")
+opt.zero_grad(set_to_none=True)
+print(f"zero_grad(set_to_none=True):  gradients hold {grad_bytes() / 2**20:.2f} MiB (p.grad is None)")
+
+# %% [markdown]
+# ## 3. In-place operations on saved tensors break backward
+#
+# To differentiate `sigmoid`, autograd keeps its *output*. Overwrite that output in place and the saved value is gone.
+# Autograd notices through a **version counter** on every tensor and refuses, rather than returning a wrong gradient.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+x = torch.randn(4, requires_grad=True)
+s = torch.sigmoid(x)
+print("version before:", s._version)
+s.mul_(2)                                       # in place on a tensor sigmoid's backward needs
+print("version after: ", s._version)
+try:
+    s.sum().backward()
+except RuntimeError as e:
+    print("backward refuses:", str(e).split(":")[0])
+
+
+# %% [markdown]
+# ## 4. Inside `nn.Module`: parameters, buffers, submodules
+#
+# A module keeps three dictionaries: `_parameters` (trained, in `parameters()`, moved and saved), `_buffers` (moved
+# and saved, not trained; `persistent=False` ones are not saved) and `_modules` (children). `.to()` moves exactly the
+# parameters and buffers; a tensor stored as a plain attribute is invisible to it, a classic source of "tensor on the
+# wrong device" errors. The DiT's position embedding is a non-persistent buffer: it moves with the model but is
+# recomputed, not saved.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.register_buffer("scale", torch.ones(2))
+        self.register_buffer("table", torch.zeros(2), persistent=False)
+        self.plain = torch.zeros(2)                   # just an attribute
+m = Tiny().to(torch.float64)
+print("_parameters:", list(m._parameters), "| _modules:", list(m._modules), "| _buffers:", list(m._buffers))
+print("dtypes after .to(float64): lin.weight", m.lin.weight.dtype, "| scale", m.scale.dtype, "| plain", m.plain.dtype)
+print("state_dict keys:", list(m.state_dict()))
+
+# %% [markdown]
+# ## 5. Optimizer state: where ZeRO starts
+#
+# SGD keeps nothing per parameter (or one momentum buffer); Adam keeps **two** fp32 tensors the size of every
+# parameter (the running mean and the running mean square of the gradient). Count them on the DiT after one step:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from dit_core.config import load_config
+from dit_core.model import DiT, count_parameters
+dit = DiT(load_config("configs/tiny.yaml").model)
+psi = count_parameters(dit)
+adam = torch.optim.AdamW(dit.parameters(), lr=1e-3)
+dit(torch.randn(2, 1, 28, 28), torch.tensor([1, 2]), torch.tensor([3, 4])).square().mean().backward()
+adam.step()
+state_bytes = sum(v.numel() * v.element_size() for st in adam.state.values() for k, v in st.items() if k != "step")
+print("parameters Ψ:", psi)
+print("Adam state per parameter:", sorted(k for k in next(iter(adam.state.values())) if k != "step"),
+      "=", state_bytes / psi, "bytes")
+print("fp32 training per parameter: weights 4 + gradients 4 + Adam 8 =", 4 + 4 + state_bytes // psi, "bytes")
+
+# %% [markdown]
+# Sixteen bytes per parameter, and half of it is optimizer state that only the optimizer step reads: ZeRO-1
+# (chapter 07) gives each of N ranks 1/N of it. In mixed precision the master copy of the weights joins the optimizer
+# state (2 + 2 + 12 bytes), which makes that share even larger.
+#
+# ## 6. Learning-rate schedules
+#
+# A scheduler changes `param_group["lr"]` each time `step()` is called. The project uses linear warmup then cosine
+# decay (`dit_core.train.lr_factor`) through `LambdaLR`; Accelerate (chapter 08) shows what happens when a scheduler
+# is stepped N times per step by mistake.
+
+# %%
+from dit_core.train import lr_factor
+opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup=100, max_steps=1000, min_ratio=0.05))
+lrs = []
+for _ in range(1000):
+    lrs.append(opt.param_groups[0]["lr"]); opt.step(); sched.step()
+plt.figure(figsize=(5.5, 2.6)); plt.plot(lrs); plt.xlabel("step"); plt.ylabel("learning rate")
+plt.title("warmup 100 steps, cosine to 5% at 1000"); plt.grid(alpha=0.3)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"lr at step 0: {lrs[0]:.1e}, peak at step 99: {lrs[99]:.1e}, last: {lrs[-1]:.2e}")
+
+# %% [markdown]
+# ## 7. `state_dict` and checkpoints
+#
+# A checkpoint is a `state_dict`: an ordered mapping from names to tensors, for the model and for the optimizer (its
+# state is keyed by parameter *index*, so it only fits the same parameters in the same order). Save, load into a
+# fresh model, compare.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+import tempfile
+path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+torch.save({"model": dit.state_dict(), "optimizer": adam.state_dict()}, path)
+fresh = DiT(load_config("configs/tiny.yaml").model)
+ck = torch.load(path, weights_only=True)           # weights_only: tensors and plain containers, no code
+fresh.load_state_dict(ck["model"])
+print("all weights equal after the round trip:", all(torch.equal(a, b) for a, b in zip(dit.state_dict().values(), fresh.state_dict().values())))
+print("optimizer state keyed by index:", list(ck["optimizer"]["state"])[:5], "...")
+
+# %% [markdown]
+# ## 8. Mixed precision (混合精度): fp16 underflows, bf16 does not
+#
+# fp16 has 5 exponent bits: numbers below about 6e-8 become 0. Small gradients do exactly that, so fp16 training
+# multiplies the loss by a large **loss scale** before backward and divides the gradients by it afterwards
+# (`torch.amp.GradScaler`). bf16 keeps fp32's 8 exponent bits (same range) and pays in precision: only 8 significant
+# bits, so 1 + 1/512 rounds to 1.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+g = torch.tensor([1e-3, 1e-6, 1e-8])
+print("fp32:", g.tolist())
+print("fp16:", g.half().float().tolist(), "<- 1e-8 underflowed to 0")
+print("fp16, scaled by 2**16 first:", (g * 2**16).half().float().div(2**16).tolist())
+print("bf16:", g.bfloat16().float().tolist(), "<- same range as fp32")
+print("1 + 1/512 in bf16:", torch.tensor(1 + 1 / 512).bfloat16().item(), "| in fp16:", torch.tensor(1 + 1 / 512).half().item())
+
+# %%
+import numpy as np
+xs = np.logspace(-10, 0, 200)
+fig, ax = plt.subplots(figsize=(6, 2.8))
+for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+    back = torch.tensor(xs, dtype=torch.float32).to(dtype).float().numpy()
+    ax.loglog(xs, np.maximum(np.abs(back - xs) / xs, 1e-6), label=name)
+ax.axvline(6e-8, color="k", ls=":", label="fp16's smallest subnormal")
+ax.set_xlabel("value"); ax.set_ylabel("relative rounding error"); ax.legend(); ax.set_title("where each format loses a value")
+
+# %% [markdown]
+# **What to notice:** fp16's error reaches 100% (the value is gone) below 6e-8 and grows well before that (subnormals
+# keep fewer bits); bf16's error is flat, about 0.4%, down to 1e-38.
+#
+# ## 9. Memory: activations, checkpointing, offload
+#
+# Backward needs tensors saved in forward: the **activations**. Count them exactly with `saved_tensors_hooks`, for an
+# MLP stack, with and without **activation checkpointing** (`torch.utils.checkpoint`: keep only each block's input and
+# recompute the inside during backward). **CPU offload** is the third option: `torch.autograd.graph.save_on_cpu`
+# moves saved tensors to host memory and brings them back for backward (a no-op here, where everything is on the CPU).
+
+# %%
+from torch.utils.checkpoint import checkpoint
+blocks = nn.ModuleList([nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256)) for _ in range(6)])
+
+def saved_bytes(batch, ckpt):
+    params = {p.data_ptr() for p in blocks.parameters()}
+    total = [0]
+    def pack(x):
+        if x.data_ptr() not in params:
+            total[0] += x.numel() * x.element_size()
+        return x
+    h = torch.randn(batch, 256, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        for b in blocks:
+            h = h + (checkpoint(b, h, use_reentrant=False) if ckpt else b(h))
+    return total[0], h
+
+def step_time(batch, ckpt, reps=3 if SMOKE else 10):
+    best = float("inf")
+    for _ in range(reps + 1):                   # the first call warms up; the best of the rest is kept
+        t0 = time.perf_counter()
+        saved_bytes(batch, ckpt)[1].sum().backward()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+batches = [64, 128, 256, 512]
+plain = [saved_bytes(b, False)[0] / 2**20 for b in batches]
+ck = [saved_bytes(b, True)[0] / 2**20 for b in batches]
+plt.figure(figsize=(5.5, 2.8))
+plt.plot(batches, plain, "o-", label="keep all activations"); plt.plot(batches, ck, "o-", label="activation checkpointing")
+plt.xlabel("batch"); plt.ylabel("MiB saved for backward"); plt.legend(); plt.grid(alpha=0.3)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("saved activations grow linearly with the batch:", all(abs(p / plain[0] - b / batches[0]) < 1e-9 for p, b in zip(plain, batches)))
+print("checkpointing keeps", f"{plain[-1] / ck[-1]:.1f}x less")
+
+# %%
+plain_t, ck_t = step_time(512, False), step_time(512, True)
+print(f"forward + backward at batch 512: {plain_t * 1e3:.1f} ms plain, {ck_t * 1e3:.1f} ms with checkpointing "
+      f"({ck_t / plain_t:.2f}x: each block's forward runs twice)")
+with torch.autograd.graph.save_on_cpu(pin_memory=False):       # the offload API; on a GPU this moves saved tensors to the host
+    out = saved_bytes(64, False)[1]
+out.sum().backward()
+print("save_on_cpu: backward ran with saved tensors kept on", "cpu")
+
+# %% [markdown]
+# **What to notice:** checkpointing keeps only each block's input (9x less here), paid for by a second forward
+# pass of every block during backward (the time ratio above; forward is about a third of a step, so expect 1.2-1.4x). Sequence parallelism (chapter 09) and ZeRO-3 (chapter 07) attack the same memory
+# from other directions: fewer tokens per GPU, fewer parameters per GPU.

@@ -1,0 +1,193 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 10 · Tensor parallelism, Megatron-style (张量并行)
+#
+# **The idea.** Data parallelism (chapter 06), ZeRO (07) and Ulysses (09) all keep every *layer* whole on every GPU
+# while it computes. When one layer's weights (or its matmul) are too big for one GPU, split the layer itself. Megatron-LM
+# (Shoeybi et al., 2019) splits each transformer block over P GPUs so that it needs only **one all-reduce in forward and
+# one in backward** per sub-layer: the first linear layer of the MLP by *columns*, the second by *rows*; in attention,
+# the q, k, v projection by columns (so each rank has whole heads) and the output projection by rows.
+#
+# The code: `dit_core/parallel/tensor.py` and `launchers/tp.py`:
+#
+#     torchrun --nproc_per_node 2 launchers/tp.py --tp-degree 2 --config configs/tiny.yaml --device cpu
+#     torchrun --nproc_per_node 4 launchers/tp.py --tp-degree 2      # DP 2 x TP 2
+
+# %%
+import os, json, inspect, subprocess, sys
+import torch
+import matplotlib.pyplot as plt
+from matplotlib.patches import Rectangle
+from dit_core.parity import run_launcher, compare, max_rel, format_table
+from dit_core.plots import parity_curves
+
+SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
+STEPS = 8 if SMOKE else 30
+# 4 heads and an MLP of width 128: both split over 2 ranks. Clipping at 0.05 acts at every step, so the
+# gradient norm of the *whole* model (section 3) is tested too.
+SMALL = ["--config", "configs/tiny.yaml", "--device", "cpu", "--max-steps", str(STEPS), "--global-batch-size", "16",
+         "--set", "model.hidden_size=32", "--set", "model.depth=2", "--set", "model.num_heads=4",
+         "--set", "train.train_subset=2048", "--set", "train.warmup_steps=5", "--set", "train.tensorboard=false",
+         "--set", "train.grad_clip=0.05"]
+os.chdir("..")
+
+# %% [markdown]
+# ## 1. Splitting a matmul by columns and by rows
+#
+# Y = X W with X of shape (tokens, h) and W of shape (h, 4h). **By columns**: rank i holds W[:, block i] and computes
+# Y[:, block i] from the whole X; nothing to add up. **By rows**: rank i holds X[:, block i] and W[block i, :] and computes
+# a *partial* Y of full shape; the true Y is the sum of the partials (an all-reduce). Column then row: the column split's
+# output *is* the row split's input, sliced the right way, so the pair needs one all-reduce at the end.
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(10, 2.8))
+def box(ax, x, y, w, h, c, t):
+    ax.add_patch(Rectangle((x, y), w, h, fc=c, ec="k")); ax.text(x + w / 2, y + h / 2, t, ha="center", va="center", fontsize=8)
+for ax, title in zip(axes, ("column split: Y[:, i] = X · W[:, i]", "row split: Y = Σ_i X[:, i] · W[i, :]")):
+    ax.set_xlim(0, 10); ax.set_ylim(0, 4); ax.axis("off"); ax.set_title(title, fontsize=9)
+box(axes[0], 0, 1, 2, 2, "#ddd", "X\n(t, h)"); box(axes[0], 2.5, 1, 2, 2, "#7fb3d5", "W[:, 0]"); box(axes[0], 4.5, 1, 2, 2, "#f5b041", "W[:, 1]")
+box(axes[0], 7, 1, 1.4, 2, "#7fb3d5", "Y[:, 0]"); box(axes[0], 8.4, 1, 1.4, 2, "#f5b041", "Y[:, 1]")
+box(axes[1], 0, 1, 1, 2, "#7fb3d5", "X[:, 0]"); box(axes[1], 1, 1, 1, 2, "#f5b041", "X[:, 1]")
+box(axes[1], 2.5, 2, 3, 1, "#7fb3d5", "W[0, :]"); box(axes[1], 2.5, 1, 3, 1, "#f5b041", "W[1, :]")
+box(axes[1], 6.5, 1, 1.5, 2, "#7fb3d5", "partial 0"); axes[1].text(8.2, 2, "+", fontsize=14); box(axes[1], 8.5, 1, 1.5, 2, "#f5b041", "partial 1")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+torch.manual_seed(0)
+X, W1, W2 = torch.randn(16, 32), torch.randn(32, 128), torch.randn(128, 32)
+Y = torch.nn.functional.gelu(X @ W1) @ W2                         # the whole MLP, one process
+cols = W1.chunk(2, dim=1)                                          # rank i: W1[:, i] ...
+rows = W2.chunk(2, dim=0)                                          # ... and W2[i, :]
+partials = [torch.nn.functional.gelu(X @ c) @ r for c, r in zip(cols, rows)]
+print("column split of fc1 = slices of X·W1:", torch.allclose(torch.cat([X @ c for c in cols], 1), X @ W1, atol=1e-5))
+print("GELU on each slice, then the row split: the partials sum to the MLP:", torch.allclose(sum(partials), Y, atol=1e-4))
+
+# %% [markdown]
+# The GELU between them is the reason for the order: it acts elementwise, so it can run on each rank's slice of
+# columns. (The other order, rows first, would need an all-reduce *before* the GELU.)
+#
+# ## 2. The two conjugate operators, f and g
+#
+# Where a replicated activation enters a column-parallel layer, **f** is the identity in forward; in backward every rank
+# holds only part of the gradient with respect to that activation (its columns' contribution), so f all-reduces it.
+# Where the row-parallel partials leave, **g** all-reduces in forward and is the identity in backward.
+
+# %%
+from dit_core.parallel import tensor
+print(inspect.getsource(tensor.CopyToTensorParallel))
+print(inspect.getsource(tensor.RowParallelLinear.forward))
+print(inspect.getsource(tensor.parallelize))
+
+# %% [markdown]
+# In attention the column split must keep **whole heads** together: the fused qkv weight is laid out as
+# (3, heads, head_dim) outputs, so rank r takes heads r·H/P ... of q, of k and of v (`head_rows`); attention then runs
+# on its heads alone, and the output projection reads exactly those heads' columns. The model is not copied:
+# `parallelize` swaps the four linear layers of every block in place, and the model's `Attention` infers its number of
+# heads from the width of `qkv`. Embeddings, adaLN and the final layer stay whole on every rank.
+#
+# The proof, two processes, the same check the tests run: each layer's output and every gradient against the full
+# layer, the f and g operators alone, the gathered weights, and the all-reduce bytes of one forward + backward.
+
+# %%
+os.makedirs("/tmp/ch10", exist_ok=True)
+r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "tests/tp_checks.py", "/tmp/ch10/checks.json"], capture_output=True, text=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd()))
+assert r.returncode == 0, r.stderr[-2000:]
+checks = json.load(open("/tmp/ch10/checks.json"))
+print(f"MLP (column, row): max relative difference to the full layer {checks['mlp_worst']:.1e}")
+print(f"attention (heads by column, projection by row): {checks['attention_worst']:.1e}")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("f: identity forward, sum backward:", checks["f_forward_is_identity"] and checks["f_backward_sums"])
+print("g: sum forward, identity backward:", checks["g_forward_sums"] and checks["g_backward_is_identity"])
+print("layers equal the full layers (output, input and weight gradients, <= 1e-5):", max(checks["mlp_worst"], checks["attention_worst"]) <= 1e-5)
+print("each rank holds", checks["block_weight_share"], "of every block matrix; the slices gather to the single-process weights:", checks["gathered_equals_single"])
+print("all-reduces per block and step:", checks["all_reduce_calls"] // 2, "| bytes equal 4·b·N·h per block:", checks["all_reduce_bytes"] == checks["formula_bytes"])
+
+# %% [markdown]
+# ## 3. Training: the same loss
+#
+# Two things besides the layers need care. **Gradient clipping** must use the norm of the *whole* gradient: a rank's
+# local norm misses the other slices, so each rank would clip by a different factor and the slices would drift apart.
+# `TensorParallelStrategy.clip_grad_norm_` sums the squares of sliced gradients over the group and counts replicated
+# ones once. **Checkpoints** gather the slices, so `model.pt` and `ema.pt` are plain single-process weights that
+# `python -m dit_core.evaluate` reads; each rank also writes its own optimizer slice for an exact resume.
+
+# %%
+runs = {}
+for acc in (1, 2):
+    extra = ["--set", f"train.grad_accum={acc}"]
+    runs[("single", acc)] = run_launcher("launchers/single.py", SMALL + extra + ["--results-dir", f"/tmp/ch10/s{acc}"], launcher="python")
+    runs[("TP 2", acc)] = run_launcher("launchers/tp.py", SMALL + extra + ["--tp-degree", "2", "--results-dir", f"/tmp/ch10/t{acc}"], nproc=2)
+runs[("DP 2 x TP 2", 1)] = run_launcher("launchers/tp.py", SMALL + ["--tp-degree", "2", "--results-dir", "/tmp/ch10/dp2tp2"], nproc=4)
+print(format_table(compare(runs[("single", 1)], runs[("TP 2", 1)])[:6], "single", "TP 2"))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for (name, acc), log in runs.items():
+    if name != "single":
+        ref = runs[("single", acc)]
+        r = max_rel(compare(ref, log))
+        same_norm = max(abs(a["grad_norm"] / b["grad_norm"] - 1) for a, b in zip(log, ref)) <= 1e-5
+        print(f"{name:12s} accumulation {acc}: loss {'<= 1e-5: PASS' if r <= 1e-5 else '> 1e-5: FAIL'}, same gradient norm: {same_norm}")
+
+# %%
+for (name, acc), log in runs.items():
+    if name != "single":
+        print(f"{name:12s} accumulation {acc}: max rel diff {max_rel(compare(runs[('single', acc)], log)):.1e}")
+parity_curves(runs[("single", 1)], runs[("TP 2", 1)], names=("single process", "tensor parallel, 2 ranks share every layer"));
+
+# %% [markdown]
+# ## 4. Memory and communication, and when tensor parallelism pays
+#
+# Per block and micro-batch, tensor parallelism all-reduces the activation (b·N·h elements) four times: after
+# attention and after the MLP in forward (g), before them in backward (f). Data parallelism all-reduces the
+# *gradients* once per step (2Ψ bytes in the ring sense), whatever the batch. So tensor parallelism trades memory
+# (each rank holds 1/P of every block matrix, its gradient and its Adam state) for traffic that grows with the batch
+# and the sequence and sits on the critical path of every layer: it needs NVLink-class links inside a node, and pays
+# only when a layer's matmuls are large enough to hide it.
+
+# %%
+from dit_core.parallel.tensor import tp_allreduce_elements
+from dit_core.config import load_config
+from dit_core.model import DiT, count_parameters
+rows = []
+for name, over in {"tiny": {}, "mnist": {"model.patch_size": 4, "model.hidden_size": 256, "model.depth": 6, "model.num_heads": 8},
+                   "bench": {"model.patch_size": 2, "model.hidden_size": 384, "model.depth": 12, "model.num_heads": 6}}.items():
+    c = load_config("configs/tiny.yaml", over).model
+    psi = count_parameters(DiT(c)); tokens = (28 // c.patch_size) ** 2
+    tp = c.depth * tp_allreduce_elements(64, tokens, c.hidden_size) * 4          # bytes per step, 64 images per rank, fp32
+    rows.append((name, psi, tokens, tp / 2**20, 2 * psi * 4 / 2**20))
+print(f"{'model':>6} {'params':>11} {'tokens':>6} | {'TP all-reduce, MiB':>19} | {'DDP gradients, MiB':>19}   (per step, batch 64 per rank, fp32)")
+for r_ in rows:
+    print(f"{r_[0]:>6} {r_[1]:>11,} {r_[2]:>6} | {r_[3]:>19.1f} | {r_[4]:>19.1f}")
+
+# %% [markdown]
+# **What to notice.** For these small DiTs tensor parallelism moves far *more* bytes than data parallelism: the
+# activations of 64 images are bigger than the weights. It is the tool for the opposite regime, models whose
+# weights and optimizer state do not fit one GPU (or whose layers are so wide that one GPU's matmul is slow), with
+# batches kept small per GPU. The 2-GPU throughput (TP 2 against one GPU and against DDP at `configs/bench.yaml`) is
+# measured by `tools/gpu_tp.sh` on `nvidia-h200-x2`; the numbers, or why they are missing, are in `docs/results.md`.
+#
+# ## 5. Every strategy in this workbook
+#
+# | strategy | what each rank holds | what is communicated (per step) | parity here (CPU, max rel loss diff) | use it when |
+# |---|---|---|---|---|
+# | DDP by hand / torch DDP (06) | everything | all-reduce of gradients: 2Ψ (ring, per rank ~2Ψ(N-1)/N) | 1.9e-7 | the model fits; the default |
+# | ZeRO-1 / 2 (07) | optimizer state (1) and gradients (2) sliced | reduce-scatter + all-gather: the same 2Ψ | 1.5e-7 / 1.6e-7 | Adam's state does not fit; measured 434 → 373 MiB per rank at Ψ = 32.5M (fp32) |
+# | ZeRO-3 (07) | weights sliced too | 3Ψ per micro-batch (gather twice, reduce-scatter) | 1.6e-7 | the weights do not fit; 310 MiB per rank at the same Ψ |
+# | Accelerate (08) | as the backend it runs (DDP or DeepSpeed) | the same as that backend | 1.6e-7 (DDP), 1.6e-7 (ZeRO-2) | one script for every machine |
+# | Ulysses (09) | everything, 1/P of each sample's tokens | 4·b·N·h/P·(P-1)/P per layer forward, the same backward | 2.3e-7 (DP 2 x SP 2) | sequences too long for one GPU's activations; P ≤ heads |
+# | Tensor parallel (10) | 1/P of every block matrix | 4·b·N·h per block and micro-batch (all-reduce) | 1.7e-7 (TP 2), 1.8e-7 (DP 2 x TP 2) | layers too big for one GPU; inside a node |
+#
+# Parity numbers are from `docs/results.md` (each with its command); every strategy is also a test that launches real
+# processes and compares with the single process.
