@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
-	$(PY) launchers/demo.py --config configs/tiny.yaml --results-dir results/demo
+	$(PY) launchers/demo.py --config configs/tiny.yaml --results-dir results/demo --overwrite
 
 test: $(STAMP)
 	DIT_WORKBOOK_SMOKE=1 $(PY) -m pytest tests notebooks --nbval-lax -q

@@ -7,9 +7,10 @@ from deep inside the training loop.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Callable, get_type_hints
 
 import yaml
 
@@ -18,66 +19,109 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message says which and how to fix it."""
 
 
+# ---------------------------------------------------------------- every field carries its rule
+
+@dataclass(frozen=True)
+class Rule:
+    """What a field accepts beyond its type: `ok(value)`, described by `need` ("must be <need>"), and an
+    example of an out-of-range value (`bad`, for the tests; None where every value of the type is fine)."""
+    need: str
+    ok: Callable[[Any], bool] = lambda v: True
+    bad: Any = None
+
+
+def at_least(lo, strict: bool = False) -> Rule:
+    bad = lo if strict else (lo - 1 if isinstance(lo, int) else lo - 0.5)
+    return Rule(f"{'>' if strict else '>='} {lo}", (lambda v: v > lo) if strict else (lambda v: v >= lo), bad)
+
+
+def between(lo, hi, hi_open: bool = False, lo_open: bool = False) -> Rule:
+    need = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return Rule(need, lambda v: (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi),
+                hi if hi_open else hi + 1)
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(f"one of {', '.join(choices)}", lambda v: v in choices, "nonsense")
+
+
+ANY = Rule("anything")                                      # booleans, paths that may be empty
+NONEMPTY = Rule("a non-empty path", lambda v: v.strip() != "", "")
+
+
+def F(default, rule: Rule):
+    """A config field and its rule: validation (and its test) walks these, so no field goes unchecked."""
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
+
+
 @dataclass
 class ModelConfig:
-    image_size: int = 28
-    in_channels: int = 1
-    patch_size: int = 4          # 4 -> 7x7 = 49 tokens, 2 -> 14x14 = 196 tokens
-    hidden_size: int = 128
-    depth: int = 4
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
-    num_classes: int = 10        # the null (unconditional) class is index num_classes
+    image_size: int = F(28, at_least(1))             # checked against the data (MNIST: 28)
+    in_channels: int = F(1, at_least(1))             # checked against the data (MNIST: 1)
+    patch_size: int = F(4, at_least(1))              # 4 -> 7x7 = 49 tokens, 2 -> 14x14 = 196 tokens
+    hidden_size: int = F(128, at_least(4))
+    depth: int = F(4, at_least(1))
+    num_heads: int = F(4, at_least(1))
+    mlp_ratio: float = F(4.0, at_least(0.0, strict=True))
+    num_classes: int = F(10, at_least(1))            # the null (unconditional) class is index num_classes
 
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "linear"     # linear (1e-4 -> 0.02, the course's) or cosine
-    timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    loss: str = "mse"            # mse or l1 (the course notes use l1)
-    label_dropout: float = 0.1   # classifier-free guidance: drop the label this often
+    schedule: str = F("linear", one_of("linear", "cosine"))   # linear (1e-4 -> 0.02, the course's) or cosine
+    timesteps: int = F(1000, at_least(2))
+    beta_start: float = F(1e-4, between(0.0, 1.0, lo_open=True, hi_open=True))
+    beta_end: float = F(0.02, between(0.0, 1.0, lo_open=True, hi_open=True))
+    loss: str = F("mse", one_of("mse", "l1"))                   # the course notes use l1
+    label_dropout: float = F(0.1, between(0.0, 1.0, hi_open=True))   # classifier-free guidance: drop this often
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    max_steps: int = 1000
-    global_batch_size: int = 128
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1    # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.999)
-    grad_clip: float = 1.0       # 0 turns clipping off
-    ema_decay: float = 0.999
-    precision: str = "fp32"      # fp32, bf16, fp16
-    compile: bool = False        # compile the model's forward (the fast path compiles the whole loss)
-    compile_mode: str = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs; none: no compile
-    fast: str = "auto"           # one-GPU fast path (batches drawn on the device, loss read back at log
-                                 # steps): auto = on for one process on CUDA; off = the parity contract
-    log_every: int = 50          # progress bar / TensorBoard refresh (JSONL logs every step)
-    ckpt_every: int = 0          # 0: only the final checkpoint
-    tensorboard: bool = True
-    train_subset: int = 0        # >0: train on the first N images only (tests)
+    seed: int = F(0, between(0, 2 ** 63 - 1))
+    max_steps: int = F(1000, at_least(0))
+    global_batch_size: int = F(128, at_least(1))
+    grad_accum: int = F(1, at_least(1))
+    lr: float = F(1e-3, at_least(0.0, strict=True))
+    min_lr_ratio: float = F(0.1, between(0.0, 1.0))             # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = F(100, at_least(0))
+    weight_decay: float = F(0.0, at_least(0.0))
+    betas: tuple = F((0.9, 0.999), Rule("two numbers in [0, 1)",
+                                        lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), (0.9, 1.0)))
+    grad_clip: float = F(1.0, at_least(0.0))                    # 0 turns clipping off
+    ema_decay: float = F(0.999, between(0.0, 1.0, hi_open=True))
+    precision: str = F("fp32", one_of("fp32", "bf16", "fp16"))
+    max_nonfinite_steps: int = F(10, at_least(1))  # fp16: overflowing steps in a row the loss scaler may skip
+    compile: bool = F(False, ANY)                  # compile the model's forward (the fast path compiles the loss)
+    compile_mode: str = F("default", one_of("default", "reduce-overhead", "max-autotune",
+                                            "max-autotune-no-cudagraphs", "none"))   # none: no compile
+    fast: str = F("auto", one_of("auto", "on", "off"))  # one-GPU fast path (batches drawn on the device, loss
+                                                        # read back at log steps): auto = on for one process on
+                                                        # CUDA; off = the parity contract
+    log_every: int = F(50, at_least(1))            # progress bar / TensorBoard refresh (JSONL logs every step)
+    ckpt_every: int = F(0, at_least(0))            # 0: only the final checkpoint
+    tensorboard: bool = F(True, ANY)
+    train_subset: int = F(0, at_least(0))          # >0: train on the first N images only (tests)
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"        # ddim or ddpm
-    ddim_steps: int = 50
-    cfg_scale: float = 3.0
-    eta: float = 0.0             # DDIM eta (0 = deterministic)
+    sampler: str = F("ddim", one_of("ddim", "ddpm"))
+    ddim_steps: int = F(50, at_least(1))
+    cfg_scale: float = F(3.0, at_least(0.0))
+    eta: float = F(0.0, between(0.0, 1.0))         # DDIM eta (0 = deterministic, 1 = DDPM's variance)
 
 
 @dataclass
 class RunConfig:
-    device: str = "auto"         # auto, cpu, cuda
-    results_dir: str = "results/run"
-    log_jsonl: str = ""          # default: <results_dir>/log.jsonl
-    resume: str = ""
+    device: str = F("auto", one_of("auto", "cpu", "cuda"))
+    results_dir: str = F("results/run", NONEMPTY)
+    log_jsonl: str = F("", ANY)                    # default: <results_dir>/log.jsonl
+    resume: str = F("", ANY)
+    overwrite: bool = F(False, ANY)                # discard another run found in results_dir
+    dist_timeout: float = F(300.0, at_least(1.0))  # seconds a collective may wait for another rank
 
 
 @dataclass
@@ -95,19 +139,24 @@ class Config:
 
 
 _SECTIONS = {f.name: f.default_factory for f in fields(Config)}
-_CHOICES = {
-    ("diffusion", "schedule"): ("linear", "cosine"),
-    ("diffusion", "loss"): ("mse", "l1"),
-    ("train", "precision"): ("fp32", "bf16", "fp16"),
-    ("train", "fast"): ("auto", "on", "off"),
-    ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "none"),
-    ("sample", "sampler"): ("ddim", "ddpm"),
-    ("run", "device"): ("auto", "cpu", "cuda"),
-}
+
+
+def config_fields():
+    """(section, key, type, Rule) for every field of every section."""
+    for sec in fields(Config):
+        cls = sec.default_factory
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            yield sec.name, f.name, hints[f.name], f.metadata.get("rule")
+
+
+for _sec, _key, _typ, _rule in config_fields():   # a new field without its rule fails at import
+    if not isinstance(_rule, Rule):
+        raise TypeError(f"config field {_sec}.{_key} has no Rule; declare it with F(default, rule) in config.py.")
 
 
 def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
-    """Convert a YAML or CLI value to the field's type, or say why not."""
+    """Convert a YAML or CLI value to the field's type, or say why not (a boolean is not a number)."""
     where = f"{section}.{key}={value!r} ({source})"
     if typ is bool:
         if isinstance(value, bool):
@@ -115,28 +164,37 @@ def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where} is not a boolean; use true or false.")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} is not an integer; give a whole number.")
+    if typ in (int, float):
+        kind = "an integer; give a whole number" if typ is int else "a number; give e.g. 1e-3"
+        if isinstance(value, bool) or isinstance(value, (list, dict, tuple)) or value is None:
+            raise ConfigError(f"{where} is not {kind}.")
         try:
             f = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where} is not an integer; give a whole number.") from None
+            raise ConfigError(f"{where} is not {kind}.") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{where} is not finite; give {kind.split('; give ')[1]}.")
+        if typ is float:
+            return f
+        if isinstance(value, int):
+            return value                  # exact, however large (float would round it)
         if f != int(f):
-            raise ConfigError(f"{where} is not an integer; give a whole number.")
+            raise ConfigError(f"{where} is not {kind}.")
         return int(f)
-    if typ is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} is not a number; give e.g. 1e-3.") from None
     if typ is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("()[]").split(",") if v.strip()]
         try:
-            return tuple(float(v) for v in value)
+            if any(isinstance(v, bool) for v in value):
+                raise TypeError
+            out = tuple(float(v) for v in value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where} is not a list of numbers; give e.g. [0.9, 0.999].") from None
+        if not all(math.isfinite(v) for v in out):
+            raise ConfigError(f"{where} is not a list of finite numbers; give e.g. [0.9, 0.999].")
+        return out
+    if isinstance(value, (list, dict, tuple)) or value is None:
+        raise ConfigError(f"{where} is not a single value; give one word or path.")
     return str(value)
 
 
@@ -198,55 +256,49 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    m, d, t, s = cfg.model, cfg.diffusion, cfg.train, cfg.sample
-    for (sec, key), allowed in _CHOICES.items():
+    # One rule per field (type was checked on the way in), then the rules that tie fields together.
+    for sec, key, _typ, rule in config_fields():
         v = getattr(getattr(cfg, sec), key)
-        _check(v in allowed, f"{sec}.{key}={v!r} is not one of {', '.join(allowed)}; pick one of those.")
-    _check(m.patch_size > 0 and m.image_size % m.patch_size == 0,
+        _check(rule.ok(v), f"{sec}.{key}={v!r} must be {rule.need}; give another value "
+                           f"(--set {sec}.{key}=...).")
+    m, d, t, s = cfg.model, cfg.diffusion, cfg.train, cfg.sample
+    _check(m.image_size % m.patch_size == 0,
            f"model.patch_size={m.patch_size} does not divide model.image_size={m.image_size}; "
            f"use a divisor such as 2, 4, 7 or 14.")
-    _check(m.hidden_size > 0 and m.num_heads > 0 and m.hidden_size % m.num_heads == 0,
+    _check(m.hidden_size % m.num_heads == 0,
            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
            f"choose heads that divide the hidden size.")
-    _check((m.hidden_size // max(m.num_heads, 1)) % 2 == 0 and m.hidden_size % 4 == 0,
+    _check((m.hidden_size // m.num_heads) % 2 == 0 and m.hidden_size % 4 == 0,
            f"model.hidden_size={m.hidden_size} must be a multiple of 4 with an even head size "
            f"(2-D sin-cos position embedding); use e.g. 64, 96, 128.")
-    _check(m.depth >= 1, f"model.depth={m.depth} must be at least 1.")
-    _check(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio} must be positive.")
-    _check(m.num_classes >= 1, f"model.num_classes={m.num_classes} must be at least 1.")
-    _check(d.timesteps >= 2, f"diffusion.timesteps={d.timesteps} must be at least 2.")
-    _check(0 < d.beta_start < d.beta_end < 1,
-           f"diffusion.beta_start={d.beta_start} and beta_end={d.beta_end} must satisfy 0 < start < end < 1.")
-    _check(0 <= d.label_dropout < 1, f"diffusion.label_dropout={d.label_dropout} must be in [0, 1).")
-    _check(t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 0.")
-    _check(t.global_batch_size >= 1, f"train.global_batch_size={t.global_batch_size} must be >= 1.")
-    _check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1.")
+    _check(int(m.hidden_size * m.mlp_ratio) >= 1,
+           f"model.mlp_ratio={m.mlp_ratio} leaves the MLP int({m.hidden_size} x {m.mlp_ratio}) = 0 hidden units; "
+           f"use e.g. 4.0.")
+    _check(d.beta_start < d.beta_end,
+           f"diffusion.beta_start={d.beta_start} and beta_end={d.beta_end} must satisfy start < end.")
     _check(t.global_batch_size % t.grad_accum == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by train.grad_accum={t.grad_accum}; "
            f"make the batch a multiple of the accumulation steps.")
-    _check(t.lr > 0, f"train.lr={t.lr} must be positive.")
-    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1].")
-    _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0.")
-    _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 turns clipping off).")
-    _check(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1).")
-    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
-           f"train.betas={t.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999].")
-    _check(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1.")
-    _check(t.ckpt_every >= 0, f"train.ckpt_every={t.ckpt_every} must be >= 0.")
-    _check(t.train_subset >= 0, f"train.train_subset={t.train_subset} must be >= 0.")
-    _check(1 <= s.ddim_steps <= d.timesteps,
+    _check(s.ddim_steps <= d.timesteps,
            f"sample.ddim_steps={s.ddim_steps} must be between 1 and diffusion.timesteps={d.timesteps}.")
-    _check(s.cfg_scale >= 0, f"sample.cfg_scale={s.cfg_scale} must be >= 0.")
-    _check(s.eta >= 0, f"sample.eta={s.eta} must be >= 0.")
 
 
 # ---------------------------------------------------------------- launcher contract
 
-def launcher_parser(description: str):
-    """The flags every launcher shares (DESIGN.md, launcher contract)."""
+def parser(**kw):
+    """An argparse parser whose usage errors are one line and exit 2, like every other bad input."""
     import argparse
 
-    p = argparse.ArgumentParser(description=description)
+    class OneLine(argparse.ArgumentParser):
+        def error(self, message):
+            self.exit(2, f"error: {message}; see {self.prog} --help.\n")
+
+    return OneLine(**kw)
+
+
+def launcher_parser(description: str):
+    """The flags every launcher shares (DESIGN.md, launcher contract)."""
+    p = parser(description=description)
     p.add_argument("--config", default="configs/tiny.yaml", help="YAML config (configs/*.yaml)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
     p.add_argument("--global-batch-size", type=int, help="samples per optimizer step, all ranks together")
@@ -256,9 +308,11 @@ def launcher_parser(description: str):
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="train.precision")
     p.add_argument("--fast", choices=("auto", "on", "off"),
                    help="one-GPU fast path (train.fast); off: batches from the determinism contract, for parity")
-    p.add_argument("--results-dir", help="checkpoints, TensorBoard and the default log go here")
+    p.add_argument("--results-dir", help="checkpoints, TensorBoard and the default log go here (one run per folder)")
     p.add_argument("--log-jsonl", help="rank 0 writes one JSON object per optimizer step here")
     p.add_argument("--resume", help="a checkpoint-<step> folder to continue from exactly")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="discard another run's log and checkpoints found in --results-dir (run.overwrite)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any other config value, e.g. --set model.depth=6 (repeatable)")
     return p
@@ -267,7 +321,7 @@ def launcher_parser(description: str):
 _FLAG_KEYS = {"max_steps": "train.max_steps", "global_batch_size": "train.global_batch_size",
               "grad_accum": "train.grad_accum", "seed": "train.seed", "device": "run.device",
               "precision": "train.precision", "fast": "train.fast", "results_dir": "run.results_dir",
-              "log_jsonl": "run.log_jsonl", "resume": "run.resume"}
+              "log_jsonl": "run.log_jsonl", "resume": "run.resume", "overwrite": "run.overwrite"}
 
 
 def config_from_args(args) -> Config:

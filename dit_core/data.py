@@ -184,6 +184,8 @@ class MNIST:
     """uint8 images (N, 28, 28) and int64 labels (N,), on one device."""
     images: torch.Tensor
     labels: torch.Tensor
+    channels = 1          # what the model's data-facing settings must say (dit_core.train.check_data_fits)
+    num_classes = 10
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -204,6 +206,9 @@ def load_mnist(split: str = "train", device: str | torch.device = "cpu", subset:
     arrays = read_cache(ensure_mnist())
     x = torch.from_numpy(arrays[f"{split}_x"])
     y = torch.from_numpy(arrays[f"{split}_y"].astype(np.int64))
+    if subset > len(x):
+        raise DataError(f"train.train_subset={subset} is more than the {len(x)} MNIST {split} images; use at most "
+                        f"{len(x)} (0: all of them).")
     if subset:
         x, y = x[:subset], y[:subset]
     return MNIST(x.contiguous(), y.contiguous()).to(device)

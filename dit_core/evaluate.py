@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -207,7 +206,8 @@ def format_report(r: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Score a DiT checkpoint's samples with an MNIST classifier.")
+    from .config import parser
+    p = parser(description="Score a DiT checkpoint's samples with an MNIST classifier.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint-<step> folder")
     p.add_argument("--n-per-class", type=int, default=100)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -1,68 +1,12 @@
-"""JSONL loss logs: one JSON object per optimizer step, written by rank 0.
+"""The parity harness: run a launcher as real processes and read its log; compare two logs.
 
-Two runs that honour the determinism contract write the same numbers here, which
-is what the parity comparisons read.
+    python -m dit_core.parity compare single.jsonl ddp.jsonl --rtol 1e-5 --plot parity.png
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-LOG_KEYS = ("step", "loss", "grad_norm", "lr", "samples_seen")
-
-
-class JsonlLogger:
-    """Append-or-truncate JSONL writer; flushes every line so a crash keeps the log."""
-
-    def __init__(self, path: str | Path, append: bool = False):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a" if append else "w")
-
-    def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Loss log '{path}' does not exist; run a launcher with --log-jsonl {path} first.")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise ValueError(f"Line {n} of '{path}' is not JSON; the log is corrupt, run again.") from None
-    return rows
-
-
-# ---------------------------------------------------------------- comparing two runs
-
-def compare(a: list[dict], b: list[dict], key: str = "loss") -> list[dict]:
-    """Per-step rows {step, a, b, abs, rel} over the steps both logs hold."""
-    bb = {r["step"]: r[key] for r in b}
-    rows = []
-    for r in a:
-        if r["step"] in bb:
-            x, y = r[key], bb[r["step"]]
-            d = abs(x - y)
-            rows.append({"step": r["step"], "a": x, "b": y, "abs": d, "rel": d / max(abs(x), 1e-12)})
-    return rows
-
-
-def max_rel(rows: list[dict]) -> float:
-    return max((r["rel"] for r in rows), default=float("nan"))
-
-
-def format_table(rows: list[dict], name_a: str = "A", name_b: str = "B") -> str:
-    lines = [f"{'step':>6} {'loss ' + name_a:>14} {'loss ' + name_b:>14} {'abs diff':>10} {'rel diff':>10}"]
-    lines += [f"{r['step']:>6} {r['a']:>14.8f} {r['b']:>14.8f} {r['abs']:>10.2e} {r['rel']:>10.2e}" for r in rows]
-    return "\n".join(lines)
+from .logs import LOG_KEYS, JsonlLogger, compare, format_table, max_rel, read_jsonl  # noqa: F401  (the API)
 
 
 def run_launcher(script: str, args: list[str], nproc: int = 1, log: str | Path | None = None,
@@ -104,9 +48,8 @@ def run_launcher(script: str, args: list[str], nproc: int = 1, log: str | Path |
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m dit_core.parity",
+    from .config import parser
+    p = parser(prog="python -m dit_core.parity",
                                 description="Compare the loss logs of two runs step by step.")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare", help="per-step table and max relative difference; exit 1 past --rtol")
@@ -115,7 +58,11 @@ def main(argv=None) -> int:
     c.add_argument("--rtol", type=float, default=1e-5)
     c.add_argument("--plot", help="also draw both curves and their difference to this PNG")
     args = p.parse_args(argv)
-    a, b = read_jsonl(args.a), read_jsonl(args.b)
+    try:
+        a, b = read_jsonl(args.a), read_jsonl(args.b)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}")
+        return 2
     rows = compare(a, b)
     if not rows:
         print(f"error: '{args.a}' and '{args.b}' share no steps; compare runs of the same steps.")

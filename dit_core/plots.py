@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from .logs import compare  # noqa: E402
+
 
 def grid_array(images: torch.Tensor, nrow: int = 10, pad: int = 2) -> np.ndarray:
     """(N, 1, H, W) in [-1, 1] -> one (rows*(H+pad), nrow*(W+pad)) array in [0, 1]."""
@@ -70,8 +72,6 @@ def _finish(fig, path):
 
 def parity_curves(a: list[dict], b: list[dict], path: str | Path | None = None, names=("A", "B")):
     """Both loss curves on top, their relative difference (log scale) below."""
-    from .parity import compare
-
     rows = compare(a, b)
     steps = [r["step"] for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})

@@ -1,19 +1,14 @@
-"""The training step and loop every launcher reuses.
+"""The training loop every launcher reuses.
 
-A launcher decides only two things, through a `Parallel` object: how the model
-is wrapped (and its gradients synchronised) and which slice of the global batch
-this rank trains on. Everything else, the loss, AMP, clipping, LR schedule, EMA,
-accumulation, checkpoints and logs, is here, once.
+A launcher decides only two things, through a `Parallel` object (dit_core.engine): how the model
+is wrapped (and its gradients synchronised) and which slice of the global batch this rank trains
+on. Everything else, the loss, AMP, clipping, LR schedule, EMA, accumulation, checkpoints, logs and
+the guards (one run per results folder, no diverged state saved or trained on), is here, once.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
-import json
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,325 +18,73 @@ import torch
 import torch.nn as nn
 
 from .batch import global_batch, shard
+from .checkpoint import (CheckpointError, check_model_config, check_resume, checkpoint_steps,  # noqa: F401
+                         load_model_weights, model_from_checkpoint, read_training_state, save_checkpoint,
+                         torch_load)
 from .config import Config, ConfigError
 from .data import MNIST, load_mnist
 from .diffusion import Diffusion
+from .engine import (EMA, Parallel, TorchEngine, apply_schedule, autocast_ctx, build_optimizer,  # noqa: F401
+                     build_scheduler, compiled, ema_decay, ema_update, lr_factor, resolve_device, unwrap)
 from .fast import DeviceBatches, fast_enabled
-from .model import DiT, sdpa_attention
+from .model import DiT
 from .parallel.dist import check_batch_split
-from .parity import JsonlLogger
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or does not match the config."""
-
-
-class Parallel:
-    """Single process. Parallel strategies (dit_core.parallel.*) provide the same few members."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device | None = None   # None: from run.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def data_rank(self) -> int:
-        """Which slice of the global batch this rank trains on. Ranks that split one sample's work
-        (sequence or tensor parallelism) share a data rank."""
-        return self.rank
-
-    @property
-    def data_world_size(self) -> int:
-        return self.world_size
-
-    def loss(self, diffusion: Diffusion, model, x0, y, t, noise, drop) -> torch.Tensor:
-        """This rank's loss of one micro-batch (sequence parallelism: its share of it)."""
-        return diffusion.loss(model, x0, y, t, noise, drop)
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def no_sync(self, model: nn.Module):
-        """Context for micro-steps whose gradients must not be synchronised yet."""
-        return contextlib.nullcontext()
-
-    def finish_gradient_sync(self, model: nn.Module) -> None:
-        """Called after the last backward of a step, before clipping and the optimizer."""
-
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
-        """Clip to the norm of the whole model's gradient; returns the norm before clipping. (Tensor
-        parallelism overrides it: there each rank holds only slices of some gradients.)"""
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    def barrier(self) -> None:
-        """Wait for every rank (checkpoints written by several ranks)."""
-
-    def make_engine(self, model: nn.Module, cfg: Config, device: torch.device) -> "TorchEngine":
-        """Who does backward and the optimizer step. DeepSpeed hands back its own engine."""
-        return TorchEngine(model, self, cfg, device)
-
-
-def compiled(fn, mode: str):
-    """torch.compile with the config's mode ("none": the function itself)."""
-    return fn if mode == "none" else torch.compile(fn, mode=mode)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device='cuda' but no CUDA GPU is visible; use --device cpu or --device auto.")
-    return torch.device(name)
-
-
-def autocast_ctx(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine down to min_ratio at max_steps."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def ema_decay(decay: float, num_updates: int) -> float:
-    # Warm-up the decay so short runs still average mostly trained weights.
-    return min(decay, (1 + num_updates) / (10 + num_updates))
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float, num_updates: int) -> None:
-    d = ema_decay(decay, num_updates)
-    pairs = [(e, p.detach().to(e.dtype)) for e, p in zip(ema.parameters(), model.parameters())]
-    if pairs:
-        # One multi-tensor kernel instead of one launch per parameter (same lerp, element by element).
-        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - d)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        else:
-            return model
-
-
-# ---------------------------------------------------------------- the optimizer side
-
-class EMA:
-    """Exponential moving average of the weights, kept whole on every rank."""
-
-    def __init__(self, model: nn.Module):
-        self.module = copy.deepcopy(model).requires_grad_(False).eval()
-        if isinstance(self.module, DiT):
-            # The EMA is read alone (sampling, evaluation), never inside the parallel step:
-            # plain attention, whatever the training model had swapped in.
-            self.module.set_attention(sdpa_attention)
-
-    def update(self, model: nn.Module, decay: float, num_updates: int) -> None:
-        ema_update(self.module, model, decay, num_updates)
-
-    def state_dict(self) -> dict:
-        return self.module.state_dict()
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.module.load_state_dict(sd)
-
-
-class TorchEngine:
-    """Backward, gradient sync, clipping, optimizer and LR step, checkpoint files: plain PyTorch.
-
-    `dit_core.parallel.zero` provides the same members on top of a DeepSpeed engine, which
-    owns all of these jobs itself (accumulation, clipping, partitioned optimizer state).
-    """
-
-    name = "torch"
-    saves_on_every_rank = False      # DeepSpeed: every rank writes its own partition
-
-    def __init__(self, model: nn.Module, par: Parallel, cfg: Config, device: torch.device):
-        t = cfg.train
-        self.model, self.par = model, par
-        self.autocast = t.precision      # fp32 params, bf16/fp16 matmuls (DeepSpeed casts the model instead)
-        self.optimizer, self.scheduler = build_optimizer(model, cfg, device)
-        self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
-        self.accum = t.grad_accum
-        self.clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.wrapped = par.wrap(model)
-        self.forward = compiled(self.wrapped, t.compile_mode) if t.compile else self.wrapped
-
-    def micro_step(self, last: bool):
-        """Context of one micro-batch's forward and backward: only the last one synchronises."""
-        return contextlib.nullcontext() if last else self.par.no_sync(self.wrapped)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        # Each micro-batch is 1/accum of this rank's share: the gradient of the mean.
-        scaled = loss / self.accum
-        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def step(self) -> torch.Tensor:
-        """Synchronise, clip, step, zero, schedule; returns the gradient norm before clipping (a
-        tensor: reading it would make the host wait for the GPU, so the loop reads it at log steps)."""
-        self.par.finish_gradient_sync(self.wrapped)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = self.par.clip_grad_norm_(self.params, self.clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return grad_norm.detach()
-
-    def make_ema(self) -> EMA:
-        return EMA(self.model)
-
-    def update_ema(self, ema: EMA, decay: float, num_updates: int) -> None:
-        ema.update(self.model, decay, num_updates)
-
-    def state_info(self) -> dict:
-        return {}
-
-    def save(self, folder: Path) -> None:
-        torch.save(unwrap(self.model).state_dict(), folder / "model.pt")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict() if self.scaler is not None else None},
-                   folder / "optimizer.pt")
-
-    def load(self, folder: Path, device: torch.device) -> None:
-        state = read_training_state(folder)
-        if "tp_degree" in state:
-            raise CheckpointError(
-                f"Checkpoint '{folder}' was written by launchers/tp.py (--tp-degree {state['tp_degree']}, "
-                f"{state.get('world_size')} processes), whose optimizer state is sliced per rank; resume it with "
-                f"torchrun --nproc_per_node {state.get('world_size')} launchers/tp.py --tp-degree {state['tp_degree']} "
-                f"(its model.pt and ema.pt are whole weights: python -m dit_core.evaluate reads them).")
-        check_files(folder, ("model.pt", "optimizer.pt"))
-        load_model_weights(folder, self.model)
-        opt_state = _torch_load(folder / "optimizer.pt", device)
-        self.optimizer.load_state_dict(opt_state["optimizer"])
-        self.scheduler.load_state_dict(opt_state["scheduler"])
-        if self.scaler is not None and opt_state.get("scaler"):
-            self.scaler.load_state_dict(opt_state["scaler"])
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def save_checkpoint(results_dir: str | Path, step: int, engine, ema, cfg: Config, samples_seen: int,
-                    par: Parallel | None = None) -> Path | None:
-    """Write checkpoint-<step>/ into a temporary folder, then rename: never half-written.
-
-    Every rank calls this. Rank 0 writes the EMA and the training state; the engine's files come
-    from rank 0 alone (full weights) or, under DeepSpeed, from every rank (its partition)."""
-    par = par or Parallel()
-    final = Path(results_dir) / f"checkpoint-{step}"
-    tmp = final.with_name(f".{final.name}.tmp")
-    if par.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    ema_sd = ema.state_dict()            # a collective when the EMA is sharded (ZeRO-3)
-    if engine.saves_on_every_rank:
-        par.barrier()                    # the folder exists before anyone writes into it
-        engine.save(tmp)
-        par.barrier()                    # every partition is on disk before the rename
-    elif par.is_main:
-        engine.save(tmp)
-    if not par.is_main:
-        return None
-    torch.save(ema_sd, tmp / "ema.pt")
-    (tmp / "training_state.json").write_text(json.dumps(
-        {"step": step, "samples_seen": samples_seen, "engine": engine.name, **engine.state_info(),
-         "config": cfg.to_dict()}, indent=1))
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    return final
-
-
-def check_files(path: Path, names) -> None:
-    missing = [f for f in names if not (path / f).exists()]
-    if missing:
-        raise CheckpointError(f"Checkpoint '{path}' lacks {', '.join(missing)}; it is incomplete: "
-                              f"pick another checkpoint-<step> folder.")
-
-
-def read_training_state(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"Checkpoint '{path}' is not a folder; pass a checkpoint-<step> folder "
-                              f"written by a launcher (e.g. results/run/checkpoint-1000).")
-    check_files(path, ("training_state.json", "ema.pt"))
-    try:
-        return json.loads((path / "training_state.json").read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"'{path / 'training_state.json'}' is not valid JSON; the checkpoint is "
-                              f"corrupt: pick another one.") from None
-
-
-def _torch_load(file: Path, map_location):
-    try:
-        return torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"'{file}' cannot be read ({e.__class__.__name__}); the checkpoint is "
-                              f"corrupt or truncated: pick another one.") from None
-
-
-def check_model_config(state: dict, cfg: Config, path: Path) -> None:
-    saved = state.get("config", {}).get("model", {})
-    now = cfg.to_dict()["model"]
-    diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in now.items() if saved.get(k) != v]
-    if diff:
-        raise CheckpointError(f"Checkpoint '{path}' was trained with a different model ({'; '.join(diff)}); "
-                              f"use the config it was trained with.")
-
-
-def load_model_weights(path: str | Path, model: nn.Module, file: str = "model.pt") -> None:
-    path = Path(path)
-    if not (path / file).is_file() and file == "model.pt" and (path / "ds").is_dir():
-        raise CheckpointError(f"'{path}' is a DeepSpeed checkpoint without plain weights; convert it first: "
-                              f"python -m dit_core.parallel.zero convert {path} {path}-plain")
-    check_files(path, (file,))
-    sd = _torch_load(path / file, "cpu")
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"'{path / file}' does not fit this model ({first}); "
-                              f"use the config it was trained with.") from None
-
-
-def model_from_checkpoint(path: str | Path, device="cpu", ema: bool = True) -> tuple[DiT, Config]:
-    """Rebuild the DiT a checkpoint was trained with and load its (EMA) weights."""
-    from .config import load_config
-
-    state = read_training_state(path)
-    overrides = {f"{s}.{k}": v for s, body in state["config"].items() for k, v in body.items()}
-    cfg = load_config(None, overrides)
-    model = DiT(cfg.model)
-    load_model_weights(path, model, "ema.pt" if ema else "model.pt")
-    return model.to(device).eval(), cfg
+from .logs import JsonlLogger
+from .rundir import RunFolder
+
+
+class DivergenceError(RuntimeError):
+    """The loss or the weights stopped being finite: the run stops and saves nothing after it."""
+
+
+class DivergenceGuard:
+    """Stops a run whose loss, gradients or weights are no longer finite, before anything is saved from it.
+
+    fp32 and bf16: the first non-finite loss or gradient norm stops the run (the step it produced would
+    put NaN into the weights). fp16: the loss scaler skips a step whose gradients overflow and halves its
+    scale, so a few skipped steps are the scaler working; `train.max_nonfinite_steps` skipped steps in a
+    row mean no scale helps any more, and stop it. Any non-finite weight stops every precision."""
+
+    def __init__(self, cfg: Config, results_dir: Path):
+        self.t, self.results = cfg.train, Path(results_dir)
+        self.allowed = self.t.max_nonfinite_steps if self.t.precision == "fp16" else 1
+        self.run_of: list[int] = []
+
+    def _stop(self, what: str, step: int, lr: float) -> DivergenceError:
+        t = self.t
+        kept = checkpoint_steps(self.results)
+        after = (f"resume from {self.results / f'checkpoint-{kept[-1]}'}" if kept else "start again")
+        fix = (f"lower train.lr (the rate at that step was {lr:.3g}, train.lr={t.lr:g})" if t.grad_clip > 0 else
+               f"turn on clipping (train.grad_clip=0 now, e.g. --set train.grad_clip=1.0) or lower train.lr "
+               f"(the rate at that step was {lr:.3g})")
+        return DivergenceError(f"{what}, in {t.precision} with train.grad_clip={t.grad_clip:g}; the run stopped and "
+                               f"saved nothing from it: {fix}, then {after}.")
+
+    def step(self, step: int, loss: float, grad_norm: float, lr: float) -> None:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.run_of.clear()
+            return
+        self.run_of.append(step)
+        if len(self.run_of) >= self.allowed:
+            what = (f"the {'loss' if not math.isfinite(loss) else 'gradient norm'} became "
+                    f"{loss if not math.isfinite(loss) else grad_norm} at step {step}" if self.allowed == 1 else
+                    f"the fp16 loss scaler skipped {len(self.run_of)} steps in a row (non-finite loss or gradients "
+                    f"at steps {self.run_of[0]}-{step}; train.max_nonfinite_steps={self.allowed})")
+            raise self._stop(what, step, lr)
+
+    def weights(self, bad: float, step: int, lr: float) -> None:
+        if bad > 0:
+            raise self._stop(f"{int(bad)} weights became non-finite by step {step}", step, lr)
+
+
+def check_data_fits(cfg: Config, data: MNIST) -> None:
+    """The model's data-facing settings must describe the images it will be given."""
+    m = cfg.model
+    for key, want, have in (("in_channels", data.channels, m.in_channels), ("image_size", data.images.shape[-1],
+                            m.image_size), ("num_classes", data.num_classes, m.num_classes)):
+        if want != have:
+            raise ConfigError(f"model.{key}={have} does not fit the data (MNIST has {key.replace('_', ' ')} "
+                              f"{want}); use {want}.")
 
 
 # ---------------------------------------------------------------- the loop
@@ -372,20 +115,6 @@ class TrainResult:
     def summary(self) -> str:
         loss = f"final loss {self.losses[-1]:.4f}; " if self.losses else "nothing left to train; "
         return f"trained to step {self.steps} in {self.seconds:.1f}s; {loss}checkpoint {self.last_checkpoint}"
-
-
-def build_optimizer(model: nn.Module, cfg: Config, device: torch.device):
-    t = cfg.train
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                            **({"fused": True} if fused else {}))
-    return opt, build_scheduler(opt, cfg)
-
-
-def build_scheduler(optimizer, cfg: Config):
-    t = cfg.train
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
 
 
 def _contract_batch(cfg: Config, n_data: int, shape, step: int):
@@ -419,24 +148,49 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
                           f"{type(par).__name__}; use --fast off (or auto) with parallel launchers.")
     fast = fast_enabled(t.fast, device, alone, t.precision)
 
-    start, samples_seen = 0, 0
+    start, samples_seen, changes = 0, 0, []
     if run.resume:
         state = read_training_state(run.resume)
-        check_model_config(state, cfg, Path(run.resume))
-        start, samples_seen = int(state["step"]), int(state["samples_seen"])
+        changes = check_resume(state, cfg, Path(run.resume))
+        start, samples_seen = state["step"], state["samples_seen"]
         if start > t.max_steps:
             raise ConfigError(f"--resume '{run.resume}' is at step {start}, past train.max_steps={t.max_steps}; "
                               f"raise --max-steps.")
+    data = data or load_mnist("train", "cpu", t.train_subset)
+    check_data_fits(cfg, data)
 
+    folder = RunFolder(cfg)
+    par.agree(_first_error(folder.lock) if par.is_main else None)   # rank 0 owns the folder from here
+    try:
+        return _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, folder, quiet, stop_at,
+                      model_fn)
+    finally:
+        folder.release()
+
+
+def _first_error(fn, *args) -> Exception | None:
+    from .errors import user_errors
+    try:
+        fn(*args)
+    except user_errors() as e:
+        return e
+    return None
+
+
+def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, folder, quiet, stop_at, model_fn):
+    t, run = cfg.train, cfg.run
+    accum, W = t.grad_accum, par.data_world_size
     torch.manual_seed(t.seed)  # same initial weights on every rank and every run
     model = (model_fn or DiT)(cfg.model).to(device)
     diffusion = Diffusion(cfg.diffusion, device)
-    data = (data or load_mnist("train", "cpu", t.train_subset)).to(device)
+    data = data.to(device)
     engine = par.make_engine(model, cfg, device)
     ema = engine.make_ema()
     if run.resume:
         engine.load(Path(run.resume), device)
-        ema.load_state_dict(_torch_load(Path(run.resume) / "ema.pt", device))
+        ema.load_state_dict(_load_ema(Path(run.resume), device))
+    # Everything checked: only now may the folder's old contents change (truncate, discard).
+    par.agree(_first_error(folder.prepare, start) if par.is_main else None)
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
     if fast:
         # The fast path: batches drawn on the GPU, the whole loss compiled, losses read back only
@@ -450,10 +204,13 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
     read_every = t.log_every if fast else 1
 
     results = Path(run.results_dir)
+    guard = DivergenceGuard(cfg, results)
     logger = tb = bar = None
     if par.is_main:
-        results.mkdir(parents=True, exist_ok=True)
-        logger = JsonlLogger(run.log_jsonl or results / "log.jsonl", append=bool(run.resume))
+        if changes:
+            print(f"[resume] from the command line: {'; '.join(changes)}; the schedule is recomputed at step "
+                  f"{start} (lr now {engine.lr():.3g})", file=sys.stderr, flush=True)
+        logger = JsonlLogger(folder.log, append=True)      # prepare() left only the steps before `start`
         if t.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             tb = SummaryWriter(str(results / "tb"))
@@ -466,7 +223,8 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
     t0 = time.perf_counter()
 
     def read_back() -> None:
-        """One wait for the GPU per interval: every pending step's loss and gradient norm at once."""
+        """One wait for the GPU per interval: every pending step's loss and gradient norm at once,
+        and the count of non-finite weights (a NaN weight stays NaN, so one look per interval suffices)."""
         if not pending:
             return
         n = len(pending)
@@ -476,16 +234,19 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
             values += [r["grad_norm"] for r in pending]
         values = torch.stack([v.float().reshape(()) for v in values]).tolist()
         for i, r in enumerate(pending):
-            r["loss"] = loss_val = values[i]
+            r["loss"] = values[i]
             if norms_on_device:
                 r["grad_norm"] = values[n + i]
-            out.losses.append(loss_val)
-            if not math.isfinite(loss_val) and t.precision != "fp16":
-                raise FloatingPointError(f"loss became {loss_val} at step {r['step']}; lower train.lr "
-                                         f"(now {t.lr}) or turn on train.grad_clip.")
+        bad = float(par.all_reduce_sum(engine.nonfinite().to(device)))
         if par.is_main:
             for r in pending:
-                logger.write(r)
+                logger.write(r)      # the log keeps the step that diverged: the evidence
+        for r in pending:
+            guard.step(r["step"], r["loss"], r["grad_norm"], r["lr"])
+            out.losses.append(r["loss"])
+        guard.weights(bad, pending[-1]["step"], pending[-1]["lr"])
+        if par.is_main:
+            for r in pending:
                 if tb is not None and (r["step"] % t.log_every == 0 or r["step"] == t.max_steps - 1):
                     for k in ("loss", "grad_norm", "lr"):
                         tb.add_scalar(f"train/{k}", r[k], r["step"])
@@ -496,40 +257,45 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
         pending.clear()
 
     end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
-    for step in range(start, end):
-        gb = draw(step)
-        hooks.step_begin(step, engine)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            b = shard(gb, par.data_rank, W, micro, accum).to(device)
-            x0, y = data.gather(b.indices)
-            with engine.micro_step(last=micro == accum - 1):
-                with autocast_ctx(engine.autocast, device):
-                    loss = loss_fn(x0, y, b.t, b.noise, b.drop)
-                engine.backward(loss)
-            hooks.after_backward(step, micro, engine)
-            loss_sum += loss.detach()
-        lr = engine.lr()
-        grad_norm = engine.step()
-        hooks.step_end(step, engine)
-        engine.update_ema(ema, t.ema_decay, step)
-        samples_seen += t.global_batch_size
-        # The logged loss is the mean over the whole global batch (all ranks).
-        pending.append({"step": step, "loss": par.all_reduce_mean(loss_sum / accum), "grad_norm": grad_norm,
-                        "lr": lr, "samples_seen": samples_seen})
-        done = step + 1
-        if done % read_every == 0 or done == end:
-            read_back()
-        if t.ckpt_every and done % t.ckpt_every == 0 and done != end:
-            read_back()
-            save_checkpoint(results, done, engine, ema, cfg, samples_seen, par)
-    out.seconds = time.perf_counter() - t0
-    out.steps = end
-    out.last_checkpoint = save_checkpoint(results, end, engine, ema, cfg, samples_seen, par)
-    if par.is_main:
-        logger.close()
-        if tb is not None:
-            tb.close()
-        if bar is not None:
-            bar.close()
+    try:
+        for step in range(start, end):
+            gb = draw(step)
+            hooks.step_begin(step, engine)
+            micro_batches = []
+            for micro in range(accum):          # this rank's slice of the global batch, in accum pieces
+                b = shard(gb, par.data_rank, W, micro, accum).to(device)
+                micro_batches.append((*data.gather(b.indices), b))
+            loss_sum = engine.run_step(step, micro_batches, loss_fn, hooks)
+            lr = engine.lr()
+            grad_norm = engine.step()
+            hooks.step_end(step, engine)
+            engine.update_ema(ema, t.ema_decay, step)
+            samples_seen += t.global_batch_size
+            # The logged loss is the mean over the whole global batch (all ranks).
+            pending.append({"step": step, "loss": par.all_reduce_mean(loss_sum / accum), "grad_norm": grad_norm,
+                            "lr": lr, "samples_seen": samples_seen})
+            done = step + 1
+            if done % read_every == 0 or done == end:
+                read_back()
+            if t.ckpt_every and done % t.ckpt_every == 0 and done != end:
+                read_back()                  # the weights about to be saved were just checked finite
+                save_checkpoint(results, done, engine, ema, cfg, samples_seen, par)
+        out.seconds = time.perf_counter() - t0
+        out.steps = end
+        if end > start or not run.resume:
+            out.last_checkpoint = save_checkpoint(results, end, engine, ema, cfg, samples_seen, par)
+        elif par.is_main:
+            out.last_checkpoint = Path(run.resume)      # nothing trained: the resumed checkpoint is the last
+    finally:
+        if par.is_main:
+            logger.close()
+            if tb is not None:
+                tb.close()
+            if bar is not None:
+                bar.close()
     return out
+
+
+def _load_ema(folder: Path, device) -> dict:
+    from .checkpoint import check_finite
+    return check_finite(torch_load(folder / "ema.pt", device), folder / "ema.pt")

@@ -9,6 +9,7 @@ Unlike the other launchers this one writes its own loop, the way an Accelerate u
 the data loader, accumulation, mixed precision, clipping and checkpoints. The model, the diffusion loss, the
 optimizer, the schedule, the EMA and the batches of the determinism contract are the project's.
 """
+import datetime
 import json
 import math
 import os
@@ -30,14 +31,18 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, Gradient
 from torch.utils.data import DataLoader  # noqa: E402
 
 from dit_core.batch import GlobalBatchStream, stack_samples  # noqa: E402
+from dit_core.checkpoint import (CheckpointError, check_finite, check_resume, checkpoint_steps,  # noqa: E402
+                                 foreign, read_training_state)
 from dit_core.config import ConfigError, config_from_args, launcher_parser  # noqa: E402
 from dit_core.data import load_mnist  # noqa: E402
 from dit_core.diffusion import Diffusion  # noqa: E402
+from dit_core.engine import EMA, apply_schedule, build_optimizer, nonfinite_count  # noqa: E402
 from dit_core.errors import run_main  # noqa: E402
 from dit_core.model import DiT  # noqa: E402
-from dit_core.parallel.dist import check_batch_split, exit_process  # noqa: E402
-from dit_core.parity import JsonlLogger  # noqa: E402
-from dit_core.train import EMA, build_optimizer, check_model_config, read_training_state  # noqa: E402
+from dit_core.parallel.dist import TIMEOUT, DistParallel, check_batch_split, exit_process, watch_launcher  # noqa: E402
+from dit_core.logs import JsonlLogger  # noqa: E402
+from dit_core.rundir import RunFolder  # noqa: E402
+from dit_core.train import DivergenceGuard, _first_error, check_data_fits  # noqa: E402
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -61,10 +66,13 @@ def make_accelerator(cfg) -> Accelerator:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device='cuda' but no CUDA GPU is visible; use --device cpu or --device auto.")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # Every collective is bounded by run.dist_timeout: a rank that stops answering ends the job.
+    group = {"timeout": datetime.timedelta(seconds=cfg.run.dist_timeout)}
+    TIMEOUT["seconds"] = cfg.run.dist_timeout
     return Accelerator(
         # Accelerate runs DeepSpeed only when cpu=False; on a CPU-only machine it then needs gloo named.
         cpu=cpu and not deepspeed,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu and deepspeed else None,
+        kwargs_handlers=[InitProcessGroupKwargs(**group, **({"backend": "gloo"} if cpu and deepspeed else {}))],
         mixed_precision=PRECISION[t.precision],
         # As a plugin, not `gradient_accumulation_steps=`: that one is overridden by the environment
         # `accelerate launch` sets from its config file.
@@ -93,31 +101,75 @@ def check_deepspeed_config(accelerator: Accelerator, cfg) -> None:
 
 def save(accelerator, folder: Path, model, ema: EMA, progress: Progress, cfg) -> None:
     """checkpoint-<step>/: Accelerate's state (exact resume) plus the project's plain files, written
-    into a temporary folder and renamed when every process is done."""
+    into a temporary folder and renamed when every process is done; weights checked finite first."""
     tmp = folder.with_name(f".{folder.name}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "accelerate"))                # every process: its part
-    weights = accelerator.get_state_dict(model)                    # gathered where sharded
-    if accelerator.is_main_process:
-        torch.save(weights, tmp / "model.pt")
-        torch.save(ema.state_dict(), tmp / "ema.pt")
-        (tmp / "training_state.json").write_text(json.dumps(
-            {**progress.state_dict(), "engine": "accelerate", "config": cfg.to_dict()}, indent=1))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.rename(tmp, folder)
+    try:
+        if accelerator.is_main_process:
+            if folder.exists():
+                raise CheckpointError(f"'{folder}' already exists; another run writes into '{folder.parent}': "
+                                      f"give each run its own --results-dir.")
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "accelerate"))                # every process: its part
+        weights = accelerator.get_state_dict(model)                    # gathered where sharded
+        if accelerator.is_main_process:
+            torch.save(check_finite(weights, tmp / "model.pt"), tmp / "model.pt")
+            torch.save(check_finite(ema.state_dict(), tmp / "ema.pt"), tmp / "ema.pt")
+            (tmp / "training_state.json").write_text(json.dumps(
+                {**progress.state_dict(), "engine": "accelerate", "config": cfg.to_dict()}, indent=1))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            os.rename(tmp, folder)
+    except OSError as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = checkpoint_steps(folder.parent)
+        keep = f"checkpoint-{kept[-1]} is the latest complete one" if kept else "no checkpoint was kept"
+        why = "the disk is full" if e.errno == 28 else (e.strerror or e.__class__.__name__)
+        raise CheckpointError(f"Writing '{folder}' failed ({why}); nothing half-written was left and {keep}: "
+                              f"free space or fix the folder, then resume.") from None
+
+
+class Ranks(DistParallel):
+    """rank 0's verdicts shared with every process (no-op for one process)."""
+
+    def __init__(self, accelerator):
+        self.rank, self.world_size, self.device = (accelerator.process_index, accelerator.num_processes,
+                                                   accelerator.device)
+
+    def agree(self, error):
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return
+        super().agree(error)
+
+    def all_reduce_sum(self, t):
+        return t if self.world_size == 1 else super().all_reduce_sum(t)
 
 
 def main(argv=None):
     args = launcher_parser(__doc__.splitlines()[0]).parse_args(argv)
     cfg = config_from_args(args)
     t = cfg.train
+    start, changes = 0, []
+    if cfg.run.resume:
+        state = read_training_state(cfg.run.resume)
+        if state.get("engine") != "accelerate" or not (Path(cfg.run.resume) / "accelerate").is_dir():
+            raise foreign(Path(cfg.run.resume), state, "launchers/accelerate.py")
+        changes = check_resume(state, cfg, Path(cfg.run.resume))
+        start = state["step"]
+        if start > t.max_steps:
+            raise ConfigError(f"--resume '{cfg.run.resume}' is at step {start}, past train.max_steps={t.max_steps}; "
+                              f"raise --max-steps.")
     accelerator = make_accelerator(cfg)
+    ranks = Ranks(accelerator)
+    if accelerator.num_processes > 1:
+        watch_launcher()
     check_batch_split(t.global_batch_size, accelerator.num_processes, t.grad_accum)
     check_deepspeed_config(accelerator, cfg)
+    folder = RunFolder(cfg)
+    ranks.agree(_first_error(folder.lock) if ranks.is_main else None)
     if accelerator.device.type == "cuda":           # fp32 parity runs compare exact float32 math
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.precision != "fp32"
 
@@ -125,6 +177,7 @@ def main(argv=None):
     model = DiT(cfg.model)
     optimizer, scheduler = build_optimizer(model, cfg, accelerator.device)
     data = load_mnist("train", "cpu", t.train_subset)
+    check_data_fits(cfg, data)
     stream = GlobalBatchStream(t.seed, t.global_batch_size, t.max_steps, data, cfg.diffusion.timesteps,
                                cfg.diffusion.label_dropout, (cfg.model.in_channels, cfg.model.image_size,
                                                              cfg.model.image_size),
@@ -135,15 +188,20 @@ def main(argv=None):
     accelerator.register_for_checkpointing(ema, progress)
 
     if cfg.run.resume:
-        state = read_training_state(cfg.run.resume)
-        check_model_config(state, cfg, Path(cfg.run.resume))
         accelerator.load_state(str(Path(cfg.run.resume) / "accelerate"))
+        check_finite(accelerator.unwrap_model(model).state_dict(), Path(cfg.run.resume) / "accelerate")
+        check_finite(ema.state_dict(), Path(cfg.run.resume) / "accelerate")
+        apply_schedule(optimizer.optimizer, scheduler.scheduler, cfg, progress.step)
         loader = accelerator.skip_first_batches(loader, progress.step * t.grad_accum)
+    ranks.agree(_first_error(folder.prepare, start) if ranks.is_main else None)
     results = Path(cfg.run.results_dir)
+    guard = DivergenceGuard(cfg, results)
     logger = None
     if accelerator.is_main_process:
-        results.mkdir(parents=True, exist_ok=True)
-        logger = JsonlLogger(cfg.run.log_jsonl or results / "log.jsonl", append=bool(cfg.run.resume))
+        if changes:
+            print(f"[resume] from the command line: {'; '.join(changes)}; the schedule is recomputed at step "
+                  f"{start} (lr now {scheduler.get_last_lr()[0]:.3g})", file=sys.stderr, flush=True)
+        logger = JsonlLogger(folder.log, append=True)
 
     diffusion = Diffusion(cfg.diffusion, accelerator.device)
     clip = t.grad_clip if t.grad_clip > 0 else math.inf
@@ -169,20 +227,22 @@ def main(argv=None):
         mean_loss = accelerator.reduce(loss_sum / t.grad_accum, reduction="mean").item()
         loss_sum.zero_()
         progress.samples_seen += t.global_batch_size
-        if not math.isfinite(mean_loss) and t.precision != "fp16":
-            raise FloatingPointError(f"loss became {mean_loss} at step {progress.step}; lower train.lr (now {t.lr}).")
         if accelerator.is_main_process:
             logger.write({"step": progress.step, "loss": mean_loss, "grad_norm": float(grad_norm), "lr": lr,
                           "samples_seen": progress.samples_seen})
             if progress.step % t.log_every == 0:
                 accelerator.print(f"step {progress.step}: loss {mean_loss:.4f}")
+        guard.step(progress.step, mean_loss, float(grad_norm), lr)
+        guard.weights(float(ranks.all_reduce_sum(nonfinite_count(model.parameters()))), progress.step, lr)
         progress.step += 1
         if t.ckpt_every and progress.step % t.ckpt_every == 0 and progress.step != t.max_steps:
             save(accelerator, results / f"checkpoint-{progress.step}", model, ema, progress, cfg)
     seconds = time.perf_counter() - t0
-    save(accelerator, results / f"checkpoint-{progress.step}", model, ema, progress, cfg)
+    if progress.step > start or not cfg.run.resume:
+        save(accelerator, results / f"checkpoint-{progress.step}", model, ema, progress, cfg)
     if logger is not None:
         logger.close()
+    folder.release()
     accelerator.print(f"[accelerate, {accelerator.num_processes} x {accelerator.distributed_type.value}] trained to "
                       f"step {progress.step} in {seconds:.1f}s; checkpoint {results / f'checkpoint-{progress.step}'}")
     accelerator.end_training()

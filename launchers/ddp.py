@@ -25,7 +25,7 @@ def main(argv=None):
                    help="(teaching, hand/naive) skip the gradient averaging or the initial broadcast")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    env = init_from_env(cfg.run.device)
+    env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
     result = train(cfg, parallel=DDPStrategy(env, args.impl, args.bucket_cap_mb, args.seed_by_rank, args.broken),
                    quiet=not env.is_main)
     if env.is_main:

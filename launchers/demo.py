@@ -14,6 +14,7 @@ from dit_core.errors import run_main  # noqa: E402
 from dit_core.evaluate import evaluate_checkpoint, format_report, grid_order  # noqa: E402
 from dit_core.parity import read_jsonl  # noqa: E402
 from dit_core.plots import loss_curve, sample_grid  # noqa: E402
+from dit_core.rundir import RunFolder  # noqa: E402
 from dit_core.train import resolve_device, train  # noqa: E402
 
 
@@ -26,6 +27,11 @@ def main(argv=None):
     out = Path(cfg.run.results_dir)
     device = resolve_device(cfg.run.device)
     print(f"[demo] training {cfg.train.max_steps} steps of a DiT on {device} ({args.config})", flush=True)
+    with RunFolder(cfg):                 # the folder stays this demo's while it samples and draws too
+        demo(cfg, args, out, device)
+
+
+def demo(cfg, args, out, device):
     result = train(cfg)
     t0 = time.perf_counter()
     scores, images, labels, _ = evaluate_checkpoint(result.last_checkpoint, args.n_per_class, device)

@@ -20,7 +20,7 @@ def main(argv=None):
     p.add_argument("--tp-degree", type=int, default=2, help="ranks that share every layer (default 2)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    env = init_from_env(cfg.run.device)
+    env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
     check_tensor_parallel(cfg.model, args.tp_degree, env.world_size)
     strategy = TensorParallelStrategy(env, args.tp_degree)
     result = train(cfg, parallel=strategy, quiet=not env.is_main)

@@ -23,7 +23,7 @@ def main(argv=None):
                         "all-reduced over the data-parallel group only")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    env = init_from_env(cfg.run.device)
+    env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
     check_sequence_parallel(cfg.model, args.sp_degree, env.world_size)
     strategy = UlyssesStrategy(env, args.sp_degree, args.broken)
     result = train(cfg, parallel=strategy, quiet=not env.is_main)

@@ -30,7 +30,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     check_stage(args.stage)           # before any process group exists
-    env = init_from_env(cfg.run.device, launcher="deepspeed --num_gpus N")
+    env = init_from_env(cfg.run.device, launcher="deepspeed --num_gpus N", timeout=cfg.run.dist_timeout)
     strategy = ZeroStrategy(env, args.stage, args.ds_config, args.persistence_threshold, args.bucket_elements)
     hooks = None
     if args.report:

@@ -20,8 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..train import Parallel
-from .dist import build_mesh
+from .dist import DistParallel, build_mesh
 
 
 class DataParallel(nn.Module):
@@ -141,7 +140,7 @@ class DataParallel(nn.Module):
 IMPLS = ("hand", "torch", "naive")
 
 
-class DDPStrategy(Parallel):
+class DDPStrategy(DistParallel):
     """How `dit_core.train` runs under data parallelism: the wrapper, no_sync, the final
     gradient sync, and the all-reduced loss for the log (the mean over the global batch)."""
 
@@ -155,7 +154,7 @@ class DDPStrategy(Parallel):
         # Teaching switches: initialise each rank differently (as code seeding by rank does), and
         # drop the averaging or the initial broadcast, to see what each one protects.
         self.seed_by_rank, self.broken = seed_by_rank or broken == "broadcast", broken
-        self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
+        super().__init__(env)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.seed_by_rank and self.rank > 0:   # rank 0 keeps the seed of the single-process run
@@ -185,14 +184,13 @@ class DDPStrategy(Parallel):
         dist.barrier(group=self.env.group)
 
 
-class MeshStrategy(Parallel):
+class MeshStrategy(DistParallel):
     """Base of the 2-D strategies (Ulysses, tensor parallelism): ranks on a (data-parallel x inner) mesh
     built by `dist.build_mesh`; the hand-written DataParallel synchronises the gradients."""
 
     def __init__(self, env, degree: int, flag: str):
-        self.env = env
+        super().__init__(env)
         self.mesh = build_mesh(env, degree, flag)
-        self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
 
     @property
     def data_rank(self) -> int:
@@ -207,6 +205,3 @@ class MeshStrategy(Parallel):
 
     def finish_gradient_sync(self, model: nn.Module) -> None:
         model.finish_gradient_synchronization()
-
-    def barrier(self) -> None:
-        dist.barrier()

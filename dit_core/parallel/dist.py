@@ -5,14 +5,18 @@ returned `DistEnv` is passed explicitly to whatever needs it (no global state).
 """
 from __future__ import annotations
 
+import datetime
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..engine import Parallel
 
 REQUIRED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -29,13 +33,23 @@ class DistEnv:
     device: torch.device
     backend: str
     group: object = None      # the data-parallel group (None = the default group, all ranks)
+    timeout: float = 300.0    # seconds a collective waits for the other ranks (run.dist_timeout)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_from_env(device: str = "auto", launcher: str = "torchrun --nproc_per_node N") -> DistEnv:
+# The process group's timeout, for the one sentence a timed-out collective becomes (dit_core.errors).
+TIMEOUT = {"seconds": None}
+
+
+def init_from_env(device: str = "auto", launcher: str = "torchrun --nproc_per_node N",
+                  timeout: float = 300.0) -> DistEnv:
+    """Join the process group torchrun (or deepspeed, accelerate) describes in the environment.
+
+    `timeout` (run.dist_timeout) bounds every collective: a rank that stops answering ends the job
+    within it instead of leaving the others waiting forever. A rank whose launcher dies stops too."""
     missing = [k for k in REQUIRED_ENV if k not in os.environ]
     if missing:
         raise LaunchError(f"{', '.join(missing)} not set: this script must be started by a distributed launcher, "
@@ -57,9 +71,86 @@ def init_from_env(device: str = "auto", launcher: str = "torchrun --nproc_per_no
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world,
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout),
                                 **({"device_id": dev} if backend == "nccl" else {}))
-    return DistEnv(rank, world, local, dev, backend)
+    TIMEOUT["seconds"] = timeout
+    watch_launcher()
+    return DistEnv(rank, world, local, dev, backend, timeout=timeout)
+
+
+def watch_launcher(interval: float = 0.5) -> None:
+    """Stop this rank when the process that launched it dies (kill -9 of the torchrun agent): without a
+    supervisor nobody would stop it, and it would train on alone. A daemon thread notices that the
+    parent changed (the orphan is re-parented) within `interval` seconds."""
+    parent = os.getppid()
+    if parent <= 1:
+        return
+
+    def watch():
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                print(f"error: this rank's launcher (pid {parent}) is gone; rank "
+                      f"{os.environ.get('RANK', '?')} stops too.", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
+
+
+def stop_local_peers() -> list[int]:
+    """After a collective timed out: SIGKILL the other ranks this rank's launcher started on this node.
+
+    One of them is stuck (stopped, deadlocked, in an endless loop) and cannot answer a polite signal: a
+    stopped process keeps a SIGTERM pending, so torchrun would wait its 30 s grace period before its own
+    SIGKILL. Ending the siblings now ends the job within run.dist_timeout. (Ranks on other nodes time out
+    in their own collectives and do the same there.) Linux only: elsewhere the launcher's grace applies."""
+    if "LOCAL_RANK" not in os.environ or not os.path.isdir("/proc"):
+        return []
+    me, parent = os.getpid(), os.getppid()
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                is_rank = b"LOCAL_RANK=" in f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and is_rank:
+            try:
+                os.kill(int(entry), 9)
+                killed.append(int(entry))
+            except OSError:
+                pass
+    return killed
+
+
+class DistParallel(Parallel):
+    """Members every multi-process strategy shares: counts summed over all ranks, rank 0's verdict
+    shared, a barrier of all ranks."""
+
+    def __init__(self, env: DistEnv):
+        self.env = env
+        self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().float().clone()
+        dist.all_reduce(t)
+        return t
+
+    def agree(self, error: Exception | None) -> None:
+        from ..errors import user_errors
+        kinds = {k.__name__: k for k in user_errors()}
+        box = [None if error is None else (type(error).__name__, str(error))]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            name, msg = box[0]
+            raise kinds.get(name, ConfigError)(msg)
+
+    def barrier(self) -> None:
+        dist.barrier()
 
 
 def teardown() -> None:

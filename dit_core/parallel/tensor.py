@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
 from ..model import DiT
-from ..train import EMA, CheckpointError, TorchEngine, _torch_load, check_files, read_training_state
+from ..checkpoint import CheckpointError, check_files, foreign, load_state_file, read_training_state, torch_load
+from ..engine import EMA, TorchEngine, apply_schedule
 from .ddp import DataParallel, MeshStrategy
 from .dist import DistEnv, check_degree
 
@@ -217,8 +218,7 @@ def check_tp_layout(folder, state: dict, want: dict) -> None:
     """The optimizer state of a TP checkpoint is one file per rank, sliced for its degree: only the same
     TP degree and world size can resume it (its model.pt and ema.pt are whole and load anywhere)."""
     if "tp_degree" not in state:
-        raise CheckpointError(f"Checkpoint '{folder}' was written without tensor parallelism (its optimizer state "
-                              f"is whole); resume it with the launcher that wrote it, not launchers/tp.py.")
+        raise foreign(folder, state, "launchers/tp.py")
     have = {k: state.get(k) for k in want}
     if have != want:
         raise CheckpointError(
@@ -247,10 +247,11 @@ class TensorParallelEngine(TorchEngine):
         check_tp_layout(folder, read_training_state(folder), self.state_info())
         name = f"optimizer-rank{self.par.rank}.pt"
         check_files(folder, ("model.pt", name))
-        load_full_state_dict(self.model, _torch_load(folder / "model.pt", device))
-        state = _torch_load(folder / name, device)
+        load_full_state_dict(self.model, load_state_file(folder / "model.pt", device))
+        state = torch_load(folder / name, device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_schedule(self.optimizer, self.scheduler, self.cfg, read_training_state(folder)["step"])
 
     def state_info(self) -> dict:
         return {"tp_degree": self.par.mesh.inner_size, "world_size": self.par.world_size}

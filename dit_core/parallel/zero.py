@@ -25,7 +25,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import Config, ConfigError
-from ..train import EMA, CheckpointError, Parallel, _torch_load, build_scheduler, ema_decay
+from ..checkpoint import CheckpointError, foreign, read_training_state, torch_load
+from ..engine import EMA, Accumulating, apply_schedule, build_scheduler, ema_decay, nonfinite_count
+from .dist import DistParallel
 
 STAGES = (0, 1, 2, 3)
 
@@ -146,7 +148,7 @@ class ShardedEMA:
 
 # ---------------------------------------------------------------- the engine
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Accumulating):
     """The members `dit_core.train` calls, on top of `deepspeed.initialize`.
 
     DeepSpeed counts micro-batches itself: `engine.backward` scales the loss by 1/accumulation,
@@ -171,7 +173,7 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, config=self.config, dist_init_required=False,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg))
         self.forward = self.engine
-        self.precision = t.precision
+        self.precision, self.cfg = t.precision, cfg
 
     def micro_step(self, last: bool):
         return contextlib.nullcontext()
@@ -212,11 +214,15 @@ class DeepSpeedEngine:
         # DeepSpeed writes folder/ds/: the module (stages 0-2) and one optimizer partition per rank.
         self.engine.save_checkpoint(str(folder), tag="ds")
 
+    def nonfinite(self) -> torch.Tensor:
+        """Non-finite weights on this rank: its partition under ZeRO-3, the whole module otherwise."""
+        params = list(self.model.parameters())
+        return nonfinite_count([p.ds_tensor for p in params] if self.stage == 3 else params)
+
     def load(self, folder: Path, device: torch.device) -> None:
-        state = json.loads((folder / "training_state.json").read_text())
+        state = read_training_state(folder)
         if state.get("engine") != "deepspeed" or not (folder / "ds").is_dir():
-            raise CheckpointError(f"Checkpoint '{folder}' was not written by DeepSpeed; resume it with the "
-                                  f"launcher that wrote it ({state.get('engine', 'torch')} engine).")
+            raise foreign(folder, state, "launchers/zero.py")
         want, have = self.state_info(), {k: state.get(k) for k in self.state_info()}
         if want != have:
             diff = "; ".join(f"{k}: checkpoint {have[k]!r} vs now {want[k]!r}" for k in want if want[k] != have[k])
@@ -226,15 +232,16 @@ class DeepSpeedEngine:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load '{folder / 'ds'}'; the checkpoint is incomplete.")
+        apply_schedule(self.optimizer, self.scheduler, self.cfg, state["step"])
 
 
-class ZeroStrategy(Parallel):
+class ZeroStrategy(DistParallel):
     def __init__(self, env, stage: int, ds_config_path: str | None = None,
                  persistence_threshold: int | None = None, bucket_elements: int | None = None):
         check_stage(stage)
         self.env, self.stage, self.ds_config_path = env, stage, ds_config_path
         self.persistence_threshold, self.bucket_elements = persistence_threshold, bucket_elements
-        self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
+        super().__init__(env)
 
     def make_engine(self, model: nn.Module, cfg: Config, device: torch.device) -> DeepSpeedEngine:
         return DeepSpeedEngine(model, self, cfg, device)
@@ -243,9 +250,6 @@ class ZeroStrategy(Parallel):
         t = t.detach().float().clone()
         dist.all_reduce(t)
         return t / self.world_size
-
-    def barrier(self) -> None:
-        dist.barrier()
 
 
 # ---------------------------------------------------------------- plain weights from a ZeRO checkpoint
@@ -256,7 +260,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
     optimizer partitions: DeepSpeed's own zero_to_fp32 merges them. Stage 0 stores the module."""
     import shutil
 
-    from ..train import read_training_state
     src, dst = Path(src), Path(dst)
     state = read_training_state(src)
     if state.get("engine") != "deepspeed" or not (src / "ds").is_dir():
@@ -264,7 +267,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
     if dst.exists():
         raise CheckpointError(f"'{dst}' already exists; pass a new folder to write the plain checkpoint into.")
     if state.get("zero_stage", 0) == 0:
-        sd = _torch_load(src / "ds" / "mp_rank_00_model_states.pt", "cpu")["module"]
+        sd = torch_load(src / "ds" / "mp_rank_00_model_states.pt", "cpu")["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         sd = get_fp32_state_dict_from_zero_checkpoint(str(src), tag="ds")
@@ -281,10 +284,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
 
 
 def main(argv=None) -> int:
-    import argparse
-
     from ..errors import run_main
-    p = argparse.ArgumentParser(prog="python -m dit_core.parallel.zero")
+    from ..config import parser
+    p = parser(prog="python -m dit_core.parallel.zero")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="DeepSpeed checkpoint folder -> plain checkpoint folder")
     c.add_argument("src")

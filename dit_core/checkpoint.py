@@ -1,0 +1,257 @@
+"""Checkpoints: written whole or not at all, read back only if they are what they claim to be.
+
+A checkpoint is a folder `checkpoint-<step>/` holding `training_state.json` (step, samples seen, the
+engine that wrote it and the whole config), `ema.pt`, and the engine's own files (`model.pt` +
+`optimizer.pt` for plain PyTorch; a `ds/` folder for DeepSpeed; `accelerate/` for Accelerate; one
+optimizer file per rank for tensor parallelism). It is written into a hidden temporary folder and
+renamed, so a crash leaves either the complete checkpoint or none; weights are checked finite
+before they are written and again when they are read.
+
+What a resume takes from where (docs/faults.md):
+  from the checkpoint   the weights, the optimizer's moments, the loss scaler, the EMA, the step and
+                        the samples seen; the model config (must equal the command line's)
+  must not change       the batches of the determinism contract: train.seed, train.global_batch_size,
+                        train.train_subset and every diffusion.* setting (a resume that changes one
+                        stops with one sentence)
+  from the command line everything else; the learning-rate schedule (train.lr, warmup_steps,
+                        min_lr_ratio, max_steps) and AdamW's betas and weight_decay are recomputed
+                        from it at the resumed step, and each change is printed
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import Config
+from .model import DiT
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, diverged, foreign, or does not match the config."""
+
+
+# Who wrote a checkpoint, and the command that resumes it (training_state.json's "engine").
+WRITERS = {
+    "torch": "python launchers/single.py (or torchrun launchers/ddp.py / launchers/ulysses.py)",
+    "deepspeed": "deepspeed launchers/zero.py --stage {zero_stage} on {world_size} processes",
+    "accelerate": "accelerate launch launchers/accelerate.py",
+    "tensor_parallel": "torchrun --nproc_per_node {world_size} launchers/tp.py --tp-degree {tp_degree}",
+}
+
+
+def writer(state: dict) -> str:
+    """The engine that wrote a checkpoint (tensor-parallel checkpoints say so by their layout)."""
+    return "tensor_parallel" if "tp_degree" in state else state.get("engine", "torch")
+
+
+def foreign(folder: Path, state: dict, reader: str) -> CheckpointError:
+    """The one sentence for a checkpoint another launcher wrote: what it is and what reads it."""
+    kind = writer(state)
+    cmd = WRITERS.get(kind, kind).format(**{k: state.get(k, "?") for k in ("zero_stage", "world_size", "tp_degree")})
+    extra = {"deepspeed": f"; python -m dit_core.parallel.zero convert {folder} {folder}-plain makes plain weights",
+             "accelerate": "; its model.pt and ema.pt are plain weights that python -m dit_core.evaluate reads",
+             "tensor_parallel": "; its model.pt and ema.pt are whole weights that python -m dit_core.evaluate reads",
+             }.get(kind, "")
+    return CheckpointError(f"Checkpoint '{folder}' was written by a {kind.replace('_', '-')} run, which {reader} "
+                           f"cannot resume; resume it with {cmd}{extra}.")
+
+
+# ---------------------------------------------------------------- reading
+
+def check_files(path: Path, names) -> None:
+    missing = [f for f in names if not (Path(path) / f).exists()]
+    if missing:
+        raise CheckpointError(f"Checkpoint '{path}' lacks {', '.join(missing)}; it is incomplete: "
+                              f"pick another checkpoint-<step> folder.")
+
+
+def read_training_state(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"Checkpoint '{path}' is not a folder; pass a checkpoint-<step> folder "
+                              f"written by a launcher (e.g. results/run/checkpoint-1000).")
+    check_files(path, ("training_state.json", "ema.pt"))
+    try:
+        state = json.loads((path / "training_state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"'{path / 'training_state.json'}' is not valid JSON; the checkpoint is "
+                              f"corrupt: pick another one.") from None
+    for key, kind in (("step", int), ("samples_seen", int), ("config", dict)):
+        if not isinstance(state, dict) or not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise CheckpointError(f"'{path / 'training_state.json'}' has no valid '{key}'; the checkpoint is "
+                                  f"corrupt or not this project's: pick another one.")
+    if state["step"] < 0:
+        raise CheckpointError(f"'{path / 'training_state.json'}' says step {state['step']}; the checkpoint is "
+                              f"corrupt: pick another one.")
+    return state
+
+
+def torch_load(file: Path, map_location):
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"'{file}' cannot be read ({e.__class__.__name__}); the checkpoint is "
+                              f"corrupt or truncated: pick another one.") from None
+
+
+def nonfinite_entries(sd: dict) -> list[str]:
+    return [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(sd: dict, file: Path) -> dict:
+    bad = nonfinite_entries(sd)
+    if bad:
+        raise CheckpointError(f"'{file}' holds non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}):"
+                              f" that run had diverged; resume from an earlier checkpoint.")
+    return sd
+
+
+def load_state_file(file: Path, map_location="cpu") -> dict:
+    """A weights file (model.pt, ema.pt): readable, a state dict, and finite."""
+    sd = torch_load(file, map_location)
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"'{file}' is not a state dict; the checkpoint is corrupt: pick another one.")
+    return check_finite(sd, file)
+
+
+def check_model_config(state: dict, cfg: Config, path: Path) -> None:
+    saved = state.get("config", {}).get("model", {})
+    now = cfg.to_dict()["model"]
+    diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if diff:
+        raise CheckpointError(f"Checkpoint '{path}' was trained with a different model ({'; '.join(diff)}); "
+                              f"use the config it was trained with.")
+
+
+# The settings that decide the batches (and the objective) of every step: a resume keeps them.
+FIXED_ON_RESUME = [("train", "seed"), ("train", "global_batch_size"), ("train", "train_subset"),
+                   *(("diffusion", k) for k in ("schedule", "timesteps", "beta_start", "beta_end", "loss",
+                                                "label_dropout"))]
+# The settings a resume recomputes from the command line, at the resumed step.
+SCHEDULE_ON_RESUME = [("train", k) for k in ("lr", "warmup_steps", "min_lr_ratio", "max_steps", "betas",
+                                             "weight_decay")]
+
+
+def check_resume(state: dict, cfg: Config, path: Path) -> list[str]:
+    """Stop if the command line changes what a resume must keep; return the schedule changes it makes."""
+    check_model_config(state, cfg, path)
+    saved, now = state["config"], cfg.to_dict()
+    for sec, key in FIXED_ON_RESUME:
+        was = saved.get(sec, {}).get(key)
+        if was is not None and was != now[sec][key]:
+            raise CheckpointError(
+                f"--resume '{path}' was trained with {sec}.{key}={was!r}, but this run asks for {now[sec][key]!r}; "
+                f"a resume keeps the batches and the objective of the run it continues: drop that change, or "
+                f"start a new run in another --results-dir.")
+    changes = []
+    for sec, key in SCHEDULE_ON_RESUME:
+        was = saved.get(sec, {}).get(key)
+        if was is not None and was != now[sec][key]:
+            changes.append(f"{sec}.{key} {was!r} -> {now[sec][key]!r}")
+    return changes
+
+
+def load_model_weights(path: str | Path, model: nn.Module, file: str = "model.pt") -> None:
+    path = Path(path)
+    if not (path / file).is_file() and file == "model.pt" and (path / "ds").is_dir():
+        raise CheckpointError(f"'{path}' is a DeepSpeed checkpoint without plain weights; convert it first: "
+                              f"python -m dit_core.parallel.zero convert {path} {path}-plain")
+    check_files(path, (file,))
+    sd = load_state_file(path / file)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"'{path / file}' does not fit this model ({first}); "
+                              f"use the config it was trained with.") from None
+
+
+def model_from_checkpoint(path: str | Path, device="cpu", ema: bool = True) -> tuple[DiT, Config]:
+    """Rebuild the DiT a checkpoint was trained with and load its (EMA) weights."""
+    from .config import ConfigError, load_config
+
+    state = read_training_state(path)
+    overrides = {f"{s}.{k}": v for s, body in state["config"].items() if isinstance(body, dict)
+                 for k, v in body.items()}
+    try:
+        cfg = load_config(None, overrides)
+    except ConfigError as e:
+        raise CheckpointError(f"Checkpoint '{path}' holds a config this version cannot read ({e})") from None
+    model = DiT(cfg.model)
+    load_model_weights(path, model, "ema.pt" if ema else "model.pt")
+    return model.to(device).eval(), cfg
+
+
+# ---------------------------------------------------------------- writing
+
+def checkpoint_steps(folder: Path) -> list[int]:
+    """Steps of the complete checkpoints in a results folder (hidden temporary folders are not)."""
+    out = []
+    for p in Path(folder).glob("checkpoint-*"):
+        tail = p.name.split("-", 1)[1]
+        if tail.isdigit() and (p / "training_state.json").is_file():
+            out.append(int(tail))
+    return sorted(out)
+
+
+def save_checkpoint(results_dir: str | Path, step: int, engine, ema, cfg: Config, samples_seen: int,
+                    par=None) -> Path | None:
+    """Write checkpoint-<step>/ into a hidden temporary folder, then rename: never half-written.
+
+    Every rank calls this. Rank 0 writes the EMA and the training state; the engine's files come
+    from rank 0 alone (full weights) or, under DeepSpeed and tensor parallelism, from every rank.
+    The caller has checked the weights finite (`train` does at every read-back); the EMA is checked
+    here. The final name never exists already: the run folder's rules (dit_core.rundir) remove or
+    refuse later checkpoints before a run starts, so a rename never has to replace one."""
+    from .engine import Parallel
+    par = par or Parallel()
+    final = Path(results_dir) / f"checkpoint-{step}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        if par.is_main:
+            if final.exists():
+                raise CheckpointError(f"'{final}' already exists; another run writes into '{results_dir}': "
+                                      f"give each run its own --results-dir.")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        ema_sd = ema.state_dict()            # a collective when the EMA is sharded (ZeRO-3, TP)
+        if engine.saves_on_every_rank:
+            par.barrier()                    # the folder exists before anyone writes into it
+            engine.save(tmp)
+            par.barrier()                    # every partition is on disk before the rename
+        elif par.is_main:
+            engine.save(tmp)
+        if not par.is_main:
+            return None
+        check_finite(ema_sd, tmp / "ema.pt")
+        torch.save(ema_sd, tmp / "ema.pt")
+        (tmp / "training_state.json").write_text(json.dumps(
+            {"step": step, "samples_seen": samples_seen, "engine": engine.name, **engine.state_info(),
+             "config": cfg.to_dict()}, indent=1))
+        _fsync_tree(tmp)
+        os.rename(tmp, final)
+        return final
+    except OSError as e:
+        if par.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = checkpoint_steps(Path(results_dir))
+        keep = f"checkpoint-{latest[-1]} is the latest complete one" if latest else "no checkpoint was kept"
+        why = "the disk is full" if e.errno == errno.ENOSPC else f"{e.strerror or e.__class__.__name__}"
+        raise CheckpointError(f"Writing '{final}' failed ({why}); nothing half-written was left and {keep}: "
+                              f"free space or fix the folder, then resume.") from None
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush the new files to disk before the rename makes them the checkpoint (a power cut then keeps
+    either the old state or the whole new one)."""
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

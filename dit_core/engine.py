@@ -1,0 +1,308 @@
+"""Who does a step's backward and optimizer work: the `Parallel` seam a strategy plugs into, and the
+plain-PyTorch engine (backward, gradient sync, clipping, AdamW, the LR schedule, the EMA, its files).
+
+A strategy is a `Parallel` (which slice of the global batch a rank sees, how the loss is reduced, how
+the gradient norm is clipped) plus the engine its `make_engine` returns. DeepSpeed (parallel/zero.py)
+and tensor parallelism (parallel/tensor.py) bring their own engines with the same members.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointError, check_files, foreign, load_model_weights, read_training_state, torch_load
+from .config import Config, ConfigError
+from .diffusion import Diffusion
+from .model import DiT, sdpa_attention
+
+
+class Parallel:
+    """Single process. Parallel strategies (dit_core.parallel.*) provide the same few members."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None   # None: from run.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which slice of the global batch this rank trains on. Ranks that split one sample's work
+        (sequence or tensor parallelism) share a data rank."""
+        return self.rank
+
+    @property
+    def data_world_size(self) -> int:
+        return self.world_size
+
+    def loss(self, diffusion: Diffusion, model, x0, y, t, noise, drop) -> torch.Tensor:
+        """This rank's loss of one micro-batch (sequence parallelism: its share of it)."""
+        return diffusion.loss(model, x0, y, t, noise, drop)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def no_sync(self, model: nn.Module):
+        """Context for micro-steps whose gradients must not be synchronised yet."""
+        return contextlib.nullcontext()
+
+    def finish_gradient_sync(self, model: nn.Module) -> None:
+        """Called after the last backward of a step, before clipping and the optimizer."""
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        """Clip to the norm of the whole model's gradient; returns the norm before clipping. (Tensor
+        parallelism overrides it: there each rank holds only slices of some gradients.)"""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def barrier(self) -> None:
+        """Wait for every rank (checkpoints written by several ranks)."""
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank (counts: non-finite weights)."""
+        return t
+
+    def agree(self, error: Exception | None) -> None:
+        """Every rank learns rank 0's verdict: rank 0 found `error` (or None), and every rank raises it,
+        so a bad input stops all ranks with the same sentence instead of leaving them waiting."""
+        if error is not None:
+            raise error
+
+    def make_engine(self, model: nn.Module, cfg: Config, device: torch.device) -> "TorchEngine":
+        """Who does backward and the optimizer step. DeepSpeed hands back its own engine."""
+        return TorchEngine(model, self, cfg, device)
+
+
+def compiled(fn, mode: str):
+    """torch.compile with the config's mode ("none": the function itself)."""
+    return fn if mode == "none" else torch.compile(fn, mode=mode)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device='cuda' but no CUDA GPU is visible; use --device cpu or --device auto.")
+    return torch.device(name)
+
+
+def autocast_ctx(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine down to min_ratio at max_steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def ema_decay(decay: float, num_updates: int) -> float:
+    # Warm-up the decay so short runs still average mostly trained weights.
+    return min(decay, (1 + num_updates) / (10 + num_updates))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, num_updates: int) -> None:
+    d = ema_decay(decay, num_updates)
+    pairs = [(e, p.detach().to(e.dtype)) for e, p in zip(ema.parameters(), model.parameters())]
+    if pairs:
+        # One multi-tensor kernel instead of one launch per parameter (same lerp, element by element).
+        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - d)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+# ---------------------------------------------------------------- the optimizer side
+
+class EMA:
+    """Exponential moving average of the weights, kept whole on every rank."""
+
+    def __init__(self, model: nn.Module):
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
+        if isinstance(self.module, DiT):
+            # The EMA is read alone (sampling, evaluation), never inside the parallel step:
+            # plain attention, whatever the training model had swapped in.
+            self.module.set_attention(sdpa_attention)
+
+    def update(self, model: nn.Module, decay: float, num_updates: int) -> None:
+        ema_update(self.module, model, decay, num_updates)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.module.load_state_dict(sd)
+
+
+class Accumulating:
+    """How one optimizer step's micro-batches run: one after another, forward then backward each
+    (gradient accumulation, 梯度累积). A pipeline engine replaces this: its schedule interleaves the
+    forwards and backwards of many micro-batches across stages, so it takes them all at once."""
+
+    def run_step(self, step: int, micro_batches: list, loss_fn, hooks) -> torch.Tensor:
+        """`micro_batches`: (x0, y, batch) per accumulation step, on the device. Returns the sum of
+        their losses (each the mean over its micro-batch)."""
+        loss_sum = None
+        for micro, (x0, y, b) in enumerate(micro_batches):
+            with self.micro_step(last=micro == len(micro_batches) - 1):
+                with autocast_ctx(self.autocast, x0.device):
+                    loss = loss_fn(x0, y, b.t, b.noise, b.drop)
+                self.backward(loss)
+            hooks.after_backward(step, micro, self)
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        return loss_sum
+
+
+class TorchEngine(Accumulating):
+    """Backward, gradient sync, clipping, optimizer and LR step, checkpoint files: plain PyTorch.
+
+    `dit_core.parallel.zero` provides the same members on top of a DeepSpeed engine, which
+    owns all of these jobs itself (accumulation, clipping, partitioned optimizer state).
+    """
+
+    name = "torch"
+    saves_on_every_rank = False      # DeepSpeed: every rank writes its own partition
+
+    def __init__(self, model: nn.Module, par: Parallel, cfg: Config, device: torch.device):
+        t = cfg.train
+        self.model, self.par, self.cfg = model, par, cfg
+        self.autocast = t.precision      # fp32 params, bf16/fp16 matmuls (DeepSpeed casts the model instead)
+        self.optimizer, self.scheduler = build_optimizer(model, cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+        self.accum = t.grad_accum
+        self.clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.wrapped = par.wrap(model)
+        self.forward = compiled(self.wrapped, t.compile_mode) if t.compile else self.wrapped
+
+    def micro_step(self, last: bool):
+        """Context of one micro-batch's forward and backward: only the last one synchronises."""
+        return contextlib.nullcontext() if last else self.par.no_sync(self.wrapped)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Each micro-batch is 1/accum of this rank's share: the gradient of the mean.
+        scaled = loss / self.accum
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self) -> torch.Tensor:
+        """Synchronise, clip, step, zero, schedule; returns the gradient norm before clipping (a
+        tensor: reading it would make the host wait for the GPU, so the loop reads it at log steps)."""
+        self.par.finish_gradient_sync(self.wrapped)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = self.par.clip_grad_norm_(self.params, self.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm.detach()
+
+    def make_ema(self) -> EMA:
+        return EMA(self.model)
+
+    def update_ema(self, ema: EMA, decay: float, num_updates: int) -> None:
+        ema.update(self.model, decay, num_updates)
+
+    def state_info(self) -> dict:
+        return {}
+
+    def save(self, folder: Path) -> None:
+        torch.save(unwrap(self.model).state_dict(), folder / "model.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None},
+                   folder / "optimizer.pt")
+
+    def load(self, folder: Path, device: torch.device) -> None:
+        state = read_training_state(folder)
+        if writer_of(state) != "torch":
+            raise foreign(folder, state, "this launcher")
+        if state.get("converted_from"):
+            raise CheckpointError(f"Checkpoint '{folder}' holds plain weights converted from the DeepSpeed checkpoint "
+                                  f"'{state['converted_from']}', without optimizer state; python -m dit_core.evaluate "
+                                  f"reads it, and launchers/zero.py resumes the original.")
+        check_files(folder, ("model.pt", "optimizer.pt"))
+        load_model_weights(folder, self.model)
+        opt_state = torch_load(folder / "optimizer.pt", device)
+        try:
+            self.optimizer.load_state_dict(opt_state["optimizer"])
+            self.scheduler.load_state_dict(opt_state["scheduler"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"'{folder / 'optimizer.pt'}' does not fit this model's optimizer "
+                                  f"({e.__class__.__name__}); use the config it was trained with.") from None
+        if self.scaler is not None and opt_state.get("scaler"):
+            self.scaler.load_state_dict(opt_state["scaler"])
+        apply_schedule(self.optimizer, self.scheduler, self.cfg, read_training_state(folder)["step"])
+
+    def nonfinite(self) -> torch.Tensor:
+        """How many of this rank's weights are not finite (0-dim tensor; read with the step's loss)."""
+        return nonfinite_count(self.params)
+
+
+def nonfinite_count(params) -> torch.Tensor:
+    params = [p.detach() for p in params if p.numel()]
+    if not params:
+        return torch.zeros(())
+    return torch.stack([(~torch.isfinite(p)).sum() for p in params]).sum().float()
+
+
+def writer_of(state: dict) -> str:
+    from .checkpoint import writer
+    return writer(state)
+
+
+def apply_schedule(optimizer, scheduler, cfg: Config, step: int) -> None:
+    """After loading an optimizer and scheduler: the command line's lr, schedule, betas and weight decay
+    take effect at `step`, as if the run had used them from the start. (LambdaLR's state holds its
+    base rates, and AdamW's param groups their lr, betas and decay: loaded as they were, they would
+    silently override the command line.) Unchanged settings give bitwise the rates of the checkpoint."""
+    t = cfg.train
+    scheduler.base_lrs = [t.lr for _ in optimizer.param_groups]
+    lrs = [t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.min_lr_ratio) for _ in optimizer.param_groups]
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["initial_lr"], g["lr"] = t.lr, lr
+        g["betas"], g["weight_decay"] = tuple(t.betas), t.weight_decay
+    scheduler._last_lr = lrs
+
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device):
+    t = cfg.train
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                            **({"fused": True} if fused else {}))
+    return opt, build_scheduler(opt, cfg)
+
+
+def build_scheduler(optimizer, cfg: Config):
+    t = cfg.train
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+
+

@@ -1,0 +1,155 @@
+"""A results folder belongs to one run.
+
+Rank 0 takes an exclusive lock on `<results_dir>/.lock` (an OS file lock: it dies with the process,
+so a crash never leaves a stale lock) before the run writes anything, and holds it for the run's
+life. Then, still before anything is written:
+
+* a new run (no --resume) into a folder that holds another run's log or checkpoints stops, naming
+  the two ways on, unless --overwrite says to discard that run;
+* a resume truncates the log to the steps before the resumed one (a new file renamed over the old),
+  so however often a run crashes and resumes, its log holds one row per step; checkpoints later than
+  the resumed one belong to the future the resume discards: they stop the run unless --overwrite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from .checkpoint import checkpoint_steps
+from .config import Config, ConfigError
+
+try:
+    import fcntl
+except ImportError:            # Windows: no advisory locks; the folder checks still run
+    fcntl = None
+
+_HELD: dict[str, list] = {}    # resolved folder -> [open lock file, holds]; one process may nest holds
+
+
+class RunFolder:
+    def __init__(self, cfg: Config):
+        run = cfg.run
+        self.dir = Path(run.results_dir)
+        self.log = Path(run.log_jsonl) if run.log_jsonl else self.dir / "log.jsonl"
+        self.resume = Path(run.resume) if run.resume else None
+        self.overwrite = run.overwrite
+        self.key = None
+
+    # ------------------------------------------------------------ the lock
+    def lock(self) -> "RunFolder":
+        """Take (or, in the same process, re-enter) the folder's lock; one sentence if another run has it."""
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ConfigError(f"--results-dir '{self.dir}' is a file, not a folder; pass a folder path.")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--results-dir '{self.dir}' cannot be created ({e.strerror}); pass a folder you can "
+                              f"write to.") from None
+        if not os.access(self.dir, os.W_OK):
+            raise ConfigError(f"--results-dir '{self.dir}' is not writable; pass a folder you can write to.")
+        if self.log.is_dir():
+            raise ConfigError(f"--log-jsonl '{self.log}' is a folder; give a file path (default: "
+                              f"<results-dir>/log.jsonl).")
+        self.key = str(self.dir.resolve())
+        if self.key in _HELD:
+            _HELD[self.key][1] += 1
+            return self
+        f = open(self.dir / ".lock", "a+")
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise ConfigError(f"--results-dir '{self.dir}' is in use by another run ({holder}); wait for it "
+                                  f"to finish, or give this run another --results-dir.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{' '.join(sys.argv)[:300]}\n")
+        f.flush()
+        _HELD[self.key] = [f, 1]
+        return self
+
+    def release(self) -> None:
+        if self.key is None or self.key not in _HELD:
+            return
+        held = _HELD[self.key]
+        held[1] -= 1
+        if held[1] == 0:
+            held[0].close()           # closing the file releases the lock
+            del _HELD[self.key]
+        self.key = None
+
+    def __enter__(self) -> "RunFolder":
+        return self.lock()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # ------------------------------------------------------------ what is already there
+    def _log_steps(self) -> list[int]:
+        return [r["step"] for r in _read_rows(self.log)] if self.log.is_file() else []
+
+    def prepare(self, start: int) -> None:
+        """Decide what happens to what the folder holds, then make it so (rank 0, holding the lock).
+        `start` is the resumed step (0 for a new run). Nothing is touched before every check passed."""
+        steps = checkpoint_steps(self.dir)
+        logged = self._log_steps()
+        inside = self.resume is not None and self.resume.resolve().parent == self.dir.resolve()
+        if self.resume is None or not inside:
+            held = ([f"{self.log.name} with {len(logged)} steps"] if logged else []) + \
+                   [f"checkpoint-{s}" for s in steps]
+            if held and not self.overwrite:
+                way = f"resume it (--resume {self.dir / f'checkpoint-{steps[-1]}'}), " if steps else ""
+                raise ConfigError(f"--results-dir '{self.dir}' already holds another run ({', '.join(held)}); "
+                                  f"{way}give this run another --results-dir, or pass --overwrite to discard it.")
+            discard = steps
+        else:
+            later = [s for s in steps if s > start]
+            if later and not self.overwrite:
+                raise ConfigError(
+                    f"--results-dir '{self.dir}' holds checkpoint-{later[-1]}, later than the resumed "
+                    f"checkpoint-{start}; resume the latest (--resume {self.dir / f'checkpoint-{steps[-1]}'}), "
+                    f"or pass --overwrite to discard the steps after {start}.")
+            discard = later
+        for s in discard:
+            shutil.rmtree(self.dir / f"checkpoint-{s}")
+        for p in self.dir.glob(".checkpoint-*"):       # what a crash during a checkpoint left behind
+            shutil.rmtree(p, ignore_errors=True)
+        if self.resume is None or not inside:
+            shutil.rmtree(self.dir / "tb", ignore_errors=True)
+        truncate_log(self.log, start)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The log's rows; a torn last line (a crash while writing it) is dropped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and isinstance(r.get("step"), int):
+            rows.append(r)
+    return rows
+
+
+def truncate_log(path: Path, start: int) -> None:
+    """Keep the rows of steps before `start` (all of them once each), atomically: write a new file,
+    then rename it over the old one, so a crash here leaves one of the two, both whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    if path.is_file() and start > 0:
+        for r in _read_rows(path):
+            if r["step"] < start:
+                rows[r["step"]] = r
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(rows[s]) + "\n" for s in sorted(rows)))
+    os.replace(tmp, path)

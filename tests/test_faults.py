@@ -1,0 +1,362 @@
+"""The fault bank: bad input, crashes, two runs on one folder, a stuck rank, a dead agent, divergence.
+
+Every case asserts what survives (the files, the log, the other run), not only that something failed.
+docs/faults.md states the guarantees these tests hold the code to.
+"""
+import errno
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, launcher_flags
+from dit_core.errors import run_main
+from dit_core.logs import read_jsonl
+
+
+def load_launcher(name):
+    spec = importlib.util.spec_from_file_location(f"launcher_{name}", ROOT / "launchers" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SINGLE = load_launcher("single")
+
+
+def single(argv, capsys):
+    """launchers/single.py in this process: (exit code, stderr lines)."""
+    capsys.readouterr()
+    try:
+        run_main(SINGLE.main, [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
+           if line.strip() and not line.startswith("train:")]          # the progress bar is not a message
+    return code, err
+
+
+def flags(steps=4, **over):
+    return launcher_flags(steps, **{"train.ckpt_every": 2, **over})
+
+
+def popen(script, args, nproc=None, **kw):
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc else [sys.executable]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    return subprocess.Popen(base + [str(ROOT / script)] + [str(a) for a in args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def wait_for(cond, timeout=120, every=0.005):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(every)
+    return False
+
+
+def rows(path):
+    return read_jsonl(path) if path.is_file() else []
+
+
+def complete(ckpt):
+    return all((ckpt / f).is_file() for f in ("training_state.json", "ema.pt", "model.pt", "optimizer.pt"))
+
+
+# ---------------------------------------------------------------- bad input: one sentence, exit 2
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    """A finished 4-step run, and checkpoints doctored from it."""
+    d = tmp_path_factory.mktemp("good")
+    code = subprocess.run([sys.executable, str(ROOT / "launchers/single.py"), *flags(), "--results-dir", d / "run"],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1"),
+                          capture_output=True, text=True)
+    assert code.returncode == 0, code.stderr
+    ck = d / "run" / "checkpoint-4"
+
+    def doctored(name, edit):
+        import shutil
+        out = d / name / "checkpoint-4"
+        shutil.copytree(ck, out)
+        edit(out)
+        return out
+
+    def nan_weights(p):
+        sd = torch.load(p / "model.pt")
+        next(iter(sd.values())).view(-1)[0] = float("nan")
+        torch.save(sd, p / "model.pt")
+
+    def state(**change):
+        def edit(p):
+            s = json.loads((p / "training_state.json").read_text())
+            for k, v in change.items():
+                if v is None:
+                    s.pop(k)
+                else:
+                    s[k] = v
+            (p / "training_state.json").write_text(json.dumps(s))
+        return edit
+
+    def deepspeed(p):
+        state(engine="deepspeed", zero_stage=2, world_size=2)(p)
+        (p / "ds").mkdir()
+
+    return {"dir": d, "ckpt": ck, "nan": doctored("nan", nan_weights), "nostep": doctored("nostep", state(step=None)),
+            "ds": doctored("ds", deepspeed), "acc": doctored("acc", state(engine="accelerate")),
+            "tp": doctored("tp", state(tp_degree=2, world_size=4))}
+
+
+BAD = {  # case -> (extra argv (callable of the good_run fixture and a tmp folder), words the sentence holds)
+    "steps inf": (lambda g, t: ["--set", "train.warmup_steps=inf"], ["train.warmup_steps=", "not finite"]),
+    "seed -1": (lambda g, t: ["--seed", "-1"], ["train.seed=-1", "must be in [0"]),
+    "lr true": (lambda g, t: ["--set", "train.lr=true"], ["train.lr=True", "not a number"]),
+    "3 channels": (lambda g, t: ["--set", "model.in_channels=3"], ["model.in_channels=3", "does not fit the data"]),
+    "11 classes": (lambda g, t: ["--set", "model.num_classes=11"], ["model.num_classes=11", "use 10"]),
+    "empty mlp": (lambda g, t: ["--set", "model.mlp_ratio=0.001"], ["model.mlp_ratio=0.001", "0 hidden units"]),
+    "subset too big": (lambda g, t: ["--set", "train.train_subset=70000"], ["train.train_subset=70000", "60000"]),
+    "bad flag value": (lambda g, t: ["--max-steps", "many"], ["--max-steps", "invalid int value"]),
+    "unknown key": (lambda g, t: ["--set", "train.lrr=1"], ["train.lrr", "valid keys"]),
+    "missing config": (lambda g, t: ["--config", t / "nope.yaml"], ["nope.yaml", "does not exist"]),
+    "results dir is a file": (lambda g, t: ["--results-dir", (t / "f").write_text("x") and t / "f"], ["is a file"]),
+    "log is a folder": (lambda g, t: ["--log-jsonl", t], ["is a folder"]),
+    "resume missing": (lambda g, t: ["--resume", t / "checkpoint-9"], ["not a folder"]),
+    "resume without step": (lambda g, t: ["--resume", g["nostep"]], ["no valid 'step'"]),
+    "resume nan weights": (lambda g, t: ["--resume", g["nan"]], ["non-finite weights", "diverged"]),
+    "resume deepspeed": (lambda g, t: ["--resume", g["ds"]], ["deepspeed run", "launchers/zero.py",
+                                                              "dit_core.parallel.zero convert"]),
+    "resume accelerate": (lambda g, t: ["--resume", g["acc"]], ["accelerate run", "launchers/accelerate.py"]),
+    "resume tensor parallel": (lambda g, t: ["--resume", g["tp"]], ["tensor-parallel run", "--tp-degree 2"]),
+    "resume other seed": (lambda g, t: ["--resume", g["ckpt"], "--seed", "7"], ["train.seed=0", "asks for 7"]),
+    "resume other batch": (lambda g, t: ["--resume", g["ckpt"], "--global-batch-size", "32"],
+                           ["train.global_batch_size=16", "asks for 32"]),
+    "resume other timesteps": (lambda g, t: ["--resume", g["ckpt"], "--set", "diffusion.timesteps=500"],
+                               ["diffusion.timesteps=1000"]),
+    "resume past the end": (lambda g, t: ["--resume", g["ckpt"], "--max-steps", "2"], ["past train.max_steps"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_sentence_and_leaves_nothing(case, good_run, tmp_path, capsys):
+    extra, words = BAD[case]
+    argv = flags(6) + ["--results-dir", tmp_path / "out"] + extra(good_run, tmp_path)
+    before = sorted(p.name for p in good_run["ckpt"].iterdir())
+    code, err = single(argv, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:"), err
+    for w in words:
+        assert w in err[0], (w, err[0])
+    out = tmp_path / "out"
+    assert not out.exists() or not [p for p in out.iterdir() if p.name != ".lock"]   # nothing written
+    assert sorted(p.name for p in good_run["ckpt"].iterdir()) == before              # the source untouched
+
+
+# ---------------------------------------------------------------- a results folder belongs to one run
+
+def test_a_folder_with_a_run_refuses_a_new_one_until_overwrite(tmp_path, capsys):
+    d = tmp_path / "run"
+    assert single(flags() + ["--results-dir", d], capsys)[0] == 0
+    log_before, ck = (d / "log.jsonl").read_text(), sorted(p.name for p in d.iterdir())
+    code, err = single(flags(6) + ["--results-dir", d, "--seed", "3"], capsys)
+    assert code == 2 and "already holds another run" in err[0] and "--overwrite" in err[0]
+    assert f"--resume {d / 'checkpoint-4'}" in err[0]
+    assert (d / "log.jsonl").read_text() == log_before and sorted(p.name for p in d.iterdir()) == ck   # untouched
+    assert single(flags(6) + ["--results-dir", d, "--seed", "3", "--overwrite"], capsys)[0] == 0
+    assert [r["step"] for r in rows(d / "log.jsonl")] == list(range(6))
+    assert sorted(p.name for p in d.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert json.loads((d / "checkpoint-4" / "training_state.json").read_text())["config"]["train"]["seed"] == 3
+
+
+def test_resuming_an_older_checkpoint_keeps_the_future_until_overwrite(tmp_path, capsys):
+    d = tmp_path / "run"
+    assert single(flags(6) + ["--results-dir", d], capsys)[0] == 0
+    full = rows(d / "log.jsonl")
+    code, err = single(flags(6) + ["--results-dir", d, "--resume", d / "checkpoint-2"], capsys)
+    assert code == 2 and "checkpoint-6, later than the resumed checkpoint-2" in err[0]
+    assert rows(d / "log.jsonl") == full
+    assert single(flags(6) + ["--results-dir", d, "--resume", d / "checkpoint-2", "--overwrite"], capsys)[0] == 0
+    assert rows(d / "log.jsonl") == full                         # one row per step, the same numbers
+
+
+def test_two_runs_on_one_folder(tmp_path):
+    d = tmp_path / "run"
+    first = popen("launchers/single.py", launcher_flags(400) + ["--results-dir", d])
+    assert wait_for(lambda: len(rows(d / "log.jsonl")) >= 2)
+    second = subprocess.run([sys.executable, str(ROOT / "launchers/single.py"), *launcher_flags(5),
+                             "--results-dir", str(d), "--overwrite"], cwd=ROOT, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert second.returncode == 2 and "in use by another run" in second.stderr
+    assert f"pid {first.pid}" in second.stderr and second.stderr.count("\n") == 1, second.stderr
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert [r["step"] for r in rows(d / "log.jsonl")] == list(range(400))     # the first run's, whole
+    assert json.loads((d / "checkpoint-400" / "training_state.json").read_text())["step"] == 400
+
+
+# ---------------------------------------------------------------- crashes: kill -9, then resume
+
+CRASH = {"model.hidden_size": 64, "model.depth": 4, "model.num_heads": 2, "train.ckpt_every": 1}
+
+
+def test_kill9_in_training_and_in_a_checkpoint_then_resume_equals_the_uninterrupted_run(tmp_path):
+    steps = 30
+    args = launcher_flags(steps, **CRASH)
+    ref = tmp_path / "ref"
+    r = popen("launchers/single.py", args + ["--results-dir", ref])
+    assert r.wait(timeout=300) == 0, r.stderr.read()
+    want = rows(ref / "log.jsonl")
+
+    d = tmp_path / "crashy"
+    run = popen("launchers/single.py", args + ["--results-dir", d])          # 1: killed between checkpoints
+    assert wait_for(lambda: len(rows(d / "log.jsonl")) >= 6 and not list(d.glob(".checkpoint-*")))
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    hits = 0
+    for attempt in range(12):                                                # 2: killed inside a checkpoint write
+        latest = max(int(p.name.split("-")[1]) for p in d.glob("checkpoint-*"))
+        run = popen("launchers/single.py", args + ["--results-dir", d, "--resume", d / f"checkpoint-{latest}"])
+        seen = wait_for(lambda: any(p.name != f".checkpoint-{latest}.tmp" for p in d.glob(".checkpoint-*.tmp"))
+                        or run.poll() is not None, every=0.0005)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        left = list(d.glob(".checkpoint-*.tmp"))
+        hits += bool(left)
+        for ck in d.glob("checkpoint-*"):
+            assert complete(ck), ck                          # every visible checkpoint is whole
+        if hits >= 1 and seen:
+            break
+    assert hits >= 1, "no kill landed inside a checkpoint write"
+    latest = max(int(p.name.split("-")[1]) for p in d.glob("checkpoint-*"))
+    run = popen("launchers/single.py", args + ["--results-dir", d, "--resume", d / f"checkpoint-{latest}"])
+    assert run.wait(timeout=300) == 0, run.stderr.read()
+    got = rows(d / "log.jsonl")
+    assert [x["step"] for x in got] == list(range(steps))    # one row per step after every crash
+    assert got == want                                       # and bitwise the uninterrupted run
+    assert not list(d.glob(".checkpoint-*"))                 # the crash's leftovers were cleaned
+    a, b = (torch.load(x / f"checkpoint-{steps}" / "ema.pt") for x in (ref, d))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_during_a_checkpoint_leaves_the_last_one_whole(tmp_path, capsys, monkeypatch):
+    d = tmp_path / "run"
+    real_save, calls = torch.save, {"n": 0}
+
+    def save(obj, f, *a, **k):
+        calls["n"] += 1
+        if "checkpoint-4" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    code, err = single(flags(6) + ["--results-dir", d], capsys)
+    assert code == 2 and len(err) == 1 and "the disk is full" in err[0] and "checkpoint-2 is the latest" in err[0]
+    assert sorted(p.name for p in d.iterdir() if p.name != ".lock") == ["checkpoint-2", "log.jsonl"]
+    assert complete(d / "checkpoint-2")
+
+
+# ---------------------------------------------------------------- no diverged state saved or trained on
+
+DIVERGE = ["--precision", "fp16", "--set", "train.lr=1e3", "--set", "train.warmup_steps=0", "--set",
+           "train.ckpt_every=5"]
+
+
+def nonfinite_checkpoints(d):
+    bad = []
+    for ck in d.glob("checkpoint-*"):
+        for f in ("model.pt", "ema.pt"):
+            if (ck / f).is_file() and not all(torch.isfinite(v).all() for v in torch.load(ck / f).values()):
+                bad.append(f"{ck.name}/{f}")
+    return bad
+
+
+def test_fp16_divergence_stops_and_saves_nothing_nonfinite(tmp_path, capsys):
+    d = tmp_path / "run"
+    code, err = single(launcher_flags(40) + DIVERGE + ["--results-dir", d], capsys)
+    assert code == 2 and len(err) == 1
+    assert "loss scaler skipped 10 steps in a row" in err[0] and "train.lr=1000" in err[0], err
+    log = rows(d / "log.jsonl")
+    assert len(log) < 40 and not nonfinite_checkpoints(d)
+    # fp32: the first non-finite loss stops, naming the rate that step used
+    code, err = single(launcher_flags(40) + DIVERGE[2:] + ["--results-dir", tmp_path / "fp32"], capsys)
+    assert code == 2 and "became nan" in err[0] and "the rate at that step was" in err[0], err
+    assert not nonfinite_checkpoints(tmp_path / "fp32")
+
+
+def test_fp16_divergence_under_accelerate(tmp_path):
+    d = tmp_path / "acc"
+    r = popen("launchers/accelerate.py", launcher_flags(40) + DIVERGE + ["--results-dir", d])
+    out, err = r.communicate(timeout=300)
+    assert r.returncode == 2 and "error:" in err and "loss scaler skipped" in err, err[-2000:]
+    assert not nonfinite_checkpoints(d)
+
+
+def test_resume_takes_the_command_lines_schedule_and_says_so(tmp_path, capsys):
+    d = tmp_path / "run"
+    assert single(flags(4) + ["--results-dir", d], capsys)[0] == 0
+    code, err = single(flags(6, **{"train.lr": 5e-4}) + ["--results-dir", d, "--resume", d / "checkpoint-4"], capsys)
+    assert code == 0
+    assert any("train.lr 0.001 -> 0.0005" in e and "train.max_steps 4 -> 6" in e for e in err), err
+    from dit_core.engine import lr_factor
+    t = json.loads((d / "checkpoint-6" / "training_state.json").read_text())["config"]["train"]
+    log = rows(d / "log.jsonl")
+    assert [r["step"] for r in log] == list(range(6))
+    assert log[4]["lr"] == 5e-4 * lr_factor(4, t["warmup_steps"], 6, t["min_lr_ratio"])   # recomputed, exactly
+
+
+# ---------------------------------------------------------------- no job hangs
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"       # a zombie has stopped
+    except OSError:
+        return False
+
+
+def children(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path):
+    d = tmp_path / "ddp"
+    job = popen("launchers/ddp.py", launcher_flags(100000) + ["--results-dir", d, "--set", "run.dist_timeout=5"],
+                nproc=2)
+    assert wait_for(lambda: len(rows(d / "log.jsonl")) >= 3)
+    workers = children(job.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        job.wait(timeout=60)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+    took = time.monotonic() - t0
+    err = job.stderr.read()
+    assert job.returncode != 0 and "run.dist_timeout=5" in err, err[-2000:]
+    assert took < 5 + 10, took                                   # the timeout plus a few seconds
+    assert not [w for w in workers if alive(w)]
+
+
+def test_workers_of_a_killed_agent_stop(tmp_path):
+    d = tmp_path / "ddp"
+    job = popen("launchers/ddp.py", launcher_flags(100000) + ["--results-dir", d], nproc=2)
+    assert wait_for(lambda: len(rows(d / "log.jsonl")) >= 3)
+    workers = children(job.pid)
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    stopped = wait_for(lambda: not [w for w in workers if alive(w)], timeout=10)
+    for w in workers:
+        if alive(w):
+            os.kill(w, signal.SIGKILL)
+    assert stopped, "workers trained on without their agent"
+    n = len(rows(d / "log.jsonl"))
+    time.sleep(1)
+    assert len(rows(d / "log.jsonl")) == n                                    # nobody writes any more
