@@ -42,6 +42,7 @@ WRITERS = {
     "deepspeed": "deepspeed launchers/zero.py --stage {zero_stage} on {world_size} processes",
     "accelerate": "accelerate launch launchers/accelerate.py",
     "tensor_parallel": "torchrun --nproc_per_node {world_size} launchers/tp.py --tp-degree {tp_degree}",
+    "pipeline": "torchrun --nproc_per_node {world_size} launchers/pipeline.py --pp-degree {pp_degree}",
 }
 
 
@@ -53,10 +54,12 @@ def writer(state: dict) -> str:
 def foreign(folder: Path, state: dict, reader: str) -> CheckpointError:
     """The one sentence for a checkpoint another launcher wrote: what it is and what reads it."""
     kind = writer(state)
-    cmd = WRITERS.get(kind, kind).format(**{k: state.get(k, "?") for k in ("zero_stage", "world_size", "tp_degree")})
+    cmd = WRITERS.get(kind, kind).format(**{k: state.get(k, "?") for k in ("zero_stage", "world_size", "tp_degree",
+                                                                            "pp_degree")})
     extra = {"deepspeed": f"; python -m dit_core.parallel.zero convert {folder} {folder}-plain makes plain weights",
              "accelerate": "; its model.pt and ema.pt are plain weights that python -m dit_core.evaluate reads",
              "tensor_parallel": "; its model.pt and ema.pt are whole weights that python -m dit_core.evaluate reads",
+             "pipeline": "; its model.pt and ema.pt are whole weights that python -m dit_core.evaluate reads",
              }.get(kind, "")
     return CheckpointError(f"Checkpoint '{folder}' was written by a {kind.replace('_', '-')} run, which {reader} "
                            f"cannot resume; resume it with {cmd}{extra}.")

@@ -57,9 +57,13 @@ class Diffusion:
 
     def loss(self, model, x0, y, t, noise, drop=None) -> torch.Tensor:
         """Mean per-element error between the predicted and the true noise."""
-        eps = model(self.q_sample(x0, t, noise), t, y, drop)
+        return self.error(model(self.q_sample(x0, t, noise), t, y, drop), x0, t, noise)
+
+    def error(self, pred, x0, t, noise) -> torch.Tensor:
+        """The objective on a prediction: apart from `loss` for a pipeline, whose first stage noises the
+        images (q_sample) and whose last stage, holding the prediction, computes this."""
         err = F.mse_loss if self.cfg.loss == "mse" else F.l1_loss
-        return err(eps.float(), noise)
+        return err(pred.float(), noise)
 
     def predict_x0(self, x_t, t, eps):
         return (x_t - self._at(self.sqrt_one_minus_ab, t) * eps) / self._at(self.sqrt_ab, t)

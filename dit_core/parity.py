@@ -9,6 +9,40 @@ from pathlib import Path
 from .logs import LOG_KEYS, JsonlLogger, compare, format_table, max_rel, read_jsonl  # noqa: F401  (the API)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _command(script: str, nproc: int, launcher: str, launch_args=None, module: bool = False) -> list[str]:
+    """How each ecosystem starts `script` (a file of this repository, or with module=True a module)."""
+    import sys
+
+    target = [script] if module else [str(ROOT / script)]
+    if launcher == "python":
+        return [sys.executable, *(["-m"] if module else []), *target]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                *(["-m"] if module else []), *target]
+    from .parallel.dist import free_port
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
+                f"--master_port={free_port()}", *(["--module"] if module else []), *target]
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", f"--num_processes={nproc}",
+                f"--main_process_port={free_port()}", *(launch_args or []), *(["-m"] if module else []), *target]
+    raise ValueError(f"launcher={launcher!r} is not python, torchrun, deepspeed or accelerate.")
+
+
+def _run(cmd: list[str], timeout: int, env: dict | None):
+    import os
+    import subprocess
+
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TQDM_DISABLE="1", **(env or {}))
+    r = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[-4:])} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
 def run_launcher(script: str, args: list[str], nproc: int = 1, log: str | Path | None = None,
                  launcher: str = "torchrun", timeout: int = 900, env: dict | None = None,
                  launch_args: list[str] | None = None) -> list[dict]:
@@ -17,34 +51,34 @@ def run_launcher(script: str, args: list[str], nproc: int = 1, log: str | Path |
 
     Tests and notebooks use this to run the real thing: separate processes, real collectives.
     """
-    import os
-    import subprocess
-    import sys
     import tempfile
 
-    root = Path(__file__).resolve().parents[1]
     log = Path(log) if log else Path(tempfile.mkdtemp(prefix="dit-log-")) / "log.jsonl"
-    if launcher == "python":
-        cmd = [sys.executable, str(root / script)]
-    elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(root / script)]
-    elif launcher == "deepspeed":
-        from .parallel.dist import free_port
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
-               f"--master_port={free_port()}", str(root / script)]
-    elif launcher == "accelerate":
-        from .parallel.dist import free_port
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", f"--num_processes={nproc}",
-               f"--main_process_port={free_port()}", *(launch_args or []), str(root / script)]
-    else:
-        raise ValueError(f"launcher={launcher!r} is not python, torchrun, deepspeed or accelerate.")
-    full_env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", TQDM_DISABLE="1", **(env or {}))
-    r = subprocess.run(cmd + list(args) + ["--log-jsonl", str(log)], cwd=root, env=full_env,
-                       capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[-2:])} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    _run(_command(script, nproc, launcher, launch_args) + [str(a) for a in args] + ["--log-jsonl", str(log)],
+         timeout, env)
     return read_jsonl(log)
+
+
+def run_launchers(script: str, runs: list[list[str]], nproc: int = 1, launcher: str = "torchrun",
+                  timeout: int = 1800, env: dict | None = None) -> list:
+    """Several runs of one launcher in one job: the same processes run `script`'s main(argv) once per
+    argument list (`python -m dit_core.many`), so a table of runs pays the start-up (torch and its
+    compiler stack import in ~8 s on a 2-core CPU, DeepSpeed in ~5 s more) once. Each run is the
+    launcher's own code from its arguments on: its process group, strategy, loop and files.
+    Returns, in order, every run's JSONL log, or the one sentence it stopped with (a str) if its
+    input was bad."""
+    import json
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="dit-many-"))
+    logs = [tmp / f"run{i}.jsonl" for i in range(len(runs))]
+    (tmp / "runs.json").write_text(json.dumps([[str(a) for a in r] + ["--log-jsonl", str(log)]
+                                               for r, log in zip(runs, logs)]))
+    _run(_command("dit_core.many", nproc, launcher, module=True) + [str(ROOT / script), str(tmp / "runs.json")],
+         timeout, env)
+    errors_file = tmp / "runs.json.errors"
+    errors = {int(k): v for k, v in json.loads(errors_file.read_text()).items()} if errors_file.is_file() else {}
+    return [errors[i] if i in errors else read_jsonl(log) for i, log in enumerate(logs)]
 
 
 def main(argv=None) -> int:

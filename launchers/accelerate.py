@@ -66,6 +66,9 @@ def make_accelerator(cfg) -> Accelerator:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device='cuda' but no CUDA GPU is visible; use --device cpu or --device auto.")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed:
+        from dit_core.parallel.zero import skip_inference_kernel_build
+        skip_inference_kernel_build()
     # Every collective is bounded by run.dist_timeout: a rank that stops answering ends the job.
     group = {"timeout": datetime.timedelta(seconds=cfg.run.dist_timeout)}
     TIMEOUT["seconds"] = cfg.run.dist_timeout

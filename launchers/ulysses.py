@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 from dit_core.config import config_from_args, launcher_parser  # noqa: E402
 from dit_core.errors import run_main  # noqa: E402
-from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
+from dit_core.parallel.dist import finish, init_from_env  # noqa: E402
 from dit_core.parallel.ulysses import UlyssesStrategy, check_sequence_parallel  # noqa: E402
 from dit_core.train import train  # noqa: E402
 
@@ -30,9 +30,9 @@ def main(argv=None):
     if env.is_main:
         m = strategy.mesh
         print(f"[Ulysses, DP {m.dp_size} x SP {m.inner_size}, {env.backend}] {result.summary()}")
-    teardown()
-    exit_process(0)
+    return result
 
 
 if __name__ == "__main__":
     run_main(main)
+    finish()          # wait for every rank, close the group, leave

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 from dit_core.config import config_from_args, launcher_parser  # noqa: E402
 from dit_core.errors import run_main  # noqa: E402
-from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
+from dit_core.parallel.dist import finish, init_from_env  # noqa: E402
 from dit_core.parallel.zero import ZeroStrategy, check_stage  # noqa: E402
 from dit_core.train import train  # noqa: E402
 
@@ -39,9 +39,9 @@ def main(argv=None):
     result = train(cfg, parallel=strategy, quiet=not env.is_main, hooks=hooks)
     if env.is_main:
         print(f"[ZeRO-{args.stage}, {env.world_size} x {env.backend}] {result.summary()}")
-    teardown()
-    exit_process(0)
+    return result
 
 
 if __name__ == "__main__":
     run_main(main)
+    finish()          # wait for every rank, close the group, leave

@@ -27,14 +27,15 @@ import os, json, inspect, difflib
 import torch
 import matplotlib.pyplot as plt
 from IPython.display import HTML
-from dit_core.parity import run_launcher, compare, max_rel, format_table
+from dit_core.parity import run_launcher, run_launchers, compare, max_rel, format_table
 from dit_core.plots import parity_curves
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
 STEPS = 8 if SMOKE else 30
 SMALL = ["--config", "configs/tiny.yaml", "--device", "cpu", "--max-steps", str(STEPS), "--global-batch-size", "16",
          "--set", "model.hidden_size=32", "--set", "model.depth=2", "--set", "model.num_heads=2",
-         "--set", "train.train_subset=2048", "--set", "train.warmup_steps=5", "--set", "train.tensorboard=false"]
+         "--set", "train.train_subset=2048", "--set", "train.warmup_steps=5", "--set", "train.tensorboard=false",
+         "--overwrite"]   # the /tmp/ch08 folders are scratch: a re-run replaces them
 os.chdir("..")  # launchers are run from the repository root
 
 
@@ -139,10 +140,14 @@ print("every process's piece of every micro-batch == its shard of the global bat
 # (DeepSpeed ZeRO-2, chapter 07's engine, chosen by the config file alone; the script is unchanged).
 
 # %%
+# (the single-process references run in one job: run_launchers calls launchers/single.py's main once per row; the
+# Accelerate runs each get their own launch, since an Accelerator holds process-wide state)
+single = run_launchers("launchers/single.py", [SMALL + ["--grad-accum", str(a), "--results-dir", f"/tmp/ch08/s{a}"]
+                                               for a in (1, 2)], launcher="python")
 runs = {}
 for a in (1, 2):
     extra = ["--set", f"train.grad_accum={a}"]
-    runs[("single", a)] = run_launcher("launchers/single.py", SMALL + extra + ["--results-dir", f"/tmp/ch08/s{a}"], launcher="python")
+    runs[("single", a)] = single[a - 1]
     runs[("accelerate, torchrun x2", a)] = run_launcher("launchers/accelerate.py", SMALL + extra + ["--results-dir", f"/tmp/ch08/t{a}"], nproc=2)
 runs[("accelerate + ZeRO-2 x2", 2)] = run_launcher("launchers/accelerate.py", SMALL + ["--set", "train.grad_accum=2", "--results-dir", "/tmp/ch08/z"],
                                                    nproc=2, launcher="accelerate", launch_args=["--config_file", "configs/accelerate_zero2.yaml"])

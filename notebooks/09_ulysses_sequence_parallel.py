@@ -33,7 +33,7 @@ import torch
 import matplotlib.pyplot as plt
 from dit_core.config import load_config
 from dit_core.model import DiT
-from dit_core.parity import run_launcher, compare, max_rel, format_table
+from dit_core.parity import run_launcher, run_launchers, compare, max_rel, format_table
 from dit_core.plots import parity_curves
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
@@ -43,7 +43,8 @@ STEPS = 8 if SMOKE else 30
 SMALL = ["--config", "configs/tiny.yaml", "--device", "cpu", "--max-steps", str(STEPS), "--global-batch-size", "16",
          "--set", "model.hidden_size=32", "--set", "model.depth=2", "--set", "model.num_heads=4",
          "--set", "train.train_subset=2048", "--set", "train.warmup_steps=5", "--set", "train.tensorboard=false",
-         "--set", "train.grad_clip=0.3"]
+         "--set", "train.grad_clip=0.3",
+         "--overwrite"]   # the /tmp/ch09 folders are scratch: a re-run replaces them
 os.chdir("..")  # launchers are run from the repository root
 
 
@@ -167,11 +168,14 @@ for impl in ("ours", "deepspeed"):
 # accumulation (梯度累积) 2 as well, and four processes as DP 2 x SP 2.
 
 # %%
+# run_launchers: one job per table of runs (the launcher's main once per row, one start-up).
+single = run_launchers("launchers/single.py", [SMALL + ["--grad-accum", str(acc), "--results-dir", f"/tmp/ch09/s{acc}"]
+                                               for acc in (1, 2)], launcher="python")
+sp = run_launchers("launchers/ulysses.py", [SMALL + ["--grad-accum", str(acc), "--sp-degree", "2", "--results-dir", f"/tmp/ch09/u{acc}"]
+                                            for acc in (1, 2)], nproc=2)
 runs = {}
 for acc in (1, 2):
-    extra = ["--set", f"train.grad_accum={acc}"]
-    runs[("single", acc)] = run_launcher("launchers/single.py", SMALL + extra + ["--results-dir", f"/tmp/ch09/s{acc}"], launcher="python")
-    runs[("SP 2", acc)] = run_launcher("launchers/ulysses.py", SMALL + extra + ["--sp-degree", "2", "--results-dir", f"/tmp/ch09/u{acc}"], nproc=2)
+    runs[("single", acc)], runs[("SP 2", acc)] = single[acc - 1], sp[acc - 1]
 runs[("DP 2 x SP 2", 1)] = run_launcher("launchers/ulysses.py", SMALL + ["--sp-degree", "2", "--results-dir", "/tmp/ch09/dp2sp2"], nproc=4)
 print(format_table(compare(runs[("single", 1)], runs[("SP 2", 1)])[:6], "single", "SP 2"))
 
@@ -207,8 +211,9 @@ parity_curves(runs[("single", 1)], runs[("SP 2", 1)], names=("single process", "
 #   ByteDance-Seed/VeOmni#1115).
 
 # %%
-broken = {b: run_launcher("launchers/ulysses.py", SMALL + ["--sp-degree", "2", "--break", b, "--results-dir", f"/tmp/ch09/{b}"], nproc=2)
-          for b in ("loss-norm", "grad-group")}
+breaks = ("loss-norm", "grad-group")
+broken = dict(zip(breaks, run_launchers("launchers/ulysses.py", [SMALL + ["--sp-degree", "2", "--break", b, "--results-dir", f"/tmp/ch09/{b}"]
+                                                                 for b in breaks], nproc=2)))
 
 # %%
 # NBVAL_CHECK_OUTPUT

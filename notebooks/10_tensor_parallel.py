@@ -25,7 +25,7 @@ import os, json, inspect, subprocess, sys
 import torch
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
-from dit_core.parity import run_launcher, compare, max_rel, format_table
+from dit_core.parity import run_launcher, run_launchers, compare, max_rel, format_table
 from dit_core.plots import parity_curves
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
@@ -35,7 +35,8 @@ STEPS = 8 if SMOKE else 30
 SMALL = ["--config", "configs/tiny.yaml", "--device", "cpu", "--max-steps", str(STEPS), "--global-batch-size", "16",
          "--set", "model.hidden_size=32", "--set", "model.depth=2", "--set", "model.num_heads=4",
          "--set", "train.train_subset=2048", "--set", "train.warmup_steps=5", "--set", "train.tensorboard=false",
-         "--set", "train.grad_clip=0.05"]
+         "--set", "train.grad_clip=0.05",
+         "--overwrite"]   # the /tmp/ch10 folders are scratch: a re-run replaces them
 os.chdir("..")
 
 # %% [markdown]
@@ -123,11 +124,14 @@ print("all-reduces per block and step:", checks["all_reduce_calls"] // 2, "| byt
 # `python -m dit_core.evaluate` reads; each rank also writes its own optimizer slice for an exact resume.
 
 # %%
+# run_launchers: one job per table of runs (the launcher's main once per row, one start-up).
+single = run_launchers("launchers/single.py", [SMALL + ["--grad-accum", str(acc), "--results-dir", f"/tmp/ch10/s{acc}"]
+                                               for acc in (1, 2)], launcher="python")
+tp = run_launchers("launchers/tp.py", [SMALL + ["--grad-accum", str(acc), "--tp-degree", "2", "--results-dir", f"/tmp/ch10/t{acc}"]
+                                       for acc in (1, 2)], nproc=2)
 runs = {}
 for acc in (1, 2):
-    extra = ["--set", f"train.grad_accum={acc}"]
-    runs[("single", acc)] = run_launcher("launchers/single.py", SMALL + extra + ["--results-dir", f"/tmp/ch10/s{acc}"], launcher="python")
-    runs[("TP 2", acc)] = run_launcher("launchers/tp.py", SMALL + extra + ["--tp-degree", "2", "--results-dir", f"/tmp/ch10/t{acc}"], nproc=2)
+    runs[("single", acc)], runs[("TP 2", acc)] = single[acc - 1], tp[acc - 1]
 runs[("DP 2 x TP 2", 1)] = run_launcher("launchers/tp.py", SMALL + ["--tp-degree", "2", "--results-dir", "/tmp/ch10/dp2tp2"], nproc=4)
 print(format_table(compare(runs[("single", 1)], runs[("TP 2", 1)])[:6], "single", "TP 2"))
 

@@ -146,7 +146,8 @@ logs, waits = {}, {}
 for every in (1, 10):
     cfg = load_config("configs/tiny.yaml", {"train.max_steps": STEPS, "train.fast": "on", "train.compile_mode": "none",
                                             "train.log_every": every, "train.train_subset": 2048, "run.device": "cpu",
-                                            "train.tensorboard": False, "run.results_dir": f"/tmp/ch11_read{every}"})
+                                            "train.tensorboard": False, "run.results_dir": f"/tmp/ch11_read{every}",
+                                            "run.overwrite": True})
     hooks = Waits()
     logs[every] = train(cfg, quiet=True, hooks=hooks).losses
     waits[every] = hooks.n

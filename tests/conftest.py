@@ -48,12 +48,53 @@ def launcher_flags(steps: int, **over) -> list[str]:
     return args
 
 
-def single_runs(folder, flags) -> dict:
-    """The reference: `python launchers/single.py` with accumulation 1 and 2; {accum: log}, runs in folder/a<accum>."""
-    from dit_core.parity import run_launcher
-    return {acc: run_launcher("launchers/single.py", flags(**{"train.grad_accum": acc}) +
-                              ["--results-dir", str(folder / f"a{acc}")], launcher="python")
-            for acc in (1, 2)}
+# The flags every multi-process parity test shares, so that one single-process reference serves them all:
+# 4 heads (divisible by 2 for Ulysses and TP, 16 tokens for Ulysses), clipping at 0.05 (below these runs'
+# gradient norms of ~0.17: clipping acts at every step, so each strategy's global norm is exercised).
+PARITY_STEPS = 20
+PARITY = {"model.num_heads": 4, "train.grad_clip": 0.05}
+
+
+def parity_flags(steps: int = PARITY_STEPS, **over) -> list[str]:
+    return launcher_flags(steps, **{**PARITY, **over})
+
+
+def load_launcher(name: str):
+    """A launcher script as a module, to call its main(argv) in this process."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"launcher_{name}", ROOT / "launchers" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_REFERENCES: dict = {}
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """reference(accum=1, steps=20, **over) -> (log, results folder) of `launchers/single.py` with
+    parity_flags: run once per session in this process, on one thread, which is bitwise the run that
+    `python launchers/single.py` makes as a subprocess with OMP_NUM_THREADS=1 (checked below)."""
+    import torch
+    from dit_core.parity import read_jsonl
+
+    single = load_launcher("single")
+
+    def get(accum: int = 1, steps: int = PARITY_STEPS, **over):
+        key = (accum, steps, tuple(sorted(over.items())))
+        if key not in _REFERENCES:
+            d = tmp_path_factory.mktemp("reference")
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                single.main(parity_flags(steps, **{"train.grad_accum": accum, **over}) +
+                            ["--results-dir", str(d), "--log-jsonl", str(d / "log.jsonl")])
+            finally:
+                torch.set_num_threads(threads)
+            _REFERENCES[key] = (read_jsonl(d / "log.jsonl"), d)
+        return _REFERENCES[key]
+    return get
 
 
 def torchrun(script: str, args: list[str], nproc: int = 2):

@@ -7,22 +7,18 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, launcher_flags, single_runs
+from conftest import PARITY_STEPS as STEPS
+from conftest import ROOT, parity_flags
+from dit_core.checkpoint import model_from_checkpoint
 from dit_core.parity import compare, max_rel, run_launcher
-from dit_core.train import model_from_checkpoint
 
-STEPS = 20
 SCRIPT = "launchers/accelerate.py"
-
-
-def flags(**over):
-    return launcher_flags(STEPS, **over)
+flags = parity_flags
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    d = tmp_path_factory.mktemp("single")
-    return {acc: (log, d / f"a{acc}") for acc, log in single_runs(d, flags).items()}
+def single(reference):
+    return {acc: reference(acc) for acc in (1, 2)}
 
 
 def test_one_process_is_the_single_run_exactly(single, tmp_path):
@@ -75,5 +71,5 @@ def test_deepspeed_config_disagreeing_with_project_is_one_sentence(tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
     assert r.returncode != 0
     assert ("error: the Accelerate config's DeepSpeed gradient_clipping=0.5 disagrees with the project config "
-            "(1.0); set it to 1.0 or auto in the YAML.") in r.stderr, r.stderr[-2000:]
+            "(0.05); set it to 0.05 or auto in the YAML.") in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "r").exists()

@@ -5,30 +5,38 @@ import sys
 
 import pytest
 
-from conftest import ROOT, launcher_flags, run_py, single_runs
-from dit_core.parity import compare, max_rel, run_launcher
+from conftest import PARITY_STEPS, ROOT, parity_flags, run_py
+from dit_core.parallel.ddp import IMPLS
+from dit_core.parity import compare, max_rel, run_launchers
 
-STEPS = 24
-
-
-def flags(**over):
-    return launcher_flags(STEPS, **over)
+CASES = [(impl, accum) for impl in IMPLS for accum in (1, 2)]
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    return single_runs(tmp_path_factory.mktemp("single"), flags)
+def ddp_runs(tmp_path_factory):
+    """Every implementation x accumulation, as `torchrun --nproc_per_node 2 launchers/ddp.py --impl I`:
+    six runs of the launcher in one torchrun job (one start-up)."""
+    d = tmp_path_factory.mktemp("ddp")
+    logs = run_launchers("launchers/ddp.py", [parity_flags(**{"train.grad_accum": acc}) + [
+        "--impl", impl, "--results-dir", str(d / f"{impl}{acc}")] for impl, acc in CASES], nproc=2)
+    return dict(zip(CASES, logs))
 
 
-@pytest.mark.parametrize("impl", ["hand", "torch", "naive"])
-@pytest.mark.parametrize("accum", [1, 2])
-def test_two_processes_match_one(single, tmp_path, impl, accum):
-    log = run_launcher("launchers/ddp.py", flags(**{"train.grad_accum": accum}) +
-                       ["--impl", impl, "--results-dir", str(tmp_path)], nproc=2)
-    rows = compare(single[accum], log)
-    assert len(rows) == STEPS
+@pytest.mark.parametrize("impl, accum", CASES)
+def test_two_processes_match_one(ddp_runs, reference, impl, accum):
+    log = ddp_runs[(impl, accum)]
+    rows = compare(reference(accum)[0], log)
+    assert len(rows) == PARITY_STEPS
     assert max_rel(rows) <= 1e-5, max_rel(rows)
-    assert log[-1]["samples_seen"] == STEPS * 16
+    assert log[-1]["samples_seen"] == PARITY_STEPS * 16
+
+
+def test_the_reference_in_process_is_the_launcher_subprocess_bitwise(reference, tmp_path):
+    """The shared reference runs inside pytest (one thread); the launcher as its own process gives the
+    very same numbers, so every parity test compares against `python launchers/single.py` itself."""
+    from dit_core.parity import run_launcher
+    log = run_launcher("launchers/single.py", parity_flags() + ["--results-dir", str(tmp_path)], launcher="python")
+    assert log == reference(1)[0]
 
 
 def test_hand_written_ddp_mechanics(tmp_path):

@@ -4,7 +4,6 @@ Every case asserts what survives (the files, the log, the other run), not only t
 docs/faults.md states the guarantees these tests hold the code to.
 """
 import errno
-import importlib.util
 import json
 import os
 import signal
@@ -15,17 +14,9 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, launcher_flags
+from conftest import ROOT, launcher_flags, load_launcher, parity_flags
 from dit_core.errors import run_main
 from dit_core.logs import read_jsonl
-
-
-def load_launcher(name):
-    spec = importlib.util.spec_from_file_location(f"launcher_{name}", ROOT / "launchers" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 SINGLE = load_launcher("single")
 
@@ -53,6 +44,14 @@ def popen(script, args, nproc=None, **kw):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     return subprocess.Popen(base + [str(ROOT / script)] + [str(a) for a in args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def kill_group(p):
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:          # already gone
+        pass
+    p.wait()
 
 
 def wait_for(cond, timeout=120, every=0.005):
@@ -205,27 +204,22 @@ def test_two_runs_on_one_folder(tmp_path):
 CRASH = {"model.hidden_size": 64, "model.depth": 4, "model.num_heads": 2, "train.ckpt_every": 1}
 
 
-def test_kill9_in_training_and_in_a_checkpoint_then_resume_equals_the_uninterrupted_run(tmp_path):
+def test_kill9_in_training_and_in_a_checkpoint_then_resume_equals_the_uninterrupted_run(tmp_path, reference):
     steps = 30
-    args = launcher_flags(steps, **CRASH)
-    ref = tmp_path / "ref"
-    r = popen("launchers/single.py", args + ["--results-dir", ref])
-    assert r.wait(timeout=300) == 0, r.stderr.read()
-    want = rows(ref / "log.jsonl")
+    args = parity_flags(steps, **CRASH)
+    want, ref = reference(1, steps, **CRASH)               # the uninterrupted run
 
     d = tmp_path / "crashy"
     run = popen("launchers/single.py", args + ["--results-dir", d])          # 1: killed between checkpoints
     assert wait_for(lambda: len(rows(d / "log.jsonl")) >= 6 and not list(d.glob(".checkpoint-*")))
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
+    kill_group(run)
     hits = 0
     for attempt in range(12):                                                # 2: killed inside a checkpoint write
         latest = max(int(p.name.split("-")[1]) for p in d.glob("checkpoint-*"))
         run = popen("launchers/single.py", args + ["--results-dir", d, "--resume", d / f"checkpoint-{latest}"])
         seen = wait_for(lambda: any(p.name != f".checkpoint-{latest}.tmp" for p in d.glob(".checkpoint-*.tmp"))
                         or run.poll() is not None, every=0.0005)
-        os.killpg(run.pid, signal.SIGKILL)
-        run.wait()
+        kill_group(run)
         left = list(d.glob(".checkpoint-*.tmp"))
         hits += bool(left)
         for ck in d.glob("checkpoint-*"):
@@ -293,7 +287,9 @@ def test_fp16_divergence_under_accelerate(tmp_path):
     d = tmp_path / "acc"
     r = popen("launchers/accelerate.py", launcher_flags(40) + DIVERGE + ["--results-dir", d])
     out, err = r.communicate(timeout=300)
-    assert r.returncode == 2 and "error:" in err and "loss scaler skipped" in err, err[-2000:]
+    # Accelerate's fp16 on a CPU has no loss scaler to skip steps: the weight check is what stops it
+    assert r.returncode == 2 and err.count("error:") == 1, err[-2000:]
+    assert "loss scaler skipped" in err or "weights became non-finite" in err, err[-2000:]
     assert not nonfinite_checkpoints(d)
 
 
@@ -337,7 +333,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path):
     try:
         job.wait(timeout=60)
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
+        kill_group(job)
     took = time.monotonic() - t0
     err = job.stderr.read()
     assert job.returncode != 0 and "run.dist_timeout=5" in err, err[-2000:]

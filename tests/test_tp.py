@@ -4,26 +4,30 @@ import json
 import pytest
 import torch
 
-from conftest import launcher_flags, run_py, single_runs, torchrun
+from conftest import PARITY_STEPS as STEPS
+from conftest import load_launcher, parity_flags, torchrun
+from dit_core.checkpoint import CheckpointError, model_from_checkpoint
 from dit_core.config import ConfigError, load_config
 from dit_core.diffusion import Diffusion
 from dit_core.parallel.tensor import check_tensor_parallel
-from dit_core.parity import compare, max_rel, run_launcher
-from dit_core.train import model_from_checkpoint
+from dit_core.parity import compare, max_rel, run_launcher, run_launchers
 
-STEPS = 20
-
-
-def flags(**over):
-    # 4 heads and an MLP of 128 split over 2 ranks; clipping at 0.05 acts at every step, so the
-    # tensor-parallel gradient norm (slices summed over the group) is exercised too.
-    return launcher_flags(STEPS, **{"model.num_heads": 4, "train.grad_clip": 0.05, **over})
+# parity_flags: 4 heads and an MLP of 128 split over 2 ranks; clipping at 0.05 acts at every step, so the
+# tensor-parallel gradient norm (slices summed over the group) is exercised too.
+flags = parity_flags
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    d = tmp_path_factory.mktemp("single")
-    return {acc: (log, d / f"a{acc}") for acc, log in single_runs(d, flags).items()}
+def tp_runs(tmp_path_factory):
+    """TP 2 with accumulation 1 and 2 (checkpoints every 10 steps), then a resume of the first from its
+    step-10 checkpoint: one torchrun job of launchers/tp.py."""
+    d = tmp_path_factory.mktemp("tp")
+    runs = [flags(**{"train.grad_accum": a, "train.ckpt_every": STEPS // 2}) + ["--tp-degree", "2", "--results-dir",
+                                                                              str(d / f"a{a}")] for a in (1, 2)]
+    runs.append(flags() + ["--tp-degree", "2", "--results-dir", str(d / "again"),
+                           "--resume", str(d / "a1" / f"checkpoint-{STEPS // 2}")])
+    a1, a2, again = run_launchers("launchers/tp.py", runs, nproc=2)
+    return {1: (a1, d / "a1"), 2: (a2, d / "a2"), "again": again}
 
 
 def test_tensor_parallel_layers_equal_the_full_layers(tmp_path):
@@ -40,14 +44,13 @@ def test_tensor_parallel_layers_equal_the_full_layers(tmp_path):
 
 
 @pytest.mark.parametrize("accum", [1, 2])
-def test_two_ranks_sharing_every_layer_match_one_process(single, tmp_path, accum):
-    log = run_launcher("launchers/tp.py", flags(**{"train.grad_accum": accum, "train.ckpt_every": STEPS // 2}) +
-                       ["--tp-degree", "2", "--results-dir", str(tmp_path)], nproc=2)
-    ref, ref_dir = single[accum]
+def test_two_ranks_sharing_every_layer_match_one_process(tp_runs, reference, tmp_path, accum):
+    log, run_dir = tp_runs[accum]
+    ref, ref_dir = reference(accum)
     assert len(log) == STEPS and max_rel(compare(ref, log)) <= 1e-5
     assert max(abs(a["grad_norm"] / b["grad_norm"] - 1) for a, b in zip(log, ref)) <= 1e-5
     # The checkpoint holds gathered, single-process weights: it loads as a plain DiT and samples the same digits.
-    ours, cfg = model_from_checkpoint(tmp_path / f"checkpoint-{STEPS}")
+    ours, cfg = model_from_checkpoint(run_dir / f"checkpoint-{STEPS}")
     theirs, _ = model_from_checkpoint(ref_dir / f"checkpoint-{STEPS}")
     d = Diffusion(cfg.diffusion)
     labels = torch.arange(10)
@@ -57,28 +60,26 @@ def test_two_ranks_sharing_every_layer_match_one_process(single, tmp_path, accum
     if accum == 1:
         # Resume from the step-10 checkpoint under the same layout: the same last 10 losses, bit for bit.
         # One process cannot resume it (its optimizer state is sliced per rank): one sentence says how.
-        half, ckpt = STEPS // 2, tmp_path / f"checkpoint-{STEPS // 2}"
-        again = run_launcher("launchers/tp.py", flags() + ["--tp-degree", "2", "--results-dir", str(tmp_path / "again"),
-                                                           "--resume", str(ckpt)], nproc=2)
-        assert [r["loss"] for r in again] == [r["loss"] for r in log[half:]]
-        r = run_py(["launchers/single.py", *flags(), "--results-dir", str(tmp_path / "s"), "--resume", str(ckpt)])
-        assert r.returncode == 2 and "written by launchers/tp.py (--tp-degree 2, 2 processes)" in r.stderr
-        assert "torchrun --nproc_per_node 2 launchers/tp.py --tp-degree 2" in r.stderr
+        half, ckpt = STEPS // 2, run_dir / f"checkpoint-{STEPS // 2}"
+        assert [r["loss"] for r in tp_runs["again"]] == [r["loss"] for r in log[half:]]
+        with pytest.raises(CheckpointError) as e:
+            load_launcher("single").main(flags() + ["--results-dir", str(tmp_path / "s"), "--resume", str(ckpt)])
+        assert "written by a tensor-parallel run" in str(e.value)
+        assert "torchrun --nproc_per_node 2 launchers/tp.py --tp-degree 2" in str(e.value)
 
 
 def test_tensor_parallel_layout_mismatch_is_one_sentence(tmp_path):
     from dit_core.parallel.tensor import check_tp_layout
-    from dit_core.train import CheckpointError
     check_tp_layout(tmp_path, {"tp_degree": 2, "world_size": 4}, {"tp_degree": 2, "world_size": 4})
     with pytest.raises(CheckpointError, match=r"--tp-degree 2 on 2 processes, not 2 on 4.*--nproc_per_node 2"):
         check_tp_layout(tmp_path, {"tp_degree": 2, "world_size": 2}, {"tp_degree": 2, "world_size": 4})
-    with pytest.raises(CheckpointError, match="without tensor parallelism"):
+    with pytest.raises(CheckpointError, match="written by a torch run, which launchers/tp.py cannot resume"):
         check_tp_layout(tmp_path, {"step": 3}, {"tp_degree": 2, "world_size": 2})
 
 
-def test_dp2_x_tp2_matches_one_process(single, tmp_path):
+def test_dp2_x_tp2_matches_one_process(reference, tmp_path):
     log = run_launcher("launchers/tp.py", flags() + ["--tp-degree", "2", "--results-dir", str(tmp_path)], nproc=4)
-    assert max_rel(compare(single[1][0], log)) <= 1e-5
+    assert max_rel(compare(reference(1)[0], log)) <= 1e-5
 
 
 @pytest.mark.parametrize("over,degree,world,expect", [

@@ -161,6 +161,12 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def finish() -> None:
+    """The end of a launched run: every rank done, the group closed, the process gone (exit_process)."""
+    teardown()
+    exit_process(0)
+
+
 def check_batch_split(global_batch: int, world_size: int, accumulation: int) -> None:
     if global_batch % (world_size * accumulation):
         raise ConfigError(

@@ -148,6 +148,18 @@ class ShardedEMA:
 
 # ---------------------------------------------------------------- the engine
 
+def skip_inference_kernel_build() -> None:
+    """On a CPU, DeepSpeed's communication backend compiles a shared-memory all-reduce kernel
+    (deepspeed_shm_comm) the first time it starts: about 90 s on a 2-core machine, once per machine,
+    before the first step. Only DeepSpeed's *inference* all-reduce calls it; training collectives go
+    through torch.distributed (gloo) either way. So the build is skipped; nothing else changes."""
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() == "cpu":
+        import importlib
+        # (by module name: the attribute deepspeed.comm.torch is PyTorch itself, imported by deepspeed.comm)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 class DeepSpeedEngine(Accumulating):
     """The members `dit_core.train` calls, on top of `deepspeed.initialize`.
 
@@ -162,6 +174,7 @@ class DeepSpeedEngine(Accumulating):
     def __init__(self, model: nn.Module, par: "ZeroStrategy", cfg: Config, device: torch.device):
         import deepspeed
 
+        skip_inference_kernel_build()
         t = cfg.train
         self.model, self.par, self.stage = model, par, par.stage
         optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas),

@@ -1,0 +1,589 @@
+"""Pipeline parallelism (流水线并行) by hand: the DiT's blocks split over P stages.
+
+Stage 0 also holds the patch, position, timestep and label embeddings; the last stage the final layer
+and the loss. Between stages travels one packed tensor per micro-batch: the tokens h (B, T, H) and the
+conditioning vector c (B, H) that every block reads, side by side in a (B, T*H + H) buffer. Forward
+sends it to the next stage; backward sends its gradient (dh and dc: the blocks of every later stage add
+to dc) to the previous one. Shapes are known from the config, so the receiver allocates its buffer in
+advance: plain `isend`/`irecv` of tensors, nothing pickled.
+
+A schedule is a list of actions per stage, ("F", m) or ("B", m): `gpipe` runs every forward, then every
+backward; `one_f_one_b` warms up with P - s - 1 forwards, then alternates one forward and one backward,
+so at most P - s micro-batches wait for their backward (GPipe keeps all M). `simulate` replays the
+lists with a cost per action and predicts the bubble; `Executor` runs them for real and, when asked,
+records when each action computed and when it waited.
+
+The loss of the step is the mean over the whole per-pipeline batch: each micro-batch's mean loss is
+divided by M x accumulation before its backward, so the summed gradient is the single process's.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..checkpoint import CheckpointError, check_files, foreign, load_state_file, read_training_state, torch_load
+from ..config import Config, ConfigError
+from ..engine import EMA, TorchEngine, apply_schedule, autocast_ctx
+from ..model import DiT, sdpa_attention
+from .dist import DistEnv, DistParallel, build_mesh, check_degree
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+# ---------------------------------------------------------------- splitting the model
+
+def split_blocks(depth: int, stages: int) -> list[tuple[int, int]]:
+    """[lo, hi) of the blocks of every stage: as even as possible, the first stages take one more."""
+    if stages > depth:
+        raise ConfigError(f"--pp-degree {stages} is more stages than model.depth={depth} blocks; every stage needs "
+                          f"a block: use --pp-degree <= {depth} or a deeper model.")
+    base, extra = divmod(depth, stages)
+    out, lo = [], 0
+    for s in range(stages):
+        hi = lo + base + (1 if s < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+class Stage(nn.Module):
+    """Stage s of P: what of the DiT it holds, and its forward on one micro-batch."""
+
+    def __init__(self, model: DiT, stage: int, stages: int):
+        super().__init__()
+        self.stage, self.stages = stage, stages
+        self.first, self.last = stage == 0, stage == stages - 1
+        self.lo, self.hi = split_blocks(len(model.blocks), stages)[stage]
+        self.cfg, self.grid = model.cfg, model.grid
+        if self.first:
+            self.x_embedder, self.t_embedder, self.y_embedder = model.x_embedder, model.t_embedder, model.y_embedder
+            self.register_buffer("pos_embed", model.pos_embed, persistent=False)
+        self.blocks = nn.ModuleList(model.blocks[self.lo:self.hi])
+        if self.last:
+            self.final_layer = model.final_layer
+        self.unpatchify = model.unpatchify
+        # This rank holds only its stage's weights: the rest of the DiT it was cut from keeps empty tensors.
+        mine = {id(p) for p in self.parameters()}
+        for p in model.parameters():
+            if id(p) not in mine:
+                p.data = p.data.new_empty(0)
+
+    def global_name(self, name: str) -> str:
+        """This stage's parameter name -> the single-process DiT's (blocks are numbered from lo)."""
+        if name.startswith("blocks."):
+            i, rest = name[len("blocks."):].split(".", 1)
+            return f"blocks.{int(i) + self.lo}.{rest}"
+        return name
+
+    def local_state(self, sd: dict) -> dict:
+        """The entries of a whole DiT state dict that this stage holds, under this stage's names."""
+        return {k: sd[self.global_name(k)] for k in self.state_dict()}
+
+    def packed_width(self) -> int:
+        h = self.cfg.hidden_size
+        return self.grid * self.grid * h + h
+
+    def forward(self, x):
+        """First stage: x = (x_t, t, y, drop); later stages: the packed (B, T*H + H) activations.
+        Returns the packed activations, or on the last stage the prediction (B, C, H, W)."""
+        if self.first:
+            x_t, t, y, drop = x
+            h = self.x_embedder(x_t).flatten(2).transpose(1, 2)
+            h = h + self.pos_embed.to(h.dtype)
+            c = self.t_embedder(t) + self.y_embedder(y, drop)
+        else:
+            H = self.cfg.hidden_size
+            h, c = x[:, :-H].view(x.shape[0], -1, H), x[:, -H:]
+        for blk in self.blocks:
+            h = blk(h, c)
+        if self.last:
+            return self.unpatchify(self.final_layer(h, c))
+        # c goes on unchanged: every later block reads it, and its gradient comes back with dh
+        return torch.cat([h.flatten(1).float(), c.float()], dim=1)
+
+
+# ---------------------------------------------------------------- schedules
+
+@dataclass(frozen=True)
+class Action:
+    op: str        # "F" (forward of a micro-batch) or "B" (its backward)
+    mb: int
+
+    def __repr__(self) -> str:
+        return f"{self.op}{self.mb}"
+
+
+def gpipe(stages: int, microbatches: int, stage: int) -> list[Action]:
+    """GPipe: all M forwards, then all M backwards. Every micro-batch's activations live until its backward."""
+    return [Action("F", m) for m in range(microbatches)] + [Action("B", m) for m in range(microbatches)]
+
+
+def one_f_one_b(stages: int, microbatches: int, stage: int) -> list[Action]:
+    """1F1B (PipeDream-flush): P - s - 1 warm-up forwards, then one forward and one backward in turn, then the
+    remaining backwards. A micro-batch's backward starts as soon as the last stage has its loss, so stage s
+    holds at most P - s micro-batches' activations."""
+    warm = min(stages - stage - 1, microbatches)
+    out = [Action("F", m) for m in range(warm)]
+    for i in range(microbatches - warm):
+        out += [Action("F", warm + i), Action("B", i)]
+    out += [Action("B", m) for m in range(microbatches - warm, microbatches)]
+    return out
+
+
+BUILDERS = {"gpipe": gpipe, "1f1b": one_f_one_b}
+
+
+def schedule(name: str, stages: int, microbatches: int) -> list[list[Action]]:
+    """Every stage's action list."""
+    return [BUILDERS[name](stages, microbatches, s) for s in range(stages)]
+
+
+def check_pipeline(cfg: Config, stages: int, world_size: int, microbatches: int, name: str, dp: int) -> None:
+    """Every bad layout is one sentence, before any process waits on another."""
+    check_degree(world_size, stages, "--pp-degree")
+    split_blocks(cfg.model.depth, stages)
+    if name not in SCHEDULES:
+        raise ConfigError(f"--schedule {name} is not one of {', '.join(SCHEDULES)}.")
+    if microbatches < 1:
+        raise ConfigError(f"--microbatches {microbatches} must be at least 1.")
+    per = cfg.train.global_batch_size // dp // cfg.train.grad_accum
+    if cfg.train.global_batch_size % (dp * cfg.train.grad_accum) or per % microbatches:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} gives each of the {dp} pipelines "
+            f"{cfg.train.global_batch_size / dp / cfg.train.grad_accum:g} samples per accumulation step, which "
+            f"--microbatches {microbatches} does not divide; use a batch that is a multiple of "
+            f"{dp * cfg.train.grad_accum * microbatches}.")
+    if name == "1f1b" and microbatches < stages:
+        raise ConfigError(f"--schedule 1f1b needs at least as many micro-batches as stages (--microbatches "
+                          f"{microbatches} < --pp-degree {stages}): its warm-up alone holds {stages - 1}; use "
+                          f"--microbatches {stages} or more, or --schedule gpipe.")
+
+
+def simulate(actions: list[list[Action]], t_forward: float = 1.0, t_backward: float = 2.0) -> dict:
+    """Replay every stage's action list with fixed costs and no communication time: when does each action
+    start and end? F(m) on stage s waits for F(m) on s-1; B(m) waits for B(m) on s+1 (the last stage's B(m)
+    for its own F(m)). Returns the timeline and each stage's bubble (idle share of the whole step)."""
+    P = len(actions)
+    done: dict = {}                     # (op, mb, stage) -> end time
+    clock = [0.0] * P
+    pos = [0] * P
+    timeline = [[] for _ in range(P)]
+    while any(pos[s] < len(actions[s]) for s in range(P)):
+        progressed = False
+        for s in range(P):
+            if pos[s] == len(actions[s]):
+                continue
+            a = actions[s][pos[s]]
+            dep = (("F", a.mb, s - 1) if s > 0 else None) if a.op == "F" else \
+                  (("B", a.mb, s + 1) if s < P - 1 else ("F", a.mb, s))
+            if dep is not None and dep not in done:
+                continue
+            start = max(clock[s], done[dep] if dep else 0.0)
+            end = start + (t_forward if a.op == "F" else t_backward)
+            done[(a.op, a.mb, s)] = end
+            timeline[s].append((a, start, end))
+            clock[s], pos[s], progressed = end, pos[s] + 1, True
+        if not progressed:
+            raise RuntimeError("the schedule deadlocks: some action waits for one that never runs")
+    span = max(clock)
+    busy = [sum(e - b for _, b, e in timeline[s]) for s in range(P)]
+    return {"timeline": timeline, "span": span, "bubble": [1 - b / span for b in busy]}
+
+
+def bubble_formula(stages: int, microbatches: int) -> float:
+    """GPipe's and 1F1B's idle share: (P - 1) / (M + P - 1) (Huang et al. 2019; Narayanan et al. 2021)."""
+    return (stages - 1) / (microbatches + stages - 1)
+
+
+# ---------------------------------------------------------------- running a schedule
+
+class Executor:
+    """Runs one stage's action list over M micro-batches, with the sends and receives it needs.
+
+    After each action, its outputs' sends and the next action's receives go out together in one
+    `batch_isend_irecv` (NCCL needs a send and a receive between the same two GPUs in one group, or each
+    would wait for the other); the stage then waits for them before it computes again."""
+
+    def __init__(self, stage: Stage, pp_group, pp_ranks: list[int], device, timeline: bool = False):
+        self.stage, self.group, self.device = stage, pp_group, device
+        s = stage.stage
+        self.prev = pp_ranks[s - 1] if s > 0 else None
+        self.next = pp_ranks[s + 1] if not stage.last else None
+        self.record = timeline
+        self.events: list[dict] = []
+        self.peak_in_flight = 0
+        self.peak_saved_bytes = 0
+        self.bytes_sent = 0
+
+    def _recv_ops(self, a: Action | None, mb_size: int, box: dict) -> list:
+        if a is None:
+            return []
+        if a.op == "F" and self.prev is not None:
+            buf = torch.empty(mb_size, self.stage.packed_width(), device=self.device)
+            box[("in", a.mb)] = buf
+            return [dist.P2POp(dist.irecv, buf, self.prev, self.group)]
+        if a.op == "B" and self.next is not None:
+            buf = torch.empty(mb_size, self.stage.packed_width(), device=self.device)
+            box[("grad", a.mb)] = buf
+            return [dist.P2POp(dist.irecv, buf, self.next, self.group)]
+        return []
+
+    def _send_ops(self, a: Action, box: dict) -> list:
+        if a.op == "F" and self.next is not None:
+            t = box[("out", a.mb)].detach()
+        elif a.op == "B" and self.prev is not None:
+            t = box.pop(("in_leaf", a.mb)).grad
+        else:
+            return []
+        self.bytes_sent += t.numel() * t.element_size()
+        return [dist.P2POp(dist.isend, t.contiguous(), self.next if a.op == "F" else self.prev, self.group)]
+
+    def _exchange(self, ops: list, label: str) -> None:
+        if not ops:
+            return
+        t0 = time.perf_counter()
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+        if self.record:
+            self.events.append({"kind": "wait", "what": label, "start": t0, "end": time.perf_counter()})
+
+    def run(self, actions: list[Action], inputs: list, forward_last, backward_scale: float, autocast: str) -> list:
+        """`inputs[m]`: what the first stage needs of micro-batch m; `forward_last(m, pred)`: the last stage's
+        loss of micro-batch m. Returns the last stage's losses (unscaled), in micro-batch order."""
+        box: dict = {}
+        losses = {}
+        mb_size = inputs[0][0].shape[0]
+        in_flight = saved = 0
+        sizes = {}
+        weights = {p.untyped_storage().data_ptr() for p in self.stage.parameters()}
+        seen: set = set()
+
+        def pack(t):
+            # activation memory: what autograd keeps for backward, each storage once, weights excluded
+            nonlocal saved
+            key = t.untyped_storage().data_ptr()
+            if key not in weights and key not in seen:
+                seen.add(key)
+                saved += t.untyped_storage().nbytes()
+            return t
+
+        self._exchange(self._recv_ops(actions[0], mb_size, box), f"recv for {actions[0]}")
+        for i, a in enumerate(actions):
+            t0 = time.perf_counter()
+            if a.op == "F":
+                before = saved
+                seen.clear()
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    with autocast_ctx(autocast, self.device):
+                        if self.stage.first:
+                            x = inputs[a.mb]
+                        else:
+                            x = box.pop(("in", a.mb)).requires_grad_()
+                            box[("in_leaf", a.mb)] = x
+                        out = self.stage(x)
+                    if self.stage.last:
+                        box[("loss", a.mb)] = loss = forward_last(a.mb, out)
+                        losses[a.mb] = loss.detach()
+                    else:
+                        box[("out", a.mb)] = out
+                sizes[a.mb] = saved - before
+                in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, in_flight)
+                self.peak_saved_bytes = max(self.peak_saved_bytes, saved)
+            else:
+                if self.stage.last:
+                    (box.pop(("loss", a.mb)) * backward_scale).backward()
+                else:
+                    torch.autograd.backward(box.pop(("out", a.mb)), box.pop(("grad", a.mb)))
+                in_flight -= 1
+                saved -= sizes.pop(a.mb)       # the graph of micro-batch m is freed by its backward
+            if self.record:
+                self.events.append({"kind": a.op, "what": repr(a), "start": t0, "end": time.perf_counter()})
+            nxt = actions[i + 1] if i + 1 < len(actions) else None
+            self._exchange(self._send_ops(a, box) + self._recv_ops(nxt, mb_size, box),
+                           f"after {a}" + (f", for {nxt}" if nxt else ""))
+        return [losses[m] for m in sorted(losses)]
+
+
+# ---------------------------------------------------------------- the strategy and its engine
+
+class PipelineEMA(EMA):
+    """Each stage averages its own weights; saved under the single-process DiT's names, gathered."""
+
+    def __init__(self, stage: Stage, par: "PipelineStrategy"):
+        self.module = copy.deepcopy(stage).requires_grad_(False).eval()
+        for blk in self.module.blocks:
+            blk.attn.attn_fn = sdpa_attention
+        self.par = par
+
+    def state_dict(self) -> dict:
+        return self.par.gather(self.module)
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.module.load_state_dict(self.module.local_state(sd))
+
+
+class PipelineEngine(TorchEngine):
+    """TorchEngine whose step runs a pipeline schedule over every micro-batch of the step at once."""
+
+    name = "pipeline"
+    saves_on_every_rank = True
+
+    def __init__(self, model, par: "PipelineStrategy", cfg: Config, device):
+        from ..diffusion import Diffusion
+        self.stage = par.make_stage(model)
+        super().__init__(self.stage, par, cfg, device)
+        self.executor = Executor(self.stage, par.mesh.inner_group, par.pp_ranks, device, timeline=par.timeline)
+        self.actions = schedule(par.schedule, par.stages, par.microbatches)[self.stage.stage]
+        self.diffusion = Diffusion(cfg.diffusion, device)
+        dist.barrier(group=par.mesh.inner_group)     # NCCL: every stage's communicator exists before any send
+
+    def run_step(self, step, micro_batches, loss_fn, hooks):
+        """Each accumulation piece is one pass of the schedule over M micro-batches (contiguous slices of the
+        piece, so of this pipeline's slice of the global batch: the determinism contract's order)."""
+        par, M, A = self.par, self.par.microbatches, len(micro_batches)
+        diffusion = self.diffusion
+        total = torch.zeros((), device=micro_batches[0][0].device)
+        for a, (x0, y, b) in enumerate(micro_batches):
+            n = x0.shape[0] // M
+            cut = [slice(m * n, (m + 1) * n) for m in range(M)]
+            inputs = [(diffusion.q_sample(x0[c], b.t[c], b.noise[c]), b.t[c], y[c], b.drop[c]) for c in cut]
+
+            def forward_last(m, pred, x0=x0, b=b, cut=cut):
+                return diffusion.error(pred, x0[cut[m]], b.t[cut[m]], b.noise[cut[m]])
+
+            # the mean over the step's M x A micro-batches; the broken variant rescales after each piece instead
+            scale = 1.0 / (A if par.broken == "rescale-grads" else M * A)
+            losses = self.executor.run(self.actions, inputs, forward_last, scale, self.autocast)
+            if par.broken == "rescale-grads":
+                for p in self.params:               # torchtitan#1733: the schedule divides the whole .grad by M
+                    if p.grad is not None:          # after every piece, shrinking earlier pieces again
+                        p.grad.div_(M)
+            if losses:
+                total = total + torch.stack(losses).sum() / M
+            hooks.after_backward(step, a, self)
+        return total
+
+    def save(self, folder):
+        sd = self.par.gather(self.stage)
+        if self.par.is_main:
+            torch.save(sd, folder / "model.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / f"optimizer-rank{self.par.rank}.pt")
+
+    def load(self, folder, device):
+        state = read_training_state(folder)
+        if state.get("engine") != "pipeline":
+            raise foreign(folder, state, "launchers/pipeline.py")
+        want = self.state_info()
+        have = {k: state.get(k) for k in want}
+        if have != want:
+            raise CheckpointError(
+                f"Checkpoint '{folder}' was written with --pp-degree {have['pp_degree']} on {have['world_size']} "
+                f"processes, not {want['pp_degree']} on {want['world_size']}; its optimizer state is one file per "
+                f"stage: resume with torchrun --nproc_per_node {have['world_size']} launchers/pipeline.py "
+                f"--pp-degree {have['pp_degree']} (its model.pt and ema.pt are whole weights: "
+                f"launchers/single.py and python -m dit_core.evaluate read them).")
+        name = f"optimizer-rank{self.par.rank}.pt"
+        check_files(folder, ("model.pt", name))
+        self.stage.load_state_dict(self.stage.local_state(load_state_file(folder / "model.pt", device)))
+        opt = torch_load(folder / name, device)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        apply_schedule(self.optimizer, self.scheduler, self.cfg, state["step"])
+
+    def make_ema(self):
+        return PipelineEMA(self.stage, self.par)
+
+    def state_info(self) -> dict:
+        return {"pp_degree": self.par.stages, "world_size": self.par.world_size}
+
+
+class PipelineStrategy(DistParallel):
+    """DP x PP for `dit_core.train`: ranks [d*P, (d+1)*P) are pipeline d (stage s on rank d*P + s) and train
+    on data-parallel slice d of the global batch; the gradients are averaged over the data-parallel group."""
+
+    BROKEN = ("rescale-grads",)
+
+    def __init__(self, env: DistEnv, stages: int, microbatches: int, schedule_name: str = "1f1b",
+                 broken: str | None = None, timeline: bool = False):
+        if broken not in (None, *self.BROKEN):
+            raise ConfigError(f"--break {broken} is not one of {', '.join(self.BROKEN)}.")
+        super().__init__(env)
+        self.mesh = build_mesh(env, stages, "--pp-degree")
+        self.stages, self.microbatches, self.schedule, self.broken = stages, microbatches, schedule_name, broken
+        self.timeline = timeline
+        d = self.mesh.dp_rank
+        self.pp_ranks = [d * stages + s for s in range(stages)]
+        self.stage_index = self.mesh.inner_rank
+
+    @property
+    def data_rank(self) -> int:
+        return self.mesh.dp_rank
+
+    @property
+    def data_world_size(self) -> int:
+        return self.mesh.dp_size
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage_index == self.stages - 1
+
+    def make_stage(self, model: DiT) -> Stage:
+        return Stage(model, self.stage_index, self.stages)
+
+    def make_engine(self, model, cfg, device):
+        return PipelineEngine(model, self, cfg, device)
+
+    def finish_gradient_sync(self, model) -> None:
+        """Data parallelism across pipelines: one all-reduce of this stage's flattened gradients, then / dp
+        (after the schedule, not overlapped: the hand-written DDP's buckets would fire once per micro-batch)."""
+        if self.mesh.dp_size == 1:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, group=self.mesh.dp_group)
+        flat /= self.mesh.dp_size
+        i = 0
+        for g in grads:
+            g.copy_(flat[i:i + g.numel()].view_as(g))
+            i += g.numel()
+
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        """The norm of the whole model's gradient: each stage holds different parameters, so the squares
+        are summed over the pipeline's stages; every stage then clips by the same factor."""
+        grads = [p.grad for p in params if p.grad is not None]
+        sq = sum((g.float().square().sum() for g in grads), torch.zeros((), device=self.device))
+        dist.all_reduce(sq, group=self.mesh.inner_group)
+        norm = sq.sqrt()
+        if math.isfinite(max_norm):
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef)
+        return norm
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Only last stages hold a loss: their sum over all ranks, divided by the number of pipelines."""
+        t = (t.detach().float() if self.is_last_stage else torch.zeros_like(t, dtype=torch.float32)).clone()
+        dist.all_reduce(t)
+        return t / self.mesh.dp_size
+
+    def gather(self, module: Stage) -> dict:
+        """A stage's weights under the single-process names, gathered from the pipeline's stages (off the hot
+        path: a checkpoint). Every rank calls it; the first pipeline's rank 0 gets the whole state dict."""
+        mine = {module.global_name(k): v.detach().cpu() for k, v in module.state_dict().items()}
+        parts = [None] * self.stages
+        dist.all_gather_object(parts, mine, group=self.mesh.inner_group)
+        out = {}
+        for p in parts:
+            out.update(p)
+        return out
+
+
+# ---------------------------------------------------------------- the reference: torch.distributed.pipelining
+
+class _TorchStageModule(nn.Module):
+    """The same Stage with the positional signature torch's PipelineStage passes micro-batches through."""
+
+    def __init__(self, stage: Stage):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *args):
+        return self.stage(args if self.stage.first else args[0])
+
+
+class TorchPipelineEngine(PipelineEngine):
+    """`--impl torch`: the same stages run by PyTorch's own PipelineStage and ScheduleGPipe / Schedule1F1B.
+
+    `scale_grads=False` and the loss divided by M x accumulation: with the default scale_grads=True the
+    schedule divides every .grad by M after each step() call, which is right once but wrong under gradient
+    accumulation (torchtitan#1733; `--break rescale-grads` shows it with the hand-written schedules)."""
+
+    name = "pipeline"
+
+    def __init__(self, model, par, cfg, device):
+        super().__init__(model, par, cfg, device)
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        self.pstage = PipelineStage(_TorchStageModule(self.stage), par.stage_index, par.stages, device,
+                                    group=par.mesh.inner_group)
+        self.schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[par.schedule]
+        self.schedules: dict = {}
+
+    def run_step(self, step, micro_batches, loss_fn, hooks):
+        par, M, A = self.par, self.par.microbatches, len(micro_batches)
+        if A not in self.schedules:
+            def loss(pred, target):
+                return self.diffusion.error(pred, None, None, target) / (M * A)
+            self.schedules[A] = self.schedule_cls(self.pstage, n_microbatches=M, loss_fn=loss, scale_grads=False)
+        sched = self.schedules[A]
+        total = torch.zeros((), device=micro_batches[0][0].device)
+        for a, (x0, y, b) in enumerate(micro_batches):
+            losses: list = []
+            with autocast_ctx(self.autocast, x0.device):
+                if self.stage.first:
+                    x_t = self.diffusion.q_sample(x0, b.t, b.noise)
+                    args = (x_t, b.t, y, b.drop)
+                    sched.step(*args, target=b.noise, losses=losses) if self.stage.last else sched.step(*args)
+                elif self.stage.last:
+                    sched.step(target=b.noise, losses=losses)
+                else:
+                    sched.step()
+            if losses:
+                total = total + torch.stack([l.detach() for l in losses]).sum() * (M * A) / M
+            hooks.after_backward(step, a, self)
+        return total
+
+
+# ---------------------------------------------------------------- measuring: the timeline of every stage
+
+class TimelineHooks:
+    """`--timeline R.json`: per step, when each stage computed (F, B) and waited (sends and receives),
+    in seconds from a barrier at the step's start; the peak number of micro-batches in flight and of
+    saved activation bytes, and the bytes this stage sent. Gathered to rank 0 at the end (off the hot path)."""
+
+    def __init__(self, par: PipelineStrategy):
+        self.par, self.steps = par, []
+
+    def step_begin(self, step, engine):
+        ex = engine.executor
+        ex.events.clear()
+        ex.peak_in_flight = ex.peak_saved_bytes = ex.bytes_sent = 0
+        dist.barrier()                       # every stage starts the step together
+        self.t0 = time.perf_counter()
+
+    def after_backward(self, step, micro, engine):
+        pass
+
+    def step_end(self, step, engine):
+        ex = engine.executor
+        self.steps.append({"step": step, "seconds": time.perf_counter() - self.t0,
+                           "events": [{**e, "start": e["start"] - self.t0, "end": e["end"] - self.t0}
+                                      for e in ex.events],
+                           "peak_in_flight": ex.peak_in_flight, "peak_saved_bytes": ex.peak_saved_bytes,
+                           "bytes_sent": ex.bytes_sent})
+
+    def logged(self, records, ema, seconds):
+        pass
+
+    def write(self, path, cfg: Config) -> None:
+        import json
+        par = self.par
+        mine = {"rank": par.rank, "stage": par.stage_index, "pipeline": par.mesh.dp_rank, "steps": self.steps}
+        everyone = [None] * par.world_size
+        dist.all_gather_object(everyone, mine)
+        if par.is_main:
+            import pathlib
+            info = {"pp_degree": par.stages, "microbatches": par.microbatches, "schedule": par.schedule,
+                    "world_size": par.world_size, "blocks": split_blocks(cfg.model.depth, par.stages),
+                    "micro_batch": cfg.train.global_batch_size // par.mesh.dp_size // cfg.train.grad_accum
+                    // par.microbatches,
+                    "packed_width": (cfg.model.image_size // cfg.model.patch_size) ** 2 * cfg.model.hidden_size
+                    + cfg.model.hidden_size, "ranks": everyone}
+            pathlib.Path(path).write_text(json.dumps(info))

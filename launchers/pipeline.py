@@ -1,0 +1,54 @@
+"""Pipeline parallelism: the DiT's blocks split over P stages, micro-batches flowing through them.
+
+    torchrun --nproc_per_node 2 launchers/pipeline.py --pp-degree 2 --schedule 1f1b --microbatches 4 --device cpu
+    torchrun --nproc_per_node 4 launchers/pipeline.py --pp-degree 2 ...   # DP 2 x PP 2
+    torchrun --nproc_per_node 2 launchers/pipeline.py --impl torch ...    # torch.distributed.pipelining
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+from dit_core.config import config_from_args, launcher_parser  # noqa: E402
+from dit_core.errors import run_main  # noqa: E402
+from dit_core.parallel.dist import finish, init_from_env  # noqa: E402
+from dit_core.parallel.pipeline import SCHEDULES, PipelineStrategy, TorchPipelineEngine, check_pipeline  # noqa: E402
+from dit_core.train import train  # noqa: E402
+
+
+def main(argv=None):
+    p = launcher_parser(__doc__.splitlines()[0])
+    p.add_argument("--pp-degree", type=int, default=2, help="pipeline stages (consecutive ranks; default 2)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
+    p.add_argument("--microbatches", type=int, default=4, help="micro-batches per accumulation step (M)")
+    p.add_argument("--impl", choices=("hand", "torch"), default="hand",
+                   help="hand: dit_core.parallel.pipeline; torch: torch.distributed.pipelining, the same stages")
+    p.add_argument("--break", dest="broken", choices=PipelineStrategy.BROKEN,
+                   help="(teaching) rescale-grads: divide every gradient by M after each accumulation step")
+    p.add_argument("--timeline", help="write when every stage computed and waited, step by step (JSON), here")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
+    dp = env.world_size // args.pp_degree if args.pp_degree >= 1 and env.world_size % args.pp_degree == 0 else 1
+    check_pipeline(cfg, args.pp_degree, env.world_size, args.microbatches, args.schedule, dp)
+    strategy = PipelineStrategy(env, args.pp_degree, args.microbatches, args.schedule, args.broken,
+                                timeline=bool(args.timeline))
+    if args.impl == "torch":
+        strategy.make_engine = lambda model, c, device: TorchPipelineEngine(model, strategy, c, device)
+    hooks = None
+    if args.timeline:
+        from dit_core.parallel.pipeline import TimelineHooks
+        hooks = TimelineHooks(strategy)
+    result = train(cfg, parallel=strategy, quiet=not env.is_main, hooks=hooks)
+    if args.timeline:
+        hooks.write(args.timeline, cfg)
+    if env.is_main:
+        m = strategy.mesh
+        print(f"[pipeline {args.impl} {args.schedule}, DP {m.dp_size} x PP {m.inner_size}, M {args.microbatches}, "
+              f"{env.backend}] {result.summary()}")
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)
+    finish()          # wait for every rank, close the group, leave

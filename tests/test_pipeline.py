@@ -1,0 +1,146 @@
+"""Pipeline parallelism with real processes: torchrun, gloo, on the CPU; schedules and their simulator.
+
+Each table of runs is one torchrun job (`run_launchers`: launchers/pipeline.py's main once per row)."""
+import json
+
+import pytest
+import torch
+
+from conftest import PARITY_STEPS as STEPS
+from conftest import parity_flags, torchrun
+from dit_core.checkpoint import model_from_checkpoint
+from dit_core.config import ConfigError, load_config
+from dit_core.diffusion import Diffusion
+from dit_core.parallel.pipeline import (bubble_formula, check_pipeline, gpipe, one_f_one_b, schedule, simulate,
+                                        split_blocks)
+from dit_core.parity import compare, max_rel, run_launchers
+
+TWO = [("gpipe", 4, 1), ("gpipe", 8, 1), ("1f1b", 4, 1), ("1f1b", 8, 1), ("gpipe", 4, 2), ("1f1b", 4, 2)]
+BAD = [(["--pp-degree", "2", "--set", "model.depth=1"], "--pp-degree 2 is more stages than model.depth=1 blocks"),
+       (["--pp-degree", "2", "--microbatches", "3"], "--microbatches 3 does not divide"),
+       (["--pp-degree", "2", "--schedule", "1f1b", "--microbatches", "1"],
+        "--schedule 1f1b needs at least as many micro-batches as stages"),
+       (["--pp-degree", "3", "--set", "model.depth=3"], "world size 2 is not divisible by --pp-degree 3")]
+
+
+def pp(schedule_name, m, accum, *extra):
+    return parity_flags(**{"train.grad_accum": accum}) + ["--schedule", schedule_name, "--microbatches", str(m), *extra]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """PP 2: both schedules, M = 4 and 8, accumulation 2; the torch.distributed.pipelining reference; the
+    rescale-grads bug; a checkpointed run and its resume; the bad inputs. One torchrun job of 2 ranks."""
+    d = tmp_path_factory.mktemp("pp2")
+    runs = [pp(s, m, a, "--pp-degree", "2", "--results-dir", str(d / f"{s}{m}a{a}")) for s, m, a in TWO]
+    runs += [pp(s, 4, a, "--pp-degree", "2", "--impl", "torch", "--results-dir", str(d / f"torch{s}a{a}"))
+             for s in ("gpipe", "1f1b") for a in (1, 2)]
+    runs.append(pp("1f1b", 4, 2, "--pp-degree", "2", "--break", "rescale-grads", "--results-dir", str(d / "broken")))
+    runs.append(pp("1f1b", 4, 1, "--pp-degree", "2", "--set", f"train.ckpt_every={STEPS // 2}",
+                   "--results-dir", str(d / "ckpt")))
+    runs.append(pp("1f1b", 4, 1, "--pp-degree", "2", "--results-dir", str(d / "again"),
+                   "--resume", str(d / "ckpt" / f"checkpoint-{STEPS // 2}")))
+    runs += [parity_flags(1) + args + ["--results-dir", str(d / f"bad{i}")] for i, (args, _) in enumerate(BAD)]
+    out = run_launchers("launchers/pipeline.py", runs, nproc=2)
+    n = len(TWO)
+    return {"hand": dict(zip(TWO, out[:n])),
+            "torch": dict(zip([(s, a) for s in ("gpipe", "1f1b") for a in (1, 2)], out[n:n + 4])),
+            "broken": out[n + 4], "ckpt": out[n + 5], "again": out[n + 6], "bad": out[n + 7:], "dir": d}
+
+
+@pytest.mark.parametrize("name, m, accum", TWO)
+def test_two_stages_match_one_process(two, reference, name, m, accum):
+    log, ref = two["hand"][(name, m, accum)], reference(accum)[0]
+    rows = compare(ref, log)
+    assert len(rows) == STEPS and max_rel(rows) <= 1e-5, max_rel(rows)
+    # clipping acts at every step: the global norm spans both stages' gradients
+    assert min(r["grad_norm"] for r in ref) > 0.05
+    assert max(abs(a["grad_norm"] / b["grad_norm"] - 1) for a, b in zip(log, ref)) <= 1e-5
+    assert log[-1]["samples_seen"] == STEPS * 16
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("accum", [1, 2])
+def test_torch_pipelining_matches_one_process(two, reference, name, accum):
+    assert max_rel(compare(reference(accum)[0], two["torch"][(name, accum)])) <= 1e-5
+
+
+def test_rescaling_gradients_every_accumulation_step_is_caught(two, reference):
+    """The negative check: torchtitan#1733's bug (divide every .grad by M after each accumulation step)
+    leaves the single-process curve; with one accumulation step it would be harmless."""
+    assert max_rel(compare(reference(2)[0], two["broken"])) > 1e-3
+
+
+def test_checkpoint_is_single_process_weights_and_resume_is_exact(two, reference):
+    ckpt, ref_dir = two["dir"] / "ckpt", reference(1)[1]
+    ours, cfg = model_from_checkpoint(ckpt / f"checkpoint-{STEPS}")          # loads as a plain DiT
+    theirs, _ = model_from_checkpoint(ref_dir / f"checkpoint-{STEPS}")
+    for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), k
+    d, labels = Diffusion(cfg.diffusion), torch.arange(10)
+    a = d.sample(ours, labels, cfg_scale=3.0, steps=10, seed=0)
+    b = d.sample(theirs, labels, cfg_scale=3.0, steps=10, seed=0)
+    assert (a - b).abs().max() <= 1e-4                                       # the same digits
+    assert [r["loss"] for r in two["again"]] == [r["loss"] for r in two["ckpt"][STEPS // 2:]]   # bitwise
+
+
+@pytest.mark.parametrize("i", range(len(BAD)))
+def test_bad_layouts_are_one_sentence(two, i):
+    msg = two["bad"][i]
+    assert isinstance(msg, str) and BAD[i][1] in msg, msg
+
+
+def test_four_stages_and_dp2_x_pp2_match_one_process(reference, tmp_path):
+    deep = {"model.depth": 4}
+    runs = [pp(s, m, 1, "--pp-degree", "4", "--set", "model.depth=4", "--results-dir", str(tmp_path / f"{s}{m}"))
+            for s in ("gpipe", "1f1b") for m in (4, 8)]
+    runs += [pp(s, 4, 1, "--pp-degree", "2", "--results-dir", str(tmp_path / f"dp{s}")) for s in ("gpipe", "1f1b")]
+    logs = run_launchers("launchers/pipeline.py", runs, nproc=4)
+    for log in logs[:4]:
+        assert max_rel(compare(reference(1, **deep)[0], log)) <= 1e-5
+    for log in logs[4:]:
+        assert max_rel(compare(reference(1)[0], log)) <= 1e-5
+
+
+def test_gradients_equal_torch_pipelining_and_one_process(tmp_path):
+    out = tmp_path / "checks.json"
+    r = torchrun("tests/pp_checks.py", [str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = json.loads(out.read_text())
+    assert c["smallest_gradient_norm"] > 1e-6            # every weight has a gradient worth comparing
+    for key in ("hand_gpipe", "hand_1f1b", "torch_gpipe", "torch_1f1b"):
+        stages = c[key]
+        assert max(s["worst_vs_single"] for s in stages) <= 1e-6, (key, stages)
+        assert sorted(stages[0]["params"] + stages[1]["params"]) == c["all_params"]    # every weight, once
+    # GPipe keeps all 4 micro-batches' activations; 1F1B at most P - s of them
+    assert [s["peak_in_flight"] for s in c["hand_gpipe"]] == [4, 4]
+    assert [s["peak_in_flight"] for s in c["hand_1f1b"]] == [2, 1]
+    g, f = c["hand_gpipe"][0], c["hand_1f1b"][0]
+    assert f["peak_saved_bytes"] < 0.75 * g["peak_saved_bytes"]
+    # bytes: per micro-batch, stage 0 sends (B, T*H + H) fp32 forward; stage 1 the same shape back
+    packed = 4 * (16 * 32 + 32) * 4                              # micro-batch 4, 16 tokens, hidden 32, fp32
+    assert g["bytes_sent"] == c["hand_gpipe"][1]["bytes_sent"] == 4 * packed
+
+
+def test_schedules_and_the_simulator():
+    assert [repr(a) for a in one_f_one_b(4, 8, 0)][:5] == ["F0", "F1", "F2", "F3", "B0"]
+    assert [repr(a) for a in one_f_one_b(4, 8, 3)][:4] == ["F0", "B0", "F1", "B1"]
+    for P in (2, 4):
+        for M in (1, 2, 4, 8, 16):
+            for name in ("gpipe", "1f1b"):
+                if name == "1f1b" and M < P:
+                    continue
+                acts = schedule(name, P, M)
+                assert all(sorted(map(repr, a)) == sorted([f"F{m}" for m in range(M)] + [f"B{m}" for m in range(M)])
+                           for a in acts)
+                sim = simulate(acts)
+                assert max(sim["bubble"]) == pytest.approx(bubble_formula(P, M), abs=1e-9), (P, M, name)
+    assert gpipe(2, 2, 0) == gpipe(2, 2, 1)
+    assert split_blocks(5, 2) == [(0, 3), (3, 5)] and split_blocks(12, 4) == [(0, 3), (3, 6), (6, 9), (9, 12)]
+
+
+def test_layout_checks():
+    cfg = load_config("configs/tiny.yaml", {"train.global_batch_size": 16, "model.depth": 4})
+    check_pipeline(cfg, 2, 4, 4, "gpipe", 2)
+    with pytest.raises(ConfigError, match="does not divide; use a batch that is a multiple of 32"):
+        check_pipeline(cfg, 2, 4, 16, "gpipe", 2)
