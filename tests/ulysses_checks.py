@@ -51,6 +51,9 @@ def main():
     # The peer implementation, same call: DeepSpeed's DistributedAttention (batch-first layout).
     import deepspeed
     from deepspeed.sequence.layer import DistributedAttention
+
+    from dit_core.parallel.zero import skip_inference_kernel_build
+    skip_inference_kernel_build()          # (~90 s of compiling a kernel this check never calls)
     deepspeed.init_distributed(dist_backend="gloo")
     ds = DistributedAttention(sdpa_attention, dist.group.WORLD, scatter_idx=2, gather_idx=1)
     out["deepspeed"] = attention_vs_full(lambda q, k, v: ds(q, k, v, 0), rank, P)
