@@ -264,6 +264,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--profile", action="store_true", help="profile the course loop and the last ladder row")
     p.add_argument("--quick", action="store_true", help="3 timed steps after 1, GPU-only rows skipped (CI)")
+    p.add_argument("--ladder-batch", type=int, help="the ladder's batch (default: the course's 300; +batch rows keep "
+                                                    "theirs); a small one keeps a CPU run of the ladder short")
     p.add_argument("--json", help="also write every number here")
     args = p.parse_args(argv)
     if args.quick:
@@ -279,6 +281,8 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     if "ladder" in which:
         rows = [v for v in ladder() if device.type == "cuda" or not v.gpu_only]
+        if args.ladder_batch:
+            rows = [replace(v, batch=args.ladder_batch) if v.batch == 300 else v for v in rows]
         for i, v in enumerate(rows):
             prof = args.profile and i in (0, len(rows) - 1)
             r = time_variant(v, data_cpu, data_dev, device, args.steps, args.warmup, prof)

@@ -1,9 +1,9 @@
 """Several runs of one launcher in one set of processes (see `dit_core.parity.run_launchers`).
 
-    torchrun --nproc_per_node 2 -m dit_core.many launchers/zero.py runs.json
+    torchrun --nproc_per_node 2 -m dit_core.many runs.json
 
-`runs.json` holds a list of argument lists; run i is `launchers/zero.py <runs[i]>`, through that launcher's
-own main(argv). Every rank runs the same list in the same order; a barrier separates two runs. A run that
+`runs.json` holds a list of {"script": launcher path, "args": [...]}; run i is `<script> <args>`, through that
+launcher's own main(argv). Every rank runs the same list in the same order; a barrier separates two runs. A run that
 stops with a user error (a bad value: the same sentence on every rank) is recorded in `runs.json.errors`
 and the next run goes on, so a table of bad inputs costs one start-up too.
 """
@@ -14,18 +14,23 @@ import sys
 from pathlib import Path
 
 
+def load(script: str, cache: dict):
+    if script not in cache:
+        spec = importlib.util.spec_from_file_location(f"launcher_{Path(script).stem}", script)
+        cache[script] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cache[script])
+    return cache[script]
+
+
 def main(argv=None) -> None:
-    script, runs_file = argv if argv else sys.argv[1:]
-    spec = importlib.util.spec_from_file_location(f"launcher_{Path(script).stem}", script)
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
+    (runs_file,) = argv if argv else sys.argv[1:]
     import torch.distributed as dist
 
     from .errors import user_errors
-    errors = {}
-    for i, args in enumerate(json.loads(Path(runs_file).read_text())):
+    errors, launchers = {}, {}
+    for i, run in enumerate(json.loads(Path(runs_file).read_text())):
         try:
-            launcher.main(args)
+            load(run["script"], launchers).main(run["args"])
         except user_errors() as e:
             errors[i] = str(e)
         gc.collect()                     # the last run's engine and buffers, before the next one

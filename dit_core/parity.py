@@ -67,18 +67,52 @@ def run_launchers(script: str, runs: list[list[str]], nproc: int = 1, launcher: 
     launcher's own code from its arguments on: its process group, strategy, loop and files.
     Returns, in order, every run's JSONL log, or the one sentence it stopped with (a str) if its
     input was bad."""
+    return run_mixed([(script, r) for r in runs], nproc, launcher, timeout, env)
+
+
+def run_mixed(rows: list[tuple[str, list[str]]], nproc: int = 1, launcher: str = "torchrun",
+              timeout: int = 1800, env: dict | None = None) -> list:
+    """`run_launchers` for rows of (launcher script, arguments) that may name different launchers (the test
+    suite runs every strategy's table of 2-process runs in one job)."""
     import json
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="dit-many-"))
-    logs = [tmp / f"run{i}.jsonl" for i in range(len(runs))]
-    (tmp / "runs.json").write_text(json.dumps([[str(a) for a in r] + ["--log-jsonl", str(log)]
-                                               for r, log in zip(runs, logs)]))
-    _run(_command("dit_core.many", nproc, launcher, module=True) + [str(ROOT / script), str(tmp / "runs.json")],
-         timeout, env)
+    logs = [tmp / f"run{i}.jsonl" for i in range(len(rows))]
+    (tmp / "runs.json").write_text(json.dumps([{"script": str(ROOT / script),
+                                                "args": [str(a) for a in args] + ["--log-jsonl", str(log)]}
+                                               for (script, args), log in zip(rows, logs)]))
+    _run(_command("dit_core.many", nproc, launcher, module=True) + [str(tmp / "runs.json")], timeout, env)
     errors_file = tmp / "runs.json.errors"
     errors = {int(k): v for k, v in json.loads(errors_file.read_text()).items()} if errors_file.is_file() else {}
     return [errors[i] if i in errors else read_jsonl(log) for i, log in enumerate(logs)]
+
+
+def run_here(script: str, runs: list[list[str]]) -> list[list[dict]]:
+    """One-process runs in this process, on one thread: the config `script` (launchers/single.py) parses
+    from each argument list, trained by the same `train` call, without its progress bar. Bitwise the
+    numbers of `python launchers/single.py` started as its own process with OMP_NUM_THREADS=1
+    (tests/test_ddp.py checks it), without a process start-up per run."""
+    import tempfile
+
+    import torch
+
+    from .config import config_from_args, launcher_parser
+    from .train import train
+    if Path(script).name != "single.py":
+        raise ValueError(f"run_here runs launchers/single.py, not {script}: other launchers need their processes.")
+    logs = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for args in runs:
+            log = Path(tempfile.mkdtemp(prefix="dit-here-")) / "log.jsonl"
+            cfg = config_from_args(launcher_parser("").parse_args([str(a) for a in args] + ["--log-jsonl", str(log)]))
+            train(cfg, quiet=True)
+            logs.append(read_jsonl(log))
+    finally:
+        torch.set_num_threads(threads)
+    return logs
 
 
 def main(argv=None) -> int:

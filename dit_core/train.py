@@ -189,6 +189,10 @@ def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, fo
     if run.resume:
         engine.load(Path(run.resume), device)
         ema.load_state_dict(_load_ema(Path(run.resume), device))
+        # whatever the engine's files (DeepSpeed's partitions, one optimizer file per stage): finite, or refused
+        if float(par.all_reduce_sum(engine.nonfinite().to(device))) > 0:
+            raise CheckpointError(f"Checkpoint '{run.resume}' holds non-finite weights: that run had diverged; "
+                                  f"resume from an earlier checkpoint.")
     # Everything checked: only now may the folder's old contents change (truncate, discard).
     par.agree(_first_error(folder.prepare, start) if par.is_main else None)
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)

@@ -77,7 +77,7 @@ plt.tight_layout()
 
 # %%
 from dit_core.train import train
-STEPS = 150 if SMOKE else 4000
+STEPS = 50 if SMOKE else 4000
 d = tempfile.mkdtemp(prefix="ch03-")
 run_cfg = load_config("configs/tiny.yaml", {"train.max_steps": STEPS, "train.warmup_steps": min(200, STEPS // 5),
                                             "train.tensorboard": False, "run.device": DEVICE, "run.results_dir": d})

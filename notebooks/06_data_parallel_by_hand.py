@@ -23,7 +23,7 @@
 import os, json, inspect
 import torch, torch.nn as nn, torch.distributed as dist
 import matplotlib.pyplot as plt
-from dit_core.parity import run_launchers, compare, max_rel, format_table
+from dit_core.parity import run_launchers, run_here, compare, max_rel, format_table
 from dit_core.plots import parity_curves
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
@@ -108,16 +108,17 @@ print("first bucket starts with:", names[id(dp.buckets[0][0])], "| last bucket e
 #
 # ## 3. The proof: two processes train exactly like one
 #
-# `run_launchers` starts the real launchers as subprocesses, `python launchers/single.py` and
-# `torchrun --nproc_per_node 2 launchers/ddp.py --impl ...` (gloo, CPU), and reads their JSONL logs. A table of
-# runs goes into one job that calls the launcher's `main` once per row, so the start-up (importing torch and its
-# compiler stack: ~8 s on a 2-core CPU) is paid once. Same seed, same global batch of 16 (8 per rank), gradient
-# clipping on; then again with gradient accumulation (梯度累积) 2.
+# `run_launchers` starts the real launcher, `torchrun --nproc_per_node 2 launchers/ddp.py --impl ...` (gloo, CPU),
+# and reads its JSONL logs. A table of runs goes into one job that calls the launcher's `main` once per row, so
+# the start-up (importing torch and its compiler stack: ~8 s on a 2-core CPU) is paid once. The single-process
+# reference runs in this kernel (`run_here`: the config `launchers/single.py` parses, the same `train` call, one
+# thread: bitwise what `python launchers/single.py` logs, which `tests/test_ddp.py` checks). Same seed, same global
+# batch of 16 (8 per rank), gradient clipping on; then again with gradient accumulation (梯度累积) 2.
 
 # %%
 cases = [(impl, acc) for acc in (1, 2) for impl in ("single", "hand", "torch", "naive")]
-single = run_launchers("launchers/single.py", [SMALL + ["--grad-accum", str(acc), "--results-dir", f"/tmp/ch06/single{acc}"]
-                                               for acc in (1, 2)], launcher="python")
+single = run_here("launchers/single.py", [SMALL + ["--grad-accum", str(acc), "--results-dir", f"/tmp/ch06/single{acc}"]
+                                               for acc in (1, 2)])
 ddp = run_launchers("launchers/ddp.py", [SMALL + ["--grad-accum", str(acc), "--impl", impl, "--results-dir", f"/tmp/ch06/{impl}{acc}"]
                                          for impl, acc in cases if impl != "single"], nproc=2)
 logs = iter(ddp)

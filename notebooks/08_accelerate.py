@@ -27,7 +27,7 @@ import os, json, inspect, difflib
 import torch
 import matplotlib.pyplot as plt
 from IPython.display import HTML
-from dit_core.parity import run_launcher, run_launchers, compare, max_rel, format_table
+from dit_core.parity import run_launcher, run_launchers, run_here, compare, max_rel, format_table
 from dit_core.plots import parity_curves
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
@@ -140,10 +140,11 @@ print("every process's piece of every micro-batch == its shard of the global bat
 # (DeepSpeed ZeRO-2, chapter 07's engine, chosen by the config file alone; the script is unchanged).
 
 # %%
-# (the single-process references run in one job: run_launchers calls launchers/single.py's main once per row; the
-# Accelerate runs each get their own launch, since an Accelerator holds process-wide state)
-single = run_launchers("launchers/single.py", [SMALL + ["--grad-accum", str(a), "--results-dir", f"/tmp/ch08/s{a}"]
-                                               for a in (1, 2)], launcher="python")
+# (the single-process references run in this kernel, run_here: launchers/single.py's config and train call, one
+# thread, bitwise the subprocess; the Accelerate runs each get their own launch: an Accelerator holds state for
+# the whole process)
+single = run_here("launchers/single.py", [SMALL + ["--grad-accum", str(a), "--results-dir", f"/tmp/ch08/s{a}"]
+                                               for a in (1, 2)])
 runs = {}
 for a in (1, 2):
     extra = ["--set", f"train.grad_accum={a}"]

@@ -33,7 +33,7 @@ import torch
 import matplotlib.pyplot as plt
 from dit_core.config import load_config
 from dit_core.model import DiT
-from dit_core.parity import run_launcher, run_launchers, compare, max_rel, format_table
+from dit_core.parity import run_launcher, run_launchers, run_here, compare, max_rel, format_table
 from dit_core.plots import parity_curves
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
@@ -169,8 +169,8 @@ for impl in ("ours", "deepspeed"):
 
 # %%
 # run_launchers: one job per table of runs (the launcher's main once per row, one start-up).
-single = run_launchers("launchers/single.py", [SMALL + ["--grad-accum", str(acc), "--results-dir", f"/tmp/ch09/s{acc}"]
-                                               for acc in (1, 2)], launcher="python")
+single = run_here("launchers/single.py", [SMALL + ["--grad-accum", str(acc), "--results-dir", f"/tmp/ch09/s{acc}"]
+                                               for acc in (1, 2)])
 sp = run_launchers("launchers/ulysses.py", [SMALL + ["--grad-accum", str(acc), "--sp-degree", "2", "--results-dir", f"/tmp/ch09/u{acc}"]
                                             for acc in (1, 2)], nproc=2)
 runs = {}

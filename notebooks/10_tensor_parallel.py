@@ -25,7 +25,7 @@ import os, json, inspect, subprocess, sys
 import torch
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
-from dit_core.parity import run_launcher, run_launchers, compare, max_rel, format_table
+from dit_core.parity import run_launcher, run_launchers, run_here, compare, max_rel, format_table
 from dit_core.plots import parity_curves
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
@@ -125,8 +125,8 @@ print("all-reduces per block and step:", checks["all_reduce_calls"] // 2, "| byt
 
 # %%
 # run_launchers: one job per table of runs (the launcher's main once per row, one start-up).
-single = run_launchers("launchers/single.py", [SMALL + ["--grad-accum", str(acc), "--results-dir", f"/tmp/ch10/s{acc}"]
-                                               for acc in (1, 2)], launcher="python")
+single = run_here("launchers/single.py", [SMALL + ["--grad-accum", str(acc), "--results-dir", f"/tmp/ch10/s{acc}"]
+                                               for acc in (1, 2)])
 tp = run_launchers("launchers/tp.py", [SMALL + ["--grad-accum", str(acc), "--tp-degree", "2", "--results-dir", f"/tmp/ch10/t{acc}"]
                                        for acc in (1, 2)], nproc=2)
 runs = {}

@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt
 from dit_core.config import load_config
 from dit_core.model import DiT, count_parameters
 from dit_core.parallel.pipeline import (Stage, split_blocks, schedule, simulate, bubble_formula, gpipe, one_f_one_b)
-from dit_core.parity import run_launchers, compare, max_rel, format_table
+from dit_core.parity import run_launchers, run_here, compare, max_rel, format_table
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
 STEPS = 8 if SMOKE else 30
@@ -192,9 +192,8 @@ print(inspect.getsource(PipelineEngine.run_step))
 # parallelism across two pipelines (DP 2 × PP 2 on 4 processes).
 
 # %%
-single = dict(zip((1, 2), run_launchers("launchers/single.py", [SMALL + ["--grad-accum", str(a), "--results-dir",
-                                                                          f"/tmp/ch12/single{a}"] for a in (1, 2)],
-                                        launcher="python")))
+single = dict(zip((1, 2), run_here("launchers/single.py", [SMALL + ["--grad-accum", str(a), "--results-dir",
+                                                                          f"/tmp/ch12/single{a}"] for a in (1, 2)])))
 cases2 = [("gpipe", 4, 1, "hand"), ("gpipe", 8, 1, "hand"), ("1f1b", 4, 1, "hand"), ("1f1b", 8, 1, "hand"),
           ("gpipe", 4, 2, "hand"), ("1f1b", 4, 2, "hand"), ("gpipe", 4, 1, "torch"), ("1f1b", 4, 2, "torch")]
 runs2 = run_launchers("launchers/pipeline.py", [SMALL + ["--pp-degree", "2", "--schedule", s, "--microbatches", str(m),

@@ -104,3 +104,41 @@ def torchrun(script: str, args: list[str], nproc: int = 2):
            str(ROOT / script)] + list(args)
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+
+
+# ---------------------------------------------------------------- every multi-process run, one job per world size
+
+_JOBS: dict = {}                  # nproc -> {name: (launcher script, args)}, in declaration order
+_DONE: dict = {}
+JOB_DIR = None
+
+
+def job_dir() -> Path:
+    """Where declared runs write their results (one folder per test session)."""
+    global JOB_DIR
+    if JOB_DIR is None:
+        import tempfile
+        JOB_DIR = Path(tempfile.mkdtemp(prefix="dit-jobs-"))
+    return JOB_DIR
+
+
+def declare(nproc: int, name: str, script: str, args: list) -> str:
+    """A test module declares its multi-process runs when it is imported (pytest imports every module before
+    the first test runs): all runs of one world size then go into one job (`dit_core.parity.run_mixed`, every
+    launcher's main once per row), one start-up for the whole suite instead of one per table. Runs are kept
+    in declaration order, so a resume may follow the run that wrote its checkpoint."""
+    _JOBS.setdefault(nproc, {})[name] = (script, [str(a) for a in args])
+    return name
+
+
+@pytest.fixture(scope="session")
+def jobs():
+    """jobs(nproc)[name] -> the run's JSONL log, or the one sentence it stopped with (bad input)."""
+    from dit_core.parity import run_mixed
+
+    def get(nproc: int) -> dict:
+        if nproc not in _DONE:
+            names = list(_JOBS[nproc])
+            _DONE[nproc] = dict(zip(names, run_mixed([_JOBS[nproc][n] for n in names], nproc=nproc, timeout=1800)))
+        return _DONE[nproc]
+    return get

@@ -26,7 +26,9 @@ def test_one_process_is_the_single_run_exactly(single, tmp_path):
     assert log == single[1][0]                       # every field of every step, bitwise
 
 
-@pytest.mark.parametrize("accum", [1, 2])
+# Accumulation 2 under torchrun and under DeepSpeed ZeRO-2 is proved by chapter 08's verdict cell (nbval): an
+# Accelerate run needs its own launch (an Accelerator holds state for the whole process), so it is run once.
+@pytest.mark.parametrize("accum", [1])
 def test_torchrun_two_processes_match_one(single, tmp_path, accum):
     ref, ref_dir = single[accum]
     log = run_launcher(SCRIPT, flags(**{"train.grad_accum": accum}) + ["--results-dir", str(tmp_path)], nproc=2)
@@ -40,7 +42,7 @@ def test_torchrun_two_processes_match_one(single, tmp_path, accum):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize("accum", [1])
 def test_deepspeed_zero2_by_config_file_matches_one(single, tmp_path, accum):
     log = run_launcher(SCRIPT, flags(**{"train.grad_accum": accum}) + ["--results-dir", str(tmp_path)], nproc=2,
                        launcher="accelerate", launch_args=["--config_file", "configs/accelerate_zero2.yaml"])

@@ -5,26 +5,21 @@ import sys
 
 import pytest
 
-from conftest import PARITY_STEPS, ROOT, parity_flags, run_py
+from conftest import PARITY_STEPS, ROOT, declare, job_dir, parity_flags, run_py
 from dit_core.parallel.ddp import IMPLS
-from dit_core.parity import compare, max_rel, run_launchers
+from dit_core.parity import compare, max_rel
 
 CASES = [(impl, accum) for impl in IMPLS for accum in (1, 2)]
-
-
-@pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    """Every implementation x accumulation, as `torchrun --nproc_per_node 2 launchers/ddp.py --impl I`:
-    six runs of the launcher in one torchrun job (one start-up)."""
-    d = tmp_path_factory.mktemp("ddp")
-    logs = run_launchers("launchers/ddp.py", [parity_flags(**{"train.grad_accum": acc}) + [
-        "--impl", impl, "--results-dir", str(d / f"{impl}{acc}")] for impl, acc in CASES], nproc=2)
-    return dict(zip(CASES, logs))
+# Every implementation x accumulation, as `torchrun --nproc_per_node 2 launchers/ddp.py --impl I`: declared
+# runs, which the suite's 2-process job runs (conftest.declare).
+for impl, acc in CASES:
+    declare(2, f"ddp {impl} a{acc}", "launchers/ddp.py", parity_flags(**{"train.grad_accum": acc}) + [
+        "--impl", impl, "--results-dir", job_dir() / f"ddp-{impl}{acc}"])
 
 
 @pytest.mark.parametrize("impl, accum", CASES)
-def test_two_processes_match_one(ddp_runs, reference, impl, accum):
-    log = ddp_runs[(impl, accum)]
+def test_two_processes_match_one(jobs, reference, impl, accum):
+    log = jobs(2)[f"ddp {impl} a{accum}"]
     rows = compare(reference(accum)[0], log)
     assert len(rows) == PARITY_STEPS
     assert max_rel(rows) <= 1e-5, max_rel(rows)

@@ -123,7 +123,7 @@ def test_classifier_trains_on_given_images(small):
 def test_bench_runs_its_rows(tmp_path):
     out = tmp_path / "bench.json"
     r = run_py(["-m", "dit_core.bench", "--quick", "--device", "cpu", "--config", "configs/tiny.yaml",
-                "--rows", "ladder,project", "--json", str(out)], timeout=600)
+                "--rows", "ladder,project", "--ladder-batch", "32", "--json", str(out)], timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     names = [row["name"] for row in rows]

@@ -77,10 +77,7 @@ def complete(ckpt):
 def good_run(tmp_path_factory):
     """A finished 4-step run, and checkpoints doctored from it."""
     d = tmp_path_factory.mktemp("good")
-    code = subprocess.run([sys.executable, str(ROOT / "launchers/single.py"), *flags(), "--results-dir", d / "run"],
-                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1"),
-                          capture_output=True, text=True)
-    assert code.returncode == 0, code.stderr
+    SINGLE.main([str(a) for a in flags() + ["--results-dir", d / "run"]])
     ck = d / "run" / "checkpoint-4"
 
     def doctored(name, edit):

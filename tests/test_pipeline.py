@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from conftest import PARITY_STEPS as STEPS
-from conftest import parity_flags, torchrun
+from conftest import declare, job_dir, parity_flags, torchrun
 from dit_core.checkpoint import model_from_checkpoint
 from dit_core.config import ConfigError, load_config
 from dit_core.diffusion import Diffusion
 from dit_core.parallel.pipeline import (bubble_formula, check_pipeline, gpipe, one_f_one_b, schedule, simulate,
                                         split_blocks)
-from dit_core.parity import compare, max_rel, run_launchers
+from dit_core.parity import compare, max_rel
 
 TWO = [("gpipe", 4, 1), ("gpipe", 8, 1), ("1f1b", 4, 1), ("1f1b", 8, 1), ("gpipe", 4, 2), ("1f1b", 4, 2)]
 BAD = [(["--pp-degree", "2", "--set", "model.depth=1"], "--pp-degree 2 is more stages than model.depth=1 blocks"),
@@ -27,25 +27,37 @@ def pp(schedule_name, m, accum, *extra):
     return parity_flags(**{"train.grad_accum": accum}) + ["--schedule", schedule_name, "--microbatches", str(m), *extra]
 
 
+# PP 2: both schedules, M = 4 and 8, accumulation 2; the torch.distributed.pipelining reference; the
+# rescale-grads bug; a checkpointed run and its resume; the bad inputs (the suite's 2-process job). PP 4 and
+# DP 2 x PP 2 (its 4-process job).
+D = job_dir() / "pp"
+TORCH = [(s, a) for s in ("gpipe", "1f1b") for a in (1, 2)]
+FOUR = [(s, m, p) for s in ("gpipe", "1f1b") for m in (4, 8) for p in (4,)] + [("gpipe", 4, 2), ("1f1b", 4, 2)]
+_R = "launchers/pipeline.py"
+for s, m, a in TWO:
+    declare(2, f"pp {s} {m} a{a}", _R, pp(s, m, a, "--pp-degree", "2", "--results-dir", D / f"{s}{m}a{a}"))
+for s, a in TORCH:
+    declare(2, f"pp torch {s} a{a}", _R, pp(s, 4, a, "--pp-degree", "2", "--impl", "torch",
+                                             "--results-dir", D / f"torch{s}a{a}"))
+declare(2, "pp broken", _R, pp("1f1b", 4, 2, "--pp-degree", "2", "--break", "rescale-grads", "--results-dir", D / "broken"))
+declare(2, "pp ckpt", _R, pp("1f1b", 4, 1, "--pp-degree", "2", "--set", f"train.ckpt_every={STEPS // 2}",
+                             "--results-dir", D / "ckpt"))
+declare(2, "pp again", _R, pp("1f1b", 4, 1, "--pp-degree", "2", "--results-dir", D / "again",
+                              "--resume", D / "ckpt" / f"checkpoint-{STEPS // 2}"))
+for i, (args, _) in enumerate(BAD):
+    declare(2, f"pp bad{i}", _R, parity_flags(1) + args + ["--results-dir", D / f"bad{i}"])
+for s, m, p in FOUR:
+    declare(4, f"pp four {s} {m} {p}", _R, pp(s, m, 1, "--pp-degree", str(p), "--results-dir", D / f"four{s}{m}{p}",
+                                              *(["--set", "model.depth=4"] if p == 4 else [])))
+
+
 @pytest.fixture(scope="module")
-def two(tmp_path_factory):
-    """PP 2: both schedules, M = 4 and 8, accumulation 2; the torch.distributed.pipelining reference; the
-    rescale-grads bug; a checkpointed run and its resume; the bad inputs. One torchrun job of 2 ranks."""
-    d = tmp_path_factory.mktemp("pp2")
-    runs = [pp(s, m, a, "--pp-degree", "2", "--results-dir", str(d / f"{s}{m}a{a}")) for s, m, a in TWO]
-    runs += [pp(s, 4, a, "--pp-degree", "2", "--impl", "torch", "--results-dir", str(d / f"torch{s}a{a}"))
-             for s in ("gpipe", "1f1b") for a in (1, 2)]
-    runs.append(pp("1f1b", 4, 2, "--pp-degree", "2", "--break", "rescale-grads", "--results-dir", str(d / "broken")))
-    runs.append(pp("1f1b", 4, 1, "--pp-degree", "2", "--set", f"train.ckpt_every={STEPS // 2}",
-                   "--results-dir", str(d / "ckpt")))
-    runs.append(pp("1f1b", 4, 1, "--pp-degree", "2", "--results-dir", str(d / "again"),
-                   "--resume", str(d / "ckpt" / f"checkpoint-{STEPS // 2}")))
-    runs += [parity_flags(1) + args + ["--results-dir", str(d / f"bad{i}")] for i, (args, _) in enumerate(BAD)]
-    out = run_launchers("launchers/pipeline.py", runs, nproc=2)
-    n = len(TWO)
-    return {"hand": dict(zip(TWO, out[:n])),
-            "torch": dict(zip([(s, a) for s in ("gpipe", "1f1b") for a in (1, 2)], out[n:n + 4])),
-            "broken": out[n + 4], "ckpt": out[n + 5], "again": out[n + 6], "bad": out[n + 7:], "dir": d}
+def two(jobs):
+    j = jobs(2)
+    return {"hand": {c: j[f"pp {c[0]} {c[1]} a{c[2]}"] for c in TWO},
+            "torch": {c: j[f"pp torch {c[0]} a{c[1]}"] for c in TORCH},
+            "broken": j["pp broken"], "ckpt": j["pp ckpt"], "again": j["pp again"],
+            "bad": [j[f"pp bad{i}"] for i in range(len(BAD))], "dir": D}
 
 
 @pytest.mark.parametrize("name, m, accum", TWO)
@@ -90,16 +102,10 @@ def test_bad_layouts_are_one_sentence(two, i):
     assert isinstance(msg, str) and BAD[i][1] in msg, msg
 
 
-def test_four_stages_and_dp2_x_pp2_match_one_process(reference, tmp_path):
-    deep = {"model.depth": 4}
-    runs = [pp(s, m, 1, "--pp-degree", "4", "--set", "model.depth=4", "--results-dir", str(tmp_path / f"{s}{m}"))
-            for s in ("gpipe", "1f1b") for m in (4, 8)]
-    runs += [pp(s, 4, 1, "--pp-degree", "2", "--results-dir", str(tmp_path / f"dp{s}")) for s in ("gpipe", "1f1b")]
-    logs = run_launchers("launchers/pipeline.py", runs, nproc=4)
-    for log in logs[:4]:
-        assert max_rel(compare(reference(1, **deep)[0], log)) <= 1e-5
-    for log in logs[4:]:
-        assert max_rel(compare(reference(1)[0], log)) <= 1e-5
+@pytest.mark.parametrize("name, m, p", FOUR)
+def test_four_stages_and_dp2_x_pp2_match_one_process(reference, jobs, name, m, p):
+    ref = reference(1, **({"model.depth": 4} if p == 4 else {}))[0]
+    assert max_rel(compare(ref, jobs(4)[f"pp four {name} {m} {p}"])) <= 1e-5
 
 
 def test_gradients_equal_torch_pipelining_and_one_process(tmp_path):

@@ -5,29 +5,33 @@ import pytest
 import torch
 
 from conftest import PARITY_STEPS as STEPS
-from conftest import load_launcher, parity_flags, torchrun
+from conftest import declare, job_dir, load_launcher, parity_flags, torchrun
 from dit_core.checkpoint import CheckpointError, model_from_checkpoint
 from dit_core.config import ConfigError, load_config
 from dit_core.diffusion import Diffusion
 from dit_core.parallel.tensor import check_tensor_parallel
-from dit_core.parity import compare, max_rel, run_launcher, run_launchers
+from dit_core.parity import compare, max_rel
 
 # parity_flags: 4 heads and an MLP of 128 split over 2 ranks; clipping at 0.05 acts at every step, so the
 # tensor-parallel gradient norm (slices summed over the group) is exercised too.
 flags = parity_flags
 
 
+# TP 2 with accumulation 1 and 2 (checkpoints every 10 steps), then a resume of the first from its step-10
+# checkpoint (the suite's 2-process job); DP 2 x TP 2 (its 4-process job).
+D = job_dir() / "tp"
+for a in (1, 2):
+    declare(2, f"tp a{a}", "launchers/tp.py", flags(**{"train.grad_accum": a, "train.ckpt_every": STEPS // 2}) + [
+        "--tp-degree", "2", "--results-dir", D / f"a{a}"])
+declare(2, "tp again", "launchers/tp.py", flags() + ["--tp-degree", "2", "--results-dir", D / "again",
+                                                     "--resume", D / "a1" / f"checkpoint-{STEPS // 2}"])
+declare(4, "tp dp2", "launchers/tp.py", flags() + ["--tp-degree", "2", "--results-dir", D / "dp2"])
+
+
 @pytest.fixture(scope="module")
-def tp_runs(tmp_path_factory):
-    """TP 2 with accumulation 1 and 2 (checkpoints every 10 steps), then a resume of the first from its
-    step-10 checkpoint: one torchrun job of launchers/tp.py."""
-    d = tmp_path_factory.mktemp("tp")
-    runs = [flags(**{"train.grad_accum": a, "train.ckpt_every": STEPS // 2}) + ["--tp-degree", "2", "--results-dir",
-                                                                              str(d / f"a{a}")] for a in (1, 2)]
-    runs.append(flags() + ["--tp-degree", "2", "--results-dir", str(d / "again"),
-                           "--resume", str(d / "a1" / f"checkpoint-{STEPS // 2}")])
-    a1, a2, again = run_launchers("launchers/tp.py", runs, nproc=2)
-    return {1: (a1, d / "a1"), 2: (a2, d / "a2"), "again": again}
+def tp_runs(jobs):
+    j = jobs(2)
+    return {1: (j["tp a1"], D / "a1"), 2: (j["tp a2"], D / "a2"), "again": j["tp again"]}
 
 
 def test_tensor_parallel_layers_equal_the_full_layers(tmp_path):
@@ -77,9 +81,8 @@ def test_tensor_parallel_layout_mismatch_is_one_sentence(tmp_path):
         check_tp_layout(tmp_path, {"step": 3}, {"tp_degree": 2, "world_size": 2})
 
 
-def test_dp2_x_tp2_matches_one_process(reference, tmp_path):
-    log = run_launcher("launchers/tp.py", flags() + ["--tp-degree", "2", "--results-dir", str(tmp_path)], nproc=4)
-    assert max_rel(compare(reference(1)[0], log)) <= 1e-5
+def test_dp2_x_tp2_matches_one_process(reference, jobs):
+    assert max_rel(compare(reference(1)[0], jobs(4)["tp dp2"])) <= 1e-5
 
 
 @pytest.mark.parametrize("over,degree,world,expect", [

@@ -4,23 +4,30 @@ import json
 import pytest
 
 from conftest import PARITY_STEPS as STEPS
-from conftest import parity_flags, torchrun
+from conftest import declare, job_dir, parity_flags, torchrun
 from dit_core.config import ConfigError, load_config
 from dit_core.parallel.ulysses import (check_sequence_parallel, megatron_sp_elements, ring_attention_elements,
                                        ulysses_elements)
-from dit_core.parity import compare, max_rel, run_launcher, run_launchers
+from dit_core.parity import compare, max_rel
 
 flags = parity_flags            # 16 tokens and 4 heads: both divide by 2
 
 
+# SP 2 with accumulation 1 and 2, and a patch size whose 49 tokens do not split (the suite's 2-process job);
+# DP 2 x SP 2 (its 4-process job).
+D = job_dir() / "sp"
+for a in (1, 2):
+    declare(2, f"sp a{a}", "launchers/ulysses.py", flags(**{"train.grad_accum": a}) + [
+        "--sp-degree", "2", "--results-dir", D / f"a{a}"])
+declare(2, "sp bad", "launchers/ulysses.py", flags(**{"model.patch_size": 4}) + [
+    "--sp-degree", "2", "--results-dir", D / "bad"])
+declare(4, "sp dp2", "launchers/ulysses.py", flags() + ["--sp-degree", "2", "--results-dir", D / "dp2"])
+
+
 @pytest.fixture(scope="module")
-def sp_runs(tmp_path_factory):
-    """SP 2 with accumulation 1 and 2, and a patch size whose 49 tokens do not split: one torchrun job."""
-    d = tmp_path_factory.mktemp("sp")
-    runs = [flags(**{"train.grad_accum": a}) + ["--sp-degree", "2", "--results-dir", str(d / f"a{a}")] for a in (1, 2)]
-    runs.append(flags(**{"model.patch_size": 4}) + ["--sp-degree", "2", "--results-dir", str(d / "bad")])
-    a1, a2, bad = run_launchers("launchers/ulysses.py", runs, nproc=2)
-    return {1: a1, 2: a2, "bad": bad, "dir": d}
+def sp_runs(jobs):
+    j = jobs(2)
+    return {1: j["sp a1"], 2: j["sp a2"], "bad": j["sp bad"], "dir": D}
 
 
 def test_ulysses_attention_equals_full_attention(tmp_path):
@@ -48,9 +55,8 @@ def test_two_ranks_sharing_each_image_match_one_process(sp_runs, reference, accu
     assert (sp_runs["dir"] / f"a{accum}" / f"checkpoint-{STEPS}" / "model.pt").is_file()   # a plain checkpoint
 
 
-def test_dp2_x_sp2_matches_one_process(reference, tmp_path):
-    log = run_launcher("launchers/ulysses.py", flags() + ["--sp-degree", "2", "--results-dir", str(tmp_path)], nproc=4)
-    assert max_rel(compare(reference(1)[0], log)) <= 1e-5
+def test_dp2_x_sp2_matches_one_process(reference, jobs):
+    assert max_rel(compare(reference(1)[0], jobs(4)["sp dp2"])) <= 1e-5
 
 
 def test_bad_layout_is_one_sentence(sp_runs):

@@ -8,8 +8,8 @@ buffers under 10%) and ZeRO-3's persistence threshold are proved once, by chapte
 import pytest
 import torch
 
-from conftest import PARITY, PARITY_STEPS, ROOT, parity_flags, run_py
-from dit_core.parity import compare, max_rel, run_launcher, run_launchers
+from conftest import PARITY, PARITY_STEPS, ROOT, declare, job_dir, load_launcher, parity_flags
+from dit_core.parity import compare, max_rel, run_launcher
 
 CLIP = PARITY["train.grad_clip"]      # below these runs' gradient norms (~0.17): clipping acts at every step
 CASES = [(stage, accum) for stage in (0, 1, 2, 3) for accum in (1, 2)]
@@ -22,22 +22,26 @@ BAD = [
 ]
 
 
+# Every stage x accumulation, the clipping-off negative check, a short stage-1 run whose checkpoint another
+# stage must refuse, and the bad inputs: declared runs of launchers/zero.py (the suite's 2-process job).
+D = job_dir() / "zero"
+for s, acc in CASES:
+    declare(2, f"zero {s} a{acc}", "launchers/zero.py", parity_flags(**{"train.grad_accum": acc}) + [
+        "--stage", str(s), "--results-dir", D / f"z{s}a{acc}"])
+declare(2, "zero noclip", "launchers/zero.py", parity_flags(**{"train.grad_clip": 0.0}) + [
+    "--stage", "2", "--results-dir", D / "noclip"])
+declare(2, "zero stage1", "launchers/zero.py", parity_flags(2) + ["--stage", "1", "--results-dir", D / "stage1"])
+declare(2, "zero other stage", "launchers/zero.py", parity_flags(4) + ["--stage", "2", "--results-dir", D / "stage2",
+                                                                       "--resume", D / "stage1" / "checkpoint-2"])
+for i, (args, _) in enumerate(BAD):
+    declare(2, f"zero bad{i}", "launchers/zero.py", parity_flags(1) + args + ["--results-dir", D / f"bad{i}"])
+
+
 @pytest.fixture(scope="module")
-def zero_runs(tmp_path_factory):
-    """Every stage x accumulation, the clipping-off negative check, a short stage-1 run whose checkpoint
-    another stage must refuse, and the bad inputs: one torchrun job of launchers/zero.py."""
-    d = tmp_path_factory.mktemp("zero")
-    runs = [parity_flags(**{"train.grad_accum": acc}) + ["--stage", str(s), "--results-dir", str(d / f"z{s}a{acc}")]
-            for s, acc in CASES]
-    runs.append(parity_flags(**{"train.grad_clip": 0.0}) + ["--stage", "2", "--results-dir", str(d / "noclip")])
-    runs.append(parity_flags(2) + ["--stage", "1", "--results-dir", str(d / "stage1")])
-    runs.append(parity_flags(4) + ["--stage", "2", "--results-dir", str(d / "stage2"),
-                                   "--resume", str(d / "stage1" / "checkpoint-2")])
-    runs += [parity_flags(1) + args + ["--results-dir", str(d / f"bad{i}")] for i, (args, _) in enumerate(BAD)]
-    out = run_launchers("launchers/zero.py", runs, nproc=2)
-    n = len(CASES)
-    return {"runs": dict(zip(CASES, out[:n])), "noclip": out[n], "other_stage": out[n + 2],
-            "bad": out[n + 3:], "dir": d}
+def zero_runs(jobs):
+    j = jobs(2)
+    return {"runs": {c: j[f"zero {c[0]} a{c[1]}"] for c in CASES}, "noclip": j["zero noclip"],
+            "other_stage": j["zero other stage"], "bad": [j[f"zero bad{i}"] for i in range(len(BAD))], "dir": D}
 
 
 @pytest.mark.parametrize("stage, accum", CASES)
@@ -97,15 +101,15 @@ def test_deepspeed_launcher_resume_and_plain_weights(reference, tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full[12:]]          # bitwise
     ckpt = tmp_path / "full" / f"checkpoint-{PARITY_STEPS}"
     assert not (ckpt / "model.pt").exists()
-    r = run_py(["-m", "dit_core.parallel.zero", "convert", str(ckpt), str(tmp_path / "plain")])
-    assert r.returncode == 0, r.stderr[-2000:]
-    from dit_core.checkpoint import model_from_checkpoint
+    from dit_core.parallel.zero import main as zero_cli       # python -m dit_core.parallel.zero convert SRC DST
+    assert zero_cli(["convert", str(ckpt), str(tmp_path / "plain")]) == 0
+    from dit_core.checkpoint import CheckpointError, model_from_checkpoint
     for file, use_ema in (("model.pt", False), ("ema.pt", True)):
         mine, _ = model_from_checkpoint(tmp_path / "plain", ema=use_ema)
         ref_sd = torch.load(ref_dir / f"checkpoint-{PARITY_STEPS}" / file, weights_only=True)
         for k, v in mine.state_dict().items():
             assert torch.allclose(v, ref_sd[k], rtol=1e-4, atol=1e-6), (file, k)
     # the converted folder holds weights only: resuming it says so and names what resumes the original
-    r = run_py(["launchers/single.py", *parity_flags(), "--results-dir", str(tmp_path / "s"),
-                "--resume", str(tmp_path / "plain")])
-    assert r.returncode == 2 and "converted from the DeepSpeed checkpoint" in r.stderr, r.stderr
+    with pytest.raises(CheckpointError, match="converted from the DeepSpeed checkpoint"):
+        load_launcher("single").main(parity_flags() + ["--results-dir", str(tmp_path / "s"),
+                                                       "--resume", str(tmp_path / "plain")])

@@ -7,11 +7,8 @@ sends it to the next stage; backward sends its gradient (dh and dc: the blocks o
 to dc) to the previous one. Shapes are known from the config, so the receiver allocates its buffer in
 advance: plain `isend`/`irecv` of tensors, nothing pickled.
 
-A schedule is a list of actions per stage, ("F", m) or ("B", m): `gpipe` runs every forward, then every
-backward; `one_f_one_b` warms up with P - s - 1 forwards, then alternates one forward and one backward,
-so at most P - s micro-batches wait for their backward (GPipe keeps all M). `simulate` replays the
-lists with a cost per action and predicts the bubble; `Executor` runs them for real and, when asked,
-records when each action computed and when it waited.
+A schedule is a list of actions per stage (`dit_core.parallel.schedules`: GPipe, 1F1B, the simulator);
+`Executor` runs one for real and, when asked, records when each action computed and when it waited.
 
 The loss of the step is the mean over the whole per-pipeline batch: each micro-batch's mean loss is
 divided by M x accumulation before its backward, so the summed gradient is the single process's.
@@ -21,7 +18,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -32,6 +28,7 @@ from ..config import Config, ConfigError
 from ..engine import EMA, TorchEngine, apply_schedule, autocast_ctx
 from ..model import DiT, sdpa_attention
 from .dist import DistEnv, DistParallel, build_mesh, check_degree
+from .schedules import BUILDERS, Action, bubble_formula, gpipe, one_f_one_b, schedule, simulate  # noqa: F401
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -108,42 +105,6 @@ class Stage(nn.Module):
         return torch.cat([h.flatten(1).float(), c.float()], dim=1)
 
 
-# ---------------------------------------------------------------- schedules
-
-@dataclass(frozen=True)
-class Action:
-    op: str        # "F" (forward of a micro-batch) or "B" (its backward)
-    mb: int
-
-    def __repr__(self) -> str:
-        return f"{self.op}{self.mb}"
-
-
-def gpipe(stages: int, microbatches: int, stage: int) -> list[Action]:
-    """GPipe: all M forwards, then all M backwards. Every micro-batch's activations live until its backward."""
-    return [Action("F", m) for m in range(microbatches)] + [Action("B", m) for m in range(microbatches)]
-
-
-def one_f_one_b(stages: int, microbatches: int, stage: int) -> list[Action]:
-    """1F1B (PipeDream-flush): P - s - 1 warm-up forwards, then one forward and one backward in turn, then the
-    remaining backwards. A micro-batch's backward starts as soon as the last stage has its loss, so stage s
-    holds at most P - s micro-batches' activations."""
-    warm = min(stages - stage - 1, microbatches)
-    out = [Action("F", m) for m in range(warm)]
-    for i in range(microbatches - warm):
-        out += [Action("F", warm + i), Action("B", i)]
-    out += [Action("B", m) for m in range(microbatches - warm, microbatches)]
-    return out
-
-
-BUILDERS = {"gpipe": gpipe, "1f1b": one_f_one_b}
-
-
-def schedule(name: str, stages: int, microbatches: int) -> list[list[Action]]:
-    """Every stage's action list."""
-    return [BUILDERS[name](stages, microbatches, s) for s in range(stages)]
-
-
 def check_pipeline(cfg: Config, stages: int, world_size: int, microbatches: int, name: str, dp: int) -> None:
     """Every bad layout is one sentence, before any process waits on another."""
     check_degree(world_size, stages, "--pp-degree")
@@ -163,42 +124,6 @@ def check_pipeline(cfg: Config, stages: int, world_size: int, microbatches: int,
         raise ConfigError(f"--schedule 1f1b needs at least as many micro-batches as stages (--microbatches "
                           f"{microbatches} < --pp-degree {stages}): its warm-up alone holds {stages - 1}; use "
                           f"--microbatches {stages} or more, or --schedule gpipe.")
-
-
-def simulate(actions: list[list[Action]], t_forward: float = 1.0, t_backward: float = 2.0) -> dict:
-    """Replay every stage's action list with fixed costs and no communication time: when does each action
-    start and end? F(m) on stage s waits for F(m) on s-1; B(m) waits for B(m) on s+1 (the last stage's B(m)
-    for its own F(m)). Returns the timeline and each stage's bubble (idle share of the whole step)."""
-    P = len(actions)
-    done: dict = {}                     # (op, mb, stage) -> end time
-    clock = [0.0] * P
-    pos = [0] * P
-    timeline = [[] for _ in range(P)]
-    while any(pos[s] < len(actions[s]) for s in range(P)):
-        progressed = False
-        for s in range(P):
-            if pos[s] == len(actions[s]):
-                continue
-            a = actions[s][pos[s]]
-            dep = (("F", a.mb, s - 1) if s > 0 else None) if a.op == "F" else \
-                  (("B", a.mb, s + 1) if s < P - 1 else ("F", a.mb, s))
-            if dep is not None and dep not in done:
-                continue
-            start = max(clock[s], done[dep] if dep else 0.0)
-            end = start + (t_forward if a.op == "F" else t_backward)
-            done[(a.op, a.mb, s)] = end
-            timeline[s].append((a, start, end))
-            clock[s], pos[s], progressed = end, pos[s] + 1, True
-        if not progressed:
-            raise RuntimeError("the schedule deadlocks: some action waits for one that never runs")
-    span = max(clock)
-    busy = [sum(e - b for _, b, e in timeline[s]) for s in range(P)]
-    return {"timeline": timeline, "span": span, "bubble": [1 - b / span for b in busy]}
-
-
-def bubble_formula(stages: int, microbatches: int) -> float:
-    """GPipe's and 1F1B's idle share: (P - 1) / (M + P - 1) (Huang et al. 2019; Narayanan et al. 2021)."""
-    return (stages - 1) / (microbatches + stages - 1)
 
 
 # ---------------------------------------------------------------- running a schedule
