@@ -244,11 +244,16 @@ def save_checkpoint(results_dir: str | Path, step: int, engine, ema, cfg: Config
     except OSError as e:
         if par.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        latest = checkpoint_steps(Path(results_dir))
-        keep = f"checkpoint-{latest[-1]} is the latest complete one" if latest else "no checkpoint was kept"
-        why = "the disk is full" if e.errno == errno.ENOSPC else f"{e.strerror or e.__class__.__name__}"
-        raise CheckpointError(f"Writing '{final}' failed ({why}); nothing half-written was left and {keep}: "
-                              f"free space or fix the folder, then resume.") from None
+        raise write_failed(final, e) from None
+
+
+def write_failed(final: Path, e: OSError) -> CheckpointError:
+    """The sentence for a checkpoint whose write failed (its temporary folder already removed)."""
+    latest = checkpoint_steps(final.parent)
+    keep = f"checkpoint-{latest[-1]} is the latest complete one" if latest else "no checkpoint was kept"
+    why = "the disk is full" if e.errno == errno.ENOSPC else f"{e.strerror or e.__class__.__name__}"
+    return CheckpointError(f"Writing '{final}' failed ({why}); nothing half-written was left and {keep}: "
+                           f"free space or fix the folder, then resume.")
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -266,6 +266,16 @@ class TorchEngine(Accumulating):
         return nonfinite_count(self.params)
 
 
+def clip_by_norm_(grads, norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale `grads` so that a whole-model gradient of norm `norm` would have at most `max_norm` (what
+    clip_grad_norm_ does, for strategies that sum the norm's squares across ranks first); returns `norm`."""
+    if math.isfinite(max_norm):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef)
+    return norm
+
+
 def nonfinite_count(params) -> torch.Tensor:
     params = [p.detach() for p in params if p.numel()]
     if not params:

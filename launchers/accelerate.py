@@ -31,8 +31,8 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, Gradient
 from torch.utils.data import DataLoader  # noqa: E402
 
 from dit_core.batch import GlobalBatchStream, stack_samples  # noqa: E402
-from dit_core.checkpoint import (CheckpointError, check_finite, check_resume, checkpoint_steps,  # noqa: E402
-                                 foreign, read_training_state)
+from dit_core.checkpoint import (CheckpointError, check_finite, check_resume, foreign,  # noqa: E402
+                                 read_training_state, write_failed)
 from dit_core.config import ConfigError, config_from_args, launcher_parser  # noqa: E402
 from dit_core.data import load_mnist  # noqa: E402
 from dit_core.diffusion import Diffusion  # noqa: E402
@@ -126,11 +126,7 @@ def save(accelerator, folder: Path, model, ema: EMA, progress: Progress, cfg) ->
     except OSError as e:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        kept = checkpoint_steps(folder.parent)
-        keep = f"checkpoint-{kept[-1]} is the latest complete one" if kept else "no checkpoint was kept"
-        why = "the disk is full" if e.errno == 28 else (e.strerror or e.__class__.__name__)
-        raise CheckpointError(f"Writing '{folder}' failed ({why}); nothing half-written was left and {keep}: "
-                              f"free space or fix the folder, then resume.") from None
+        raise write_failed(folder, e) from None
 
 
 class Ranks(DistParallel):

@@ -24,12 +24,11 @@
 
 # %%
 import os, json, inspect
-import numpy as np
 import torch
 import matplotlib.pyplot as plt
 from dit_core.config import load_config
 from dit_core.model import DiT, count_parameters
-from dit_core.parallel.pipeline import (Stage, split_blocks, schedule, simulate, bubble_formula, gpipe, one_f_one_b)
+from dit_core.parallel.pipeline import Stage, schedule, simulate, bubble_formula, gpipe, one_f_one_b
 from dit_core.parity import run_launchers, run_here, compare, max_rel, format_table
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
@@ -178,7 +177,7 @@ plt.title("(P-1)/(M+P-1): more micro-batches, smaller bubble"); plt.legend(); pl
 # number of pipelines.
 
 # %%
-from dit_core.parallel.pipeline import Executor, PipelineEngine
+from dit_core.parallel.pipeline import PipelineEngine
 print(inspect.getsource(PipelineEngine.run_step))
 
 # %% [markdown]
@@ -280,7 +279,7 @@ print("1F1B holds at most P - s on stage s:",
 g = {r["M"]: r for r in rows if r["schedule"] == "gpipe"}
 f = {r["M"]: r for r in rows if r["schedule"] == "1f1b"}
 big = max(set(g) & set(f))
-print(f"at the largest M both ran, 1F1B's stage 0 keeps less activation memory than GPipe's:",
+print("at the largest M both ran, 1F1B's stage 0 keeps less activation memory than GPipe's:",
       f[big]["peak_saved_mib"][0] < g[big]["peak_saved_mib"][0])
 print("bytes sent per step by stage 0 = M x micro-batch x (T·H + H) x 4 bytes, and the same back by stage 1:",
       all(r["bytes_sent"] == [r["M"] * r["micro_batch"] * r["packed_width"] * 4] * P for r in rows))

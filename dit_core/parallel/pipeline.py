@@ -16,7 +16,6 @@ divided by M x accumulation before its backward, so the summed gradient is the s
 from __future__ import annotations
 
 import copy
-import math
 import time
 
 import torch
@@ -25,7 +24,7 @@ import torch.nn as nn
 
 from ..checkpoint import CheckpointError, check_files, foreign, load_state_file, read_training_state, torch_load
 from ..config import Config, ConfigError
-from ..engine import EMA, TorchEngine, apply_schedule, autocast_ctx
+from ..engine import EMA, TorchEngine, apply_schedule, autocast_ctx, clip_by_norm_
 from ..model import DiT, sdpa_attention
 from .dist import DistEnv, DistParallel, build_mesh, check_degree
 from .schedules import BUILDERS, Action, bubble_formula, gpipe, one_f_one_b, schedule, simulate  # noqa: F401
@@ -386,12 +385,7 @@ class PipelineStrategy(DistParallel):
         grads = [p.grad for p in params if p.grad is not None]
         sq = sum((g.float().square().sum() for g in grads), torch.zeros((), device=self.device))
         dist.all_reduce(sq, group=self.mesh.inner_group)
-        norm = sq.sqrt()
-        if math.isfinite(max_norm):
-            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(coef)
-        return norm
+        return clip_by_norm_(grads, sq.sqrt(), max_norm)
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         """Only last stages hold a loss: their sum over all ranks, divided by the number of pipelines."""
@@ -442,7 +436,7 @@ class TorchPipelineEngine(PipelineEngine):
         self.schedules: dict = {}
 
     def run_step(self, step, micro_batches, loss_fn, hooks):
-        par, M, A = self.par, self.par.microbatches, len(micro_batches)
+        M, A = self.par.microbatches, len(micro_batches)
         if A not in self.schedules:
             def loss(pred, target):
                 return self.diffusion.error(pred, None, None, target) / (M * A)

@@ -13,7 +13,6 @@ backward) where the row-parallel partial sums leave.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, ModelConfig
 from ..model import DiT
 from ..checkpoint import CheckpointError, check_files, foreign, load_state_file, read_training_state, torch_load
-from ..engine import EMA, TorchEngine, apply_schedule
+from ..engine import EMA, TorchEngine, apply_schedule, clip_by_norm_
 from .ddp import DataParallel, MeshStrategy
 from .dist import DistEnv, check_degree
 
@@ -283,12 +282,7 @@ class TensorParallelStrategy(MeshStrategy):
         sliced = squares(lambda p: hasattr(p, "tensor_parallel"))
         dist.all_reduce(sliced, group=self.mesh.inner_group)
         whole = squares(lambda p: not hasattr(p, "tensor_parallel"))
-        norm = (sliced + whole).sqrt()
-        if math.isfinite(max_norm):
-            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(coef)
-        return norm
+        return clip_by_norm_(grads, (sliced + whole).sqrt(), max_norm)
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().clone()
