@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 2 launchers/pipeline.py --pp-degree 2 --schedule 1f1b --microbatches 4 --device cpu
     torchrun --nproc_per_node 4 launchers/pipeline.py --pp-degree 2 ...   # DP 2 x PP 2
     torchrun --nproc_per_node 2 launchers/pipeline.py --impl torch ...    # torch.distributed.pipelining
+    torchrun --nproc_per_node 2 launchers/pipeline.py --schedule interleaved --virtual-stages 2 --set model.depth=4
 """
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ def main(argv=None):
     p.add_argument("--pp-degree", type=int, default=2, help="pipeline stages (consecutive ranks; default 2)")
     p.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
     p.add_argument("--microbatches", type=int, default=4, help="micro-batches per accumulation step (M)")
+    p.add_argument("--virtual-stages", type=int, default=1,
+                   help="chunks of layers per rank, with --schedule interleaved (v >= 2; chunk k on rank k mod P)")
     p.add_argument("--impl", choices=("hand", "torch"), default="hand",
                    help="hand: dit_core.parallel.pipeline; torch: torch.distributed.pipelining, the same stages")
     p.add_argument("--break", dest="broken", choices=PipelineStrategy.BROKEN,
@@ -30,9 +33,9 @@ def main(argv=None):
     cfg = config_from_args(args)
     env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
     dp = env.world_size // args.pp_degree if args.pp_degree >= 1 and env.world_size % args.pp_degree == 0 else 1
-    check_pipeline(cfg, args.pp_degree, env.world_size, args.microbatches, args.schedule, dp)
+    check_pipeline(cfg, args.pp_degree, env.world_size, args.microbatches, args.schedule, dp, args.virtual_stages)
     strategy = PipelineStrategy(env, args.pp_degree, args.microbatches, args.schedule, args.broken,
-                                timeline=bool(args.timeline))
+                                timeline=bool(args.timeline), chunks=args.virtual_stages)
     if args.impl == "torch":
         strategy.make_engine = lambda model, c, device: TorchPipelineEngine(model, strategy, c, device)
     hooks = None

@@ -17,10 +17,10 @@
 # forward pass and for its gradient in the backward pass. Cutting the batch into micro-batches (微批次) and
 # ordering their forwards and backwards well (the *schedule*) shrinks it.
 #
-# This chapter builds both classic schedules by hand (`dit_core/parallel/pipeline.py`, `launchers/pipeline.py`),
-# predicts their bubble, measures it from real events, shows what each schedule costs in activation memory, and
-# proves that two and four stages train exactly like one process, also against PyTorch's own
-# `torch.distributed.pipelining`.
+# This chapter builds both classic schedules and the interleaved one by hand (`dit_core/parallel/schedules.py`,
+# `dit_core/parallel/pipeline.py`, `launchers/pipeline.py`), predicts their bubble, measures it from real events,
+# shows what each schedule costs in activation memory, and proves that two and four stages train exactly like one
+# process, also against PyTorch's own `torch.distributed.pipelining`.
 
 # %%
 import os, json, inspect
@@ -28,7 +28,7 @@ import torch
 import matplotlib.pyplot as plt
 from dit_core.config import load_config
 from dit_core.model import DiT, count_parameters
-from dit_core.parallel.pipeline import Stage, schedule, simulate, bubble_formula, gpipe, one_f_one_b
+from dit_core.parallel.pipeline import Stage, schedule, simulate, bubble_formula, gpipe, one_f_one_b, interleaved_1f1b
 from dit_core.parity import run_launchers, run_here, compare, max_rel, format_table
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
@@ -161,6 +161,26 @@ plt.xscale("log", base=2); plt.xlabel("micro-batches M"); plt.ylabel("bubble (id
 plt.title("(P-1)/(M+P-1): more micro-batches, smaller bubble"); plt.legend(); plt.grid(alpha=0.3); plt.show()
 
 # %% [markdown]
+# ### Interleaved 1F1B: more, smaller stages on the same ranks
+#
+# The bubble is P − 1 slots of one stage's work. Make each slot shorter: cut the model into P·v chunks and give
+# rank s the chunks s, s + P, ..., s + (v − 1)P (Narayanan et al., 2021). A micro-batch now visits every rank v
+# times, each visit 1/v of the work, so the bubble shrinks v-fold: (P − 1)/(v·M + P − 1) of the step. The price:
+# v times the messages (every chunk boundary is a send), and micro-batches must go round in groups of P.
+# `F2.1` below is the forward of micro-batch 2 on this rank's chunk 1 (`F2`: on its chunk 0).
+
+# %%
+for s in range(2):
+    print(f"rank {s}  interleaved (P = 2, M = 4, v = 2): {' '.join(map(repr, interleaved_1f1b(2, 4, s, 2)))}")
+fig, axes = plt.subplots(2, 1, figsize=(10, 4.3))
+for ax, (name, v) in zip(axes, (("1f1b", 1), ("interleaved", 2))):
+    sim = simulate(schedule(name, 4, 8, v), chunks=v)
+    gantt(ax, [[(a.op, repr(a), b, e) for a, b, e in row] for row in sim["timeline"]],
+          f"{name}, P = 4, M = 8{', v = 2' if v > 1 else ''}: bubble {max(sim['bubble']):.0%} "
+          f"(formula (P-1)/(vM+P-1) = {bubble_formula(4, 8, v):.0%})")
+plt.tight_layout(); plt.show()
+
+# %% [markdown]
 # ## 4. Running a schedule: sends, receives, and where the loss lives
 #
 # `Executor.run` walks a stage's list. A forward receives the packed activations from the previous stage (stage 0
@@ -170,6 +190,14 @@ plt.title("(P-1)/(M+P-1): more micro-batches, smaller bubble"); plt.legend(); pl
 # receives go out together in one `batch_isend_irecv`: on NCCL a send and a receive between the same two GPUs must
 # be in one group, or each GPU waits for the other to finish first (a deadlock in 1F1B's steady state, where every
 # stage sends forward and receives backward at once).
+#
+# The stage then waits for its **receives only**; its sends are waited for at the end of the step. The first
+# version waited for both, and the interleaved schedule (P = 2, M = 4, v = 2, listed in section 3) hung on gloo.
+# Replaying the two lists by hand: rank 0, after B0.1, waited for its send of micro-batch 0's gradient, which rank 1
+# takes only just before its B0; rank 1 was still in its previous exchange, waiting for its send of micro-batch 1's
+# gradient, which rank 0 takes only after its own send is done. Each waited on the other. A send that nobody needs
+# yet must not block the sender: that is the whole fix, and it is why real pipeline runtimes (Megatron's,
+# `torch.distributed.pipelining`'s) keep send handles and wait for them late.
 #
 # **Where the loss lives.** Only the last stage has it. Each micro-batch's mean loss is divided by M × (gradient
 # accumulation steps) before its backward, so the gradients summed over the step are the gradient of the mean over
@@ -187,16 +215,19 @@ print(inspect.getsource(PipelineEngine.run_step))
 # against `python launchers/single.py`, same seed, same global batch of 16, clipping on (the gradient norm is summed
 # over the stages: each holds different weights). Each table of runs goes into one job (`run_launchers`: the
 # launcher's `main` once per row). Then the same stages through PyTorch's `torch.distributed.pipelining`
-# (`PipelineStage` with `ScheduleGPipe` / `Schedule1F1B`, `--impl torch`), four stages (4 processes), and data
+# (`PipelineStage` with `ScheduleGPipe` / `Schedule1F1B` / `ScheduleInterleaved1F1B`, `--impl torch`; the
+# interleaved runs use a depth-4 DiT, one block per chunk, chunks 0 and 2 on rank 0), four stages (4 processes), and data
 # parallelism across two pipelines (DP 2 × PP 2 on 4 processes).
 
 # %%
 single = dict(zip((1, 2), run_here("launchers/single.py", [SMALL + ["--grad-accum", str(a), "--results-dir",
                                                                           f"/tmp/ch12/single{a}"] for a in (1, 2)])))
 cases2 = [("gpipe", 4, 1, "hand"), ("gpipe", 8, 1, "hand"), ("1f1b", 4, 1, "hand"), ("1f1b", 8, 1, "hand"),
-          ("gpipe", 4, 2, "hand"), ("1f1b", 4, 2, "hand"), ("gpipe", 4, 1, "torch"), ("1f1b", 4, 2, "torch")]
+          ("gpipe", 4, 2, "hand"), ("1f1b", 4, 2, "hand"), ("interleaved", 4, 1, "hand"), ("interleaved", 4, 2, "hand"),
+          ("gpipe", 4, 1, "torch"), ("1f1b", 4, 2, "torch"), ("interleaved", 4, 1, "torch")]
 runs2 = run_launchers("launchers/pipeline.py", [SMALL + ["--pp-degree", "2", "--schedule", s, "--microbatches", str(m),
-                      "--grad-accum", str(a), "--impl", impl, "--results-dir", f"/tmp/ch12/{s}{m}a{a}{impl}"]
+                      "--grad-accum", str(a), "--impl", impl, "--results-dir", f"/tmp/ch12/{s}{m}a{a}{impl}",
+                      *(["--virtual-stages", "2"] if s == "interleaved" else [])]
                       for s, m, a, impl in cases2], nproc=2)
 cases4 = [("gpipe", 4, 1, 4), ("1f1b", 8, 1, 4), ("1f1b", 4, 1, 2)]     # (schedule, M, accumulation, stages)
 runs4 = run_launchers("launchers/pipeline.py", [SMALL + ["--pp-degree", str(p), "--schedule", s, "--microbatches", str(m),
@@ -207,7 +238,8 @@ print(format_table(compare(single[1], runs2[2])[:6], "single", "1F1B, 2 stages")
 # NBVAL_CHECK_OUTPUT
 for (s, m, a, impl), log in zip(cases2, runs2):
     r = max_rel(compare(single[a], log))
-    print(f"PP 2, {s:5s} M={m}, accumulation {a}, {impl:5s}: {'PASS' if r <= 1e-5 else 'FAIL'} (max rel diff <= 1e-5)")
+    print(f"PP 2, {s + (' v=2' if s == 'interleaved' else ''):15s} M={m}, accumulation {a}, {impl:5s}: "
+          f"{'PASS' if r <= 1e-5 else 'FAIL'} (max rel diff <= 1e-5)")
 for (s, m, a, p), log in zip(cases4, runs4):
     r = max_rel(compare(single[a], log))
     print(f"4 processes, {'PP 4' if p == 4 else 'DP 2 x PP 2'}, {s:5s} M={m}: {'PASS' if r <= 1e-5 else 'FAIL'}")
@@ -246,9 +278,9 @@ for a, log in zip((1, 2), broken):
 # ## 7. Measured: the bubble from real events, activation memory, bytes
 #
 # `launchers/pipeline.py --timeline R.json` records, on every stage, when each forward and backward ran and when
-# the stage waited for a send or a receive, from a barrier at each step's start. `tools/bench_pipeline.py` runs both
-# schedules for M = 1 ... 16 on 2 stages (hidden 256, depth 8, 49 tokens, batch 64: computing dominates the sends)
-# and turns the events into a bubble per stage. The full run below reads the numbers measured on this 2-core CPU
+# the stage waited for a send or a receive, from a barrier at each step's start. `tools/bench_pipeline.py` runs the
+# three schedules (interleaved with v = 2) for M = 1 ... 16 on 2 stages (hidden 256, depth 8, 49 tokens, batch 64:
+# computing dominates the sends) and turns the events into a bubble per stage. The full run below reads the numbers measured on this 2-core CPU
 # (`docs/bench_pipeline_cpu.json`; the command is in `docs/results.md`); in CI a smaller measurement runs.
 
 # %%
@@ -262,10 +294,10 @@ if SMOKE:
 else:
     bench = json.load(open("docs/bench_pipeline_cpu.json"))
 rows = bench["rows"]
-print(f"{'schedule':>8} {'M':>3} | {'measured bubble (stage 0, 1)':>29} | {'formula':>7} | {'simulated':>9} | "
+print(f"{'schedule':>11} {'M':>3} | {'measured bubble (stage 0, 1)':>29} | {'formula':>7} | {'simulated':>9} | "
       f"{'in flight':>9} | {'saved activations MiB':>22}")
 for r in rows:
-    print(f"{r['schedule']:>8} {r['M']:>3} | {' '.join(f'{b:.3f}' for b in r['bubble_measured']):>29} | "
+    print(f"{r['schedule']:>11} {r['M']:>3} | {' '.join(f'{b:.3f}' for b in r['bubble_measured']):>29} | "
           f"{r['bubble_formula']:7.3f} | {r['bubble_simulated']:9.3f} | {str(r['peak_in_flight']):>9} | "
           f"{' '.join(f'{m:6.1f}' for m in r['peak_saved_mib']):>22}")
 
@@ -281,24 +313,29 @@ f = {r["M"]: r for r in rows if r["schedule"] == "1f1b"}
 big = max(set(g) & set(f))
 print("at the largest M both ran, 1F1B's stage 0 keeps less activation memory than GPipe's:",
       f[big]["peak_saved_mib"][0] < g[big]["peak_saved_mib"][0])
-print("bytes sent per step by stage 0 = M x micro-batch x (T·H + H) x 4 bytes, and the same back by stage 1:",
-      all(r["bytes_sent"] == [r["M"] * r["micro_batch"] * r["packed_width"] * 4] * P for r in rows))
+print("bytes sent per step, all ranks together = 2 (P·v - 1) boundaries x M x micro-batch x (T·H + H) x 4 bytes:",
+      all(sum(r["bytes_sent"]) == 2 * (P * r["v"] - 1) * r["M"] * r["micro_batch"] * r["packed_width"] * 4 for r in rows))
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-for ax, name in zip(axes, ("gpipe", "1f1b")):
+names = [n for n in ("gpipe", "1f1b", "interleaved") if any(r["schedule"] == n for r in rows)]
+fig, axes = plt.subplots(len(names), 1, figsize=(10, 2.2 * len(names)))
+for ax, name in zip(axes, names):
     r = min((x for x in rows if x["schedule"] == name), key=lambda x: abs(x["M"] - 4))    # M = 4: readable
     tl = [[(e["kind"], e["what"], 1e3 * e["start"], 1e3 * e["end"]) for e in ev if e["kind"] in ("F", "B")]
           for ev in r["step_events"]]
-    gantt(ax, tl, f"measured: {name}, P = {r['P']}, M = {r['M']} (bubble {max(r['bubble_measured']):.0%}, "
+    gantt(ax, tl, f"measured: {name}, P = {r['P']}, M = {r['M']}{', v = %d' % r['v'] if r['v'] > 1 else ''} "
+                  f"(bubble {max(r['bubble_measured']):.0%}, "
                   f"formula {r['bubble_formula']:.0%})", unit="ms since the step's barrier")
 plt.tight_layout(); plt.show()
 plt.figure(figsize=(5.5, 3.2))
-for name, mk in (("gpipe", "o"), ("1f1b", "s")):
+for name, mk in (("gpipe", "o"), ("1f1b", "s"), ("interleaved", "^")):
     xs = [r for r in rows if r["schedule"] == name]
-    plt.plot([r["M"] for r in xs], [max(r["bubble_measured"]) for r in xs], mk + "-", label=f"{name}, measured")
+    if xs:
+        plt.plot([r["M"] for r in xs], [max(r["bubble_measured"]) for r in xs], mk + "-", label=f"{name}, measured")
 Ms = sorted({r["M"] for r in rows})
 plt.plot(Ms, [bubble_formula(P, M) for M in Ms], "k:", label="(P-1)/(M+P-1)")
+v = max(r["v"] for r in rows)
+plt.plot(Ms, [bubble_formula(P, M, v) for M in Ms], "k--", lw=0.8, label=f"(P-1)/({v}M+P-1)")
 plt.xscale("log", base=2); plt.xlabel("micro-batches M"); plt.ylabel("bubble"); plt.legend(); plt.grid(alpha=0.3)
 plt.title(f"P = {P} on this CPU"); plt.show()
 
@@ -308,8 +345,10 @@ plt.title(f"P = {P} on this CPU"); plt.show()
 # every send and receive takes time the formula leaves out. The batch is fixed here (64), so GPipe's activation
 # memory is the whole batch's whatever M is, while 1F1B's holds P micro-batches at most and falls as P/M: at M = 16
 # stage 0 keeps an eighth of GPipe's. (With a fixed micro-batch size instead, GPipe's memory grows with M and 1F1B's
-# stays flat: the same fact.) The bytes are small: one (B, T·H + H) tensor per micro-batch and stage boundary, each
-# way; data parallelism all-reduces every weight's gradient instead.
+# stays flat: the same fact.) Interleaving (v = 2) cuts the measured bubble further, towards (P − 1)/(v·M + P − 1),
+# and pays twice: its longer warm-up keeps more activations than 1F1B (stage 0 holds 5 chunk-micro-batches, each
+# half a stage, against 1F1B's 2 whole ones), and it sends v times the messages: every one of the P·v − 1 chunk boundaries sends one (B, T·H + H) tensor per
+# micro-batch each way. Those bytes are small; data parallelism all-reduces every weight's gradient instead.
 #
 # ## 8. Pipelines with the other axes, and better schedules
 #
@@ -319,8 +358,9 @@ plt.title(f"P = {P} on this CPU"); plt.show()
 # * **PP × TP × DP (Megatron's 3-D layout).** Tensor parallelism inside a node (it talks in every layer, on the
 #   fastest links), pipeline stages across nodes (one activation per micro-batch crosses), data parallelism
 #   outermost. The same mesh builder (`dit_core.parallel.dist.build_mesh`) lays ranks out for it.
-# * **Interleaved 1F1B** (Narayanan et al., 2021): each rank holds v non-adjacent chunks of layers (virtual stages),
-#   so a micro-batch passes every rank v times; the bubble falls to (P − 1)/(v · M), at v times the messages.
+# * **Interleaved 1F1B** (Narayanan et al., 2021; built above): each rank holds v non-adjacent chunks of layers
+#   (virtual stages), so a micro-batch passes every rank v times; the bubble falls to (P − 1)/(v · M) of the ideal
+#   time, at v times the messages.
 # * **Zero-bubble schedules** (Qi et al., 2023): split each backward into the gradient of the input (needed by the
 #   previous stage at once) and the gradient of the weights (needed only by the optimizer), and push the weight
 #   gradients into the idle slots. ZB-H1 keeps 1F1B's memory and cuts its bubble to about a third; ZB-H2 removes it

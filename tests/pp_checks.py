@@ -51,18 +51,24 @@ def main(out: str) -> None:
     diffusion = Diffusion(cfg.diffusion)
     result = {}
 
-    full = perturbed(cfg)                                   # the single-process gradient of the same batch
-    diffusion.loss(full, x0, y, b.t, b.noise, b.drop).backward()
-    ref = {n: p.grad for n, p in full.named_parameters()}
-    result["smallest_gradient_norm"] = min(g.norm().item() for g in ref.values())
+    deep = config_from_args(launcher_parser("checks").parse_args(launcher_flags(1, **PARITY, **{"model.depth": 4}) +
+                                                                 ["--results-dir", "/tmp/unused"]))
+    refs = {}
+    for chunks, c in ((1, cfg), (2, deep)):                 # the single-process gradient of the same batch
+        full = perturbed(c)
+        diffusion.loss(full, x0, y, b.t, b.noise, b.drop).backward()
+        refs[chunks] = {n: p.grad for n, p in full.named_parameters()}
+    result["smallest_gradient_norm"] = min(g.norm().item() for r in refs.values() for g in r.values())
 
     for impl in ("hand", "torch"):
-        for name in ("gpipe", "1f1b"):
-            par = PipelineStrategy(env, 2, M, name)
-            model = perturbed(cfg)
-            engine = (TorchPipelineEngine if impl == "torch" else PipelineEngine)(model, par, cfg, torch.device("cpu"))
+        for name, chunks in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
+            c = cfg if chunks == 1 else deep
+            par = PipelineStrategy(env, 2, M, name, chunks=chunks)
+            model = perturbed(c)
+            engine = (TorchPipelineEngine if impl == "torch" else PipelineEngine)(model, par, c, torch.device("cpu"))
             engine.run_step(0, [(x0, y, b)], None, TrainHooks())
             g = grads_of(engine)
+            ref = refs[chunks]
             ex = engine.executor
             mine = {"worst_vs_single": max((g[k] - ref[k]).abs().max().item() for k in g), "params": sorted(g),
                     "peak_in_flight": ex.peak_in_flight, "peak_saved_bytes": ex.peak_saved_bytes,
@@ -70,7 +76,8 @@ def main(out: str) -> None:
             parts = [None, None]
             dist.all_gather_object(parts, mine)            # one entry per stage
             result[f"{impl}_{name}"] = parts
-    result["all_params"] = sorted(ref)
+    result["all_params"] = sorted(refs[1])
+    result["all_params_deep"] = sorted(refs[2])
     if env.rank == 0:
         result["rank"] = 0
         Path(out).write_text(json.dumps(result))

@@ -16,11 +16,18 @@ from dit_core.parallel.pipeline import (bubble_formula, check_pipeline, gpipe, o
 from dit_core.parity import compare, max_rel
 
 TWO = [("gpipe", 4, 1), ("gpipe", 8, 1), ("1f1b", 4, 1), ("1f1b", 8, 1), ("gpipe", 4, 2), ("1f1b", 4, 2)]
-BAD = [(["--pp-degree", "2", "--set", "model.depth=1"], "--pp-degree 2 is more stages than model.depth=1 blocks"),
+BAD = [(["--pp-degree", "2", "--set", "model.depth=1"], "2 pipeline stages (--pp-degree x --virtual-stages) is more "
+                                                         "than model.depth=1 blocks"),
        (["--pp-degree", "2", "--microbatches", "3"], "--microbatches 3 does not divide"),
        (["--pp-degree", "2", "--schedule", "1f1b", "--microbatches", "1"],
         "--schedule 1f1b needs at least as many micro-batches as stages"),
-       (["--pp-degree", "3", "--set", "model.depth=3"], "world size 2 is not divisible by --pp-degree 3")]
+       (["--pp-degree", "3", "--set", "model.depth=3"], "world size 2 is not divisible by --pp-degree 3"),
+       (["--pp-degree", "2", "--schedule", "1f1b", "--virtual-stages", "2"], "--virtual-stages 2 goes with --schedule "
+                                                                             "interleaved"),
+       (["--pp-degree", "2", "--schedule", "interleaved", "--virtual-stages", "2", "--microbatches", "3",
+         "--global-batch-size", "12", "--set", "model.depth=4"], "needs 2 or more ranks and --microbatches a multiple of 2"),
+       (["--pp-degree", "2", "--schedule", "interleaved", "--virtual-stages", "2"],
+        "4 pipeline stages (--pp-degree x --virtual-stages) is more than model.depth=2 blocks")]
 
 
 def pp(schedule_name, m, accum, *extra):
@@ -32,6 +39,8 @@ def pp(schedule_name, m, accum, *extra):
 # DP 2 x PP 2 (its 4-process job).
 D = job_dir() / "pp"
 TORCH = [(s, a) for s in ("gpipe", "1f1b") for a in (1, 2)]
+INTERLEAVED = [(4, 1, "hand"), (8, 1, "hand"), (4, 2, "hand"), (4, 1, "torch"), (4, 2, "torch")]   # (M, accum, impl)
+DEEP = {"model.depth": 4}
 FOUR = [(s, m, p) for s in ("gpipe", "1f1b") for m in (4, 8) for p in (4,)] + [("gpipe", 4, 2), ("1f1b", 4, 2)]
 _R = "launchers/pipeline.py"
 for s, m, a in TWO:
@@ -39,6 +48,10 @@ for s, m, a in TWO:
 for s, a in TORCH:
     declare(2, f"pp torch {s} a{a}", _R, pp(s, 4, a, "--pp-degree", "2", "--impl", "torch",
                                              "--results-dir", D / f"torch{s}a{a}"))
+for m, a, impl in INTERLEAVED:     # 2 ranks x 2 chunks: blocks 0 | 1 | 2 | 3 on ranks 0, 1, 0, 1
+    declare(2, f"pp interleaved {m} a{a} {impl}", _R, pp("interleaved", m, a, "--pp-degree", "2", "--virtual-stages", "2",
+                                                          "--impl", impl, "--set", "model.depth=4",
+                                                          "--results-dir", D / f"inter{m}a{a}{impl}"))
 declare(2, "pp broken", _R, pp("1f1b", 4, 2, "--pp-degree", "2", "--break", "rescale-grads", "--results-dir", D / "broken"))
 declare(2, "pp ckpt", _R, pp("1f1b", 4, 1, "--pp-degree", "2", "--set", f"train.ckpt_every={STEPS // 2}",
                              "--results-dir", D / "ckpt"))
@@ -56,6 +69,7 @@ def two(jobs):
     j = jobs(2)
     return {"hand": {c: j[f"pp {c[0]} {c[1]} a{c[2]}"] for c in TWO},
             "torch": {c: j[f"pp torch {c[0]} a{c[1]}"] for c in TORCH},
+            "interleaved": {c: j[f"pp interleaved {c[0]} a{c[1]} {c[2]}"] for c in INTERLEAVED},
             "broken": j["pp broken"], "ckpt": j["pp ckpt"], "again": j["pp again"],
             "bad": [j[f"pp bad{i}"] for i in range(len(BAD))], "dir": D}
 
@@ -75,6 +89,13 @@ def test_two_stages_match_one_process(two, reference, name, m, accum):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_torch_pipelining_matches_one_process(two, reference, name, accum):
     assert max_rel(compare(reference(accum)[0], two["torch"][(name, accum)])) <= 1e-5
+
+
+@pytest.mark.parametrize("m, accum, impl", INTERLEAVED)
+def test_interleaved_1f1b_matches_one_process(two, reference, m, accum, impl):
+    """Two chunks per rank (the 4 blocks as stages 0-3 on ranks 0, 1, 0, 1), by hand and through torch's
+    ScheduleInterleaved1F1B."""
+    assert max_rel(compare(reference(accum, **DEEP)[0], two["interleaved"][(m, accum, impl)])) <= 1e-5
 
 
 def test_rescaling_gradients_every_accumulation_step_is_caught(two, reference):
@@ -114,10 +135,11 @@ def test_gradients_equal_torch_pipelining_and_one_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     c = json.loads(out.read_text())
     assert c["smallest_gradient_norm"] > 1e-6            # every weight has a gradient worth comparing
-    for key in ("hand_gpipe", "hand_1f1b", "torch_gpipe", "torch_1f1b"):
+    for key in ("hand_gpipe", "hand_1f1b", "torch_gpipe", "torch_1f1b", "hand_interleaved", "torch_interleaved"):
         stages = c[key]
         assert max(s["worst_vs_single"] for s in stages) <= 1e-6, (key, stages)
-        assert sorted(stages[0]["params"] + stages[1]["params"]) == c["all_params"]    # every weight, once
+        want = c["all_params_deep" if "interleaved" in key else "all_params"]
+        assert sorted(stages[0]["params"] + stages[1]["params"]) == want              # every weight, once
     # GPipe keeps all 4 micro-batches' activations; 1F1B at most P - s of them
     assert [s["peak_in_flight"] for s in c["hand_gpipe"]] == [4, 4]
     assert [s["peak_in_flight"] for s in c["hand_1f1b"]] == [2, 1]
@@ -133,14 +155,16 @@ def test_schedules_and_the_simulator():
     assert [repr(a) for a in one_f_one_b(4, 8, 3)][:4] == ["F0", "B0", "F1", "B1"]
     for P in (2, 4):
         for M in (1, 2, 4, 8, 16):
-            for name in ("gpipe", "1f1b"):
-                if name == "1f1b" and M < P:
+            for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("interleaved", 3)):
+                if name != "gpipe" and M < P or name == "interleaved" and M % P:
                     continue
-                acts = schedule(name, P, M)
-                assert all(sorted(map(repr, a)) == sorted([f"F{m}" for m in range(M)] + [f"B{m}" for m in range(M)])
-                           for a in acts)
-                sim = simulate(acts)
-                assert max(sim["bubble"]) == pytest.approx(bubble_formula(P, M), abs=1e-9), (P, M, name)
+                acts = schedule(name, P, M, v)
+                every = sorted((op, m, j) for op in "FB" for m in range(M) for j in range(v))
+                assert all(sorted((a.op, a.mb, a.chunk) for a in stage) == every for stage in acts)
+                sim = simulate(acts, chunks=v)
+                assert max(sim["bubble"]) == pytest.approx(bubble_formula(P, M, v), abs=1e-9), (P, M, name, v)
+    # interleaving two chunks per rank shrinks the bubble: 4 stages, 8 micro-batches
+    assert bubble_formula(4, 8, 2) < 0.6 * bubble_formula(4, 8)
     assert gpipe(2, 2, 0) == gpipe(2, 2, 1)
     assert split_blocks(5, 2) == [(0, 3), (3, 5)] and split_blocks(12, 4) == [(0, 3), (3, 6), (6, 9), (9, 12)]
 

@@ -22,7 +22,7 @@ from dit_core.parity import run_launchers  # noqa: E402
 
 def analyse(tl: dict) -> dict:
     """One run's timeline file -> bubble per stage, compute times, memory, bytes."""
-    P, M = tl["pp_degree"], tl["microbatches"]
+    P, M, v = tl["pp_degree"], tl["microbatches"], tl.get("virtual_stages", 1)
     ranks = sorted([r for r in tl["ranks"] if r["pipeline"] == 0], key=lambda r: r["stage"])
     steps = ranks[0]["steps"][1:]                      # leave the warm-up step out
     bubbles, tf, tb = [[] for _ in range(P)], [], []
@@ -35,11 +35,12 @@ def analyse(tl: dict) -> dict:
             tf += [e["end"] - e["start"] for e in ev if e["kind"] == "F"]
             tb += [e["end"] - e["start"] for e in ev if e["kind"] == "B"]
     t_f, t_b = sum(tf) / len(tf), sum(tb) / len(tb)
-    sim = simulate(schedule(tl["schedule"], P, M), t_f, t_b)
+    # a chunk's measured time is 1/v of a stage's: scale back so that simulate() (which divides by v) matches
+    sim = simulate(schedule(tl["schedule"], P, M, v), v * t_f, v * t_b, chunks=v)
     last = [r["steps"][-1] for r in ranks]
-    return {"schedule": tl["schedule"], "P": P, "M": M, "micro_batch": tl["micro_batch"],
+    return {"schedule": tl["schedule"], "P": P, "M": M, "v": v, "micro_batch": tl["micro_batch"],
             "packed_width": tl["packed_width"],
-            "bubble_measured": [sum(b) / len(b) for b in bubbles], "bubble_formula": bubble_formula(P, M),
+            "bubble_measured": [sum(b) / len(b) for b in bubbles], "bubble_formula": bubble_formula(P, M, v),
             "bubble_simulated": max(sim["bubble"]), "t_forward_ms": 1e3 * t_f, "t_backward_ms": 1e3 * t_b,
             "peak_in_flight": [s["peak_in_flight"] for s in last],
             "peak_saved_mib": [s["peak_saved_bytes"] / 2**20 for s in last],
@@ -58,6 +59,7 @@ def main(argv=None):
     p.add_argument("--model", default="hidden_size=256,depth=8,num_heads=4,patch_size=4",
                    help="model.* settings: large enough that computing dominates the sends")
     p.add_argument("--global-batch-size", type=int, default=64)
+    p.add_argument("--virtual-stages", type=int, default=2, help="chunks per rank of the interleaved rows (1: none)")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench-pp-"))
     base = ["--config", "configs/tiny.yaml", "--device", args.device, "--max-steps", str(args.steps),
@@ -65,16 +67,19 @@ def main(argv=None):
             "--set", "train.tensorboard=false", "--set", "train.train_subset=2048", "--set", "train.warmup_steps=1"]
     for kv in args.model.split(","):
         base += ["--set", f"model.{kv}"]
-    rows = [(s, int(m)) for s in ("gpipe", "1f1b") for m in args.microbatches.split(",")
-            if not (s == "1f1b" and int(m) < args.pp_degree)]
-    run_launchers("launchers/pipeline.py", [base + ["--schedule", s, "--microbatches", str(m), "--results-dir",
-                                                    str(tmp / f"{s}{m}"), "--timeline", str(tmp / f"{s}{m}.json")]
+    names = ("gpipe", "1f1b") + (("interleaved",) if args.virtual_stages > 1 else ())
+    rows = [(s, int(m)) for s in names for m in args.microbatches.split(",")
+            if not (s != "gpipe" and int(m) < args.pp_degree) and not (s == "interleaved" and int(m) % args.pp_degree)]
+    extra = {"interleaved": ["--virtual-stages", str(args.virtual_stages)]}
+    run_launchers("launchers/pipeline.py", [base + ["--schedule", s, "--microbatches", str(m), *extra.get(s, []),
+                                                    "--results-dir", str(tmp / f"{s}{m}"),
+                                                    "--timeline", str(tmp / f"{s}{m}.json")]
                                             for s, m in rows], nproc=args.nproc)
     out = [analyse(json.loads((tmp / f"{s}{m}.json").read_text())) for s, m in rows]
-    print(f"{'schedule':>8} {'M':>3} | {'bubble measured (per stage)':>28} | {'formula':>7} | {'simulated':>9} | "
+    print(f"{'schedule':>11} {'M':>3} | {'bubble measured (per stage)':>28} | {'formula':>7} | {'simulated':>9} | "
           f"{'F ms':>6} {'B ms':>6} | {'in flight':>9} | {'saved MiB':>13}")
     for r in out:
-        print(f"{r['schedule']:>8} {r['M']:>3} | {' '.join(f'{b:.3f}' for b in r['bubble_measured']):>28} | "
+        print(f"{r['schedule']:>11} {r['M']:>3} | {' '.join(f'{b:.3f}' for b in r['bubble_measured']):>28} | "
               f"{r['bubble_formula']:7.3f} | {r['bubble_simulated']:9.3f} | {r['t_forward_ms']:6.1f} "
               f"{r['t_backward_ms']:6.1f} | {str(r['peak_in_flight']):>9} | "
               f"{' '.join(f'{m:.1f}' for m in r['peak_saved_mib']):>13}")

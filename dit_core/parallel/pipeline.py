@@ -27,9 +27,10 @@ from ..config import Config, ConfigError
 from ..engine import EMA, TorchEngine, apply_schedule, autocast_ctx, clip_by_norm_
 from ..model import DiT, sdpa_attention
 from .dist import DistEnv, DistParallel, build_mesh, check_degree
-from .schedules import BUILDERS, Action, bubble_formula, gpipe, one_f_one_b, schedule, simulate  # noqa: F401
+from .schedules import (BUILDERS, Action, bubble_formula, gpipe, interleaved_1f1b, one_f_one_b, schedule,  # noqa: F401
+                        simulate)
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 # ---------------------------------------------------------------- splitting the model
@@ -37,8 +38,8 @@ SCHEDULES = ("gpipe", "1f1b")
 def split_blocks(depth: int, stages: int) -> list[tuple[int, int]]:
     """[lo, hi) of the blocks of every stage: as even as possible, the first stages take one more."""
     if stages > depth:
-        raise ConfigError(f"--pp-degree {stages} is more stages than model.depth={depth} blocks; every stage needs "
-                          f"a block: use --pp-degree <= {depth} or a deeper model.")
+        raise ConfigError(f"{stages} pipeline stages (--pp-degree x --virtual-stages) is more than model.depth={depth} "
+                          f"blocks; every stage needs a block: use fewer stages or a deeper model.")
     base, extra = divmod(depth, stages)
     out, lo = [], 0
     for s in range(stages):
@@ -51,7 +52,7 @@ def split_blocks(depth: int, stages: int) -> list[tuple[int, int]]:
 class Stage(nn.Module):
     """Stage s of P: what of the DiT it holds, and its forward on one micro-batch."""
 
-    def __init__(self, model: DiT, stage: int, stages: int):
+    def __init__(self, model: DiT, stage: int, stages: int, free_rest: bool = True):
         super().__init__()
         self.stage, self.stages = stage, stages
         self.first, self.last = stage == 0, stage == stages - 1
@@ -64,11 +65,8 @@ class Stage(nn.Module):
         if self.last:
             self.final_layer = model.final_layer
         self.unpatchify = model.unpatchify
-        # This rank holds only its stage's weights: the rest of the DiT it was cut from keeps empty tensors.
-        mine = {id(p) for p in self.parameters()}
-        for p in model.parameters():
-            if id(p) not in mine:
-                p.data = p.data.new_empty(0)
+        if free_rest:
+            free_all_but(model, self)
 
     def global_name(self, name: str) -> str:
         """This stage's parameter name -> the single-process DiT's (blocks are numbered from lo)."""
@@ -104,12 +102,16 @@ class Stage(nn.Module):
         return torch.cat([h.flatten(1).float(), c.float()], dim=1)
 
 
-def check_pipeline(cfg: Config, stages: int, world_size: int, microbatches: int, name: str, dp: int) -> None:
+def check_pipeline(cfg: Config, stages: int, world_size: int, microbatches: int, name: str, dp: int,
+                   chunks: int = 1) -> None:
     """Every bad layout is one sentence, before any process waits on another."""
     check_degree(world_size, stages, "--pp-degree")
-    split_blocks(cfg.model.depth, stages)
     if name not in SCHEDULES:
         raise ConfigError(f"--schedule {name} is not one of {', '.join(SCHEDULES)}.")
+    if chunks < 1 or (chunks > 1) != (name == "interleaved"):
+        raise ConfigError(f"--virtual-stages {chunks} goes with --schedule interleaved (2 or more chunks per rank) "
+                          f"and only with it; use --schedule interleaved --virtual-stages 2, or --virtual-stages 1.")
+    split_blocks(cfg.model.depth, stages * chunks)
     if microbatches < 1:
         raise ConfigError(f"--microbatches {microbatches} must be at least 1.")
     per = cfg.train.global_batch_size // dp // cfg.train.grad_accum
@@ -119,10 +121,43 @@ def check_pipeline(cfg: Config, stages: int, world_size: int, microbatches: int,
             f"{cfg.train.global_batch_size / dp / cfg.train.grad_accum:g} samples per accumulation step, which "
             f"--microbatches {microbatches} does not divide; use a batch that is a multiple of "
             f"{dp * cfg.train.grad_accum * microbatches}.")
-    if name == "1f1b" and microbatches < stages:
-        raise ConfigError(f"--schedule 1f1b needs at least as many micro-batches as stages (--microbatches "
+    if name in ("1f1b", "interleaved") and microbatches < stages:
+        raise ConfigError(f"--schedule {name} needs at least as many micro-batches as stages (--microbatches "
                           f"{microbatches} < --pp-degree {stages}): its warm-up alone holds {stages - 1}; use "
                           f"--microbatches {stages} or more, or --schedule gpipe.")
+    if name == "interleaved" and (stages < 2 or microbatches % stages):
+        raise ConfigError(f"--schedule interleaved sends micro-batches round the {stages} ranks in groups of "
+                          f"--pp-degree: it needs 2 or more ranks and --microbatches a multiple of {stages} (not "
+                          f"{microbatches}).")
+
+
+def free_all_but(model: DiT, *keep: nn.Module) -> None:
+    """This rank holds only its stage's weights: the rest of the DiT it was cut from keeps empty tensors."""
+    mine = {id(p) for m in keep for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in mine:
+            p.data = p.data.new_empty(0)
+
+
+class RankStages(nn.Module):
+    """What one rank holds: chunk j of it is global stage j·P + s of P·v (v = 1: just stage s)."""
+
+    def __init__(self, model: DiT, stage: int, stages: int, chunks: int = 1):
+        super().__init__()
+        self.stage, self.P, self.v = stage, stages, chunks
+        self.chunks = nn.ModuleList([Stage(model, j * stages + stage, stages * chunks, free_rest=False)
+                                     for j in range(chunks)])
+        free_all_but(model, self)
+
+    def global_name(self, name: str) -> str:
+        j, rest = name[len("chunks."):].split(".", 1)
+        return self.chunks[int(j)].global_name(rest)
+
+    def local_state(self, sd: dict) -> dict:
+        return {f"chunks.{j}.{k}": v for j, c in enumerate(self.chunks) for k, v in c.local_state(sd).items()}
+
+    def packed_width(self) -> int:
+        return self.chunks[0].packed_width()
 
 
 # ---------------------------------------------------------------- running a schedule
@@ -134,46 +169,62 @@ class Executor:
     `batch_isend_irecv` (NCCL needs a send and a receive between the same two GPUs in one group, or each
     would wait for the other); the stage then waits for them before it computes again."""
 
-    def __init__(self, stage: Stage, pp_group, pp_ranks: list[int], device, timeline: bool = False):
-        self.stage, self.group, self.device = stage, pp_group, device
-        s = stage.stage
-        self.prev = pp_ranks[s - 1] if s > 0 else None
-        self.next = pp_ranks[s + 1] if not stage.last else None
+    def __init__(self, stage: RankStages, pp_group, pp_ranks: list[int], device, timeline: bool = False):
+        self.stage, self.group, self.device, self.ranks = stage, pp_group, device, pp_ranks
+        self.C = stage.P * stage.v          # chunks along the pipeline; chunk k lives on rank k mod P
         self.record = timeline
         self.events: list[dict] = []
         self.peak_in_flight = 0
         self.peak_saved_bytes = 0
         self.bytes_sent = 0
+        self.pending: list = []            # sends posted and not yet waited for
+
+    # A message into chunk k carries tag 2k (activations) or 2k + 1 (gradients): both ends compute it, so with
+    # several chunks per rank (interleaved) every message lands in the buffer meant for it.
+    def _k(self, a: Action) -> int:
+        return a.chunk * self.stage.P + self.stage.stage
 
     def _recv_ops(self, a: Action | None, mb_size: int, box: dict) -> list:
         if a is None:
             return []
-        if a.op == "F" and self.prev is not None:
+        k = self._k(a)
+        if a.op == "F" and k > 0:
             buf = torch.empty(mb_size, self.stage.packed_width(), device=self.device)
-            box[("in", a.mb)] = buf
-            return [dist.P2POp(dist.irecv, buf, self.prev, self.group)]
-        if a.op == "B" and self.next is not None:
+            box[("in", a.mb, a.chunk)] = buf
+            return [dist.P2POp(dist.irecv, buf, self.ranks[(k - 1) % self.stage.P], self.group, tag=2 * k)]
+        if a.op == "B" and k < self.C - 1:
             buf = torch.empty(mb_size, self.stage.packed_width(), device=self.device)
-            box[("grad", a.mb)] = buf
-            return [dist.P2POp(dist.irecv, buf, self.next, self.group)]
+            box[("grad", a.mb, a.chunk)] = buf
+            return [dist.P2POp(dist.irecv, buf, self.ranks[(k + 1) % self.stage.P], self.group, tag=2 * k + 1)]
         return []
 
     def _send_ops(self, a: Action, box: dict) -> list:
-        if a.op == "F" and self.next is not None:
-            t = box[("out", a.mb)].detach()
-        elif a.op == "B" and self.prev is not None:
-            t = box.pop(("in_leaf", a.mb)).grad
+        k = self._k(a)
+        if a.op == "F" and k < self.C - 1:
+            t, peer, tag = box[("out", a.mb, a.chunk)].detach(), self.ranks[(k + 1) % self.stage.P], 2 * (k + 1)
+        elif a.op == "B" and k > 0:
+            t, peer, tag = box.pop(("in_leaf", a.mb, a.chunk)).grad, self.ranks[(k - 1) % self.stage.P], 2 * (k - 1) + 1
         else:
             return []
         self.bytes_sent += t.numel() * t.element_size()
-        return [dist.P2POp(dist.isend, t.contiguous(), self.next if a.op == "F" else self.prev, self.group)]
+        return [dist.P2POp(dist.isend, t.contiguous(), peer, self.group, tag=tag)]
 
     def _exchange(self, ops: list, label: str) -> None:
+        """Post the sends and receives in one batch; wait for the receives only. A send is waited for at the
+        end of the step: with two chunks per rank (interleaved) a rank may send to a peer that is itself
+        still sending, and if each waited for its send before posting its next receive, both would wait."""
         if not ops:
             return
         t0 = time.perf_counter()
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+        reqs = dist.batch_isend_irecv(ops)
+        if len(reqs) != len(ops):          # NCCL coalesces a batch into one request: it covers the receives
+            reqs[-1].wait()
+        else:
+            for op, req in zip(ops, reqs):
+                if op.op is dist.irecv:
+                    req.wait()
+                else:
+                    self.pending.append((req, op.tensor))     # the tensor stays alive until its send is done
         if self.record:
             self.events.append({"kind": "wait", "what": label, "start": t0, "end": time.perf_counter()})
 
@@ -200,38 +251,42 @@ class Executor:
         self._exchange(self._recv_ops(actions[0], mb_size, box), f"recv for {actions[0]}")
         for i, a in enumerate(actions):
             t0 = time.perf_counter()
+            chunk, key = self.stage.chunks[a.chunk], (a.mb, a.chunk)
             if a.op == "F":
                 before = saved
                 seen.clear()
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     with autocast_ctx(autocast, self.device):
-                        if self.stage.first:
+                        if chunk.first:
                             x = inputs[a.mb]
                         else:
-                            x = box.pop(("in", a.mb)).requires_grad_()
-                            box[("in_leaf", a.mb)] = x
-                        out = self.stage(x)
-                    if self.stage.last:
-                        box[("loss", a.mb)] = loss = forward_last(a.mb, out)
+                            x = box.pop(("in", *key)).requires_grad_()
+                            box[("in_leaf", *key)] = x
+                        out = chunk(x)
+                    if chunk.last:
+                        box[("loss", *key)] = loss = forward_last(a.mb, out)
                         losses[a.mb] = loss.detach()
                     else:
-                        box[("out", a.mb)] = out
-                sizes[a.mb] = saved - before
+                        box[("out", *key)] = out
+                sizes[key] = saved - before
                 in_flight += 1
                 self.peak_in_flight = max(self.peak_in_flight, in_flight)
                 self.peak_saved_bytes = max(self.peak_saved_bytes, saved)
             else:
-                if self.stage.last:
-                    (box.pop(("loss", a.mb)) * backward_scale).backward()
+                if chunk.last:
+                    (box.pop(("loss", *key)) * backward_scale).backward()
                 else:
-                    torch.autograd.backward(box.pop(("out", a.mb)), box.pop(("grad", a.mb)))
+                    torch.autograd.backward(box.pop(("out", *key)), box.pop(("grad", *key)))
                 in_flight -= 1
-                saved -= sizes.pop(a.mb)       # the graph of micro-batch m is freed by its backward
+                saved -= sizes.pop(key)        # the graph of micro-batch m is freed by its backward
             if self.record:
                 self.events.append({"kind": a.op, "what": repr(a), "start": t0, "end": time.perf_counter()})
             nxt = actions[i + 1] if i + 1 < len(actions) else None
             self._exchange(self._send_ops(a, box) + self._recv_ops(nxt, mb_size, box),
                            f"after {a}" + (f", for {nxt}" if nxt else ""))
+        for req, _ in self.pending:
+            req.wait()
+        self.pending.clear()
         return [losses[m] for m in sorted(losses)]
 
 
@@ -240,10 +295,11 @@ class Executor:
 class PipelineEMA(EMA):
     """Each stage averages its own weights; saved under the single-process DiT's names, gathered."""
 
-    def __init__(self, stage: Stage, par: "PipelineStrategy"):
+    def __init__(self, stage: RankStages, par: "PipelineStrategy"):
         self.module = copy.deepcopy(stage).requires_grad_(False).eval()
-        for blk in self.module.blocks:
-            blk.attn.attn_fn = sdpa_attention
+        for chunk in self.module.chunks:
+            for blk in chunk.blocks:
+                blk.attn.attn_fn = sdpa_attention
         self.par = par
 
     def state_dict(self) -> dict:
@@ -264,7 +320,7 @@ class PipelineEngine(TorchEngine):
         self.stage = par.make_stage(model)
         super().__init__(self.stage, par, cfg, device)
         self.executor = Executor(self.stage, par.mesh.inner_group, par.pp_ranks, device, timeline=par.timeline)
-        self.actions = schedule(par.schedule, par.stages, par.microbatches)[self.stage.stage]
+        self.actions = schedule(par.schedule, par.stages, par.microbatches, par.chunks)[par.stage_index]
         self.diffusion = Diffusion(cfg.diffusion, device)
         dist.barrier(group=par.mesh.inner_group)     # NCCL: every stage's communicator exists before any send
 
@@ -336,12 +392,13 @@ class PipelineStrategy(DistParallel):
     BROKEN = ("rescale-grads",)
 
     def __init__(self, env: DistEnv, stages: int, microbatches: int, schedule_name: str = "1f1b",
-                 broken: str | None = None, timeline: bool = False):
+                 broken: str | None = None, timeline: bool = False, chunks: int = 1):
         if broken not in (None, *self.BROKEN):
             raise ConfigError(f"--break {broken} is not one of {', '.join(self.BROKEN)}.")
         super().__init__(env)
         self.mesh = build_mesh(env, stages, "--pp-degree")
         self.stages, self.microbatches, self.schedule, self.broken = stages, microbatches, schedule_name, broken
+        self.chunks = chunks                      # virtual stages per rank (interleaved)
         self.timeline = timeline
         d = self.mesh.dp_rank
         self.pp_ranks = [d * stages + s for s in range(stages)]
@@ -359,8 +416,8 @@ class PipelineStrategy(DistParallel):
     def is_last_stage(self) -> bool:
         return self.stage_index == self.stages - 1
 
-    def make_stage(self, model: DiT) -> Stage:
-        return Stage(model, self.stage_index, self.stages)
+    def make_stage(self, model: DiT) -> RankStages:
+        return RankStages(model, self.stage_index, self.stages, self.chunks)
 
     def make_engine(self, model, cfg, device):
         return PipelineEngine(model, self, cfg, device)
@@ -393,7 +450,7 @@ class PipelineStrategy(DistParallel):
         dist.all_reduce(t)
         return t / self.mesh.dp_size
 
-    def gather(self, module: Stage) -> dict:
+    def gather(self, module: RankStages) -> dict:
         """A stage's weights under the single-process names, gathered from the pipeline's stages (off the hot
         path: a checkpoint). Every rank calls it; the first pipeline's rank 0 gets the whole state dict."""
         mine = {module.global_name(k): v.detach().cpu() for k, v in module.state_dict().items()}
@@ -429,10 +486,14 @@ class TorchPipelineEngine(PipelineEngine):
 
     def __init__(self, model, par, cfg, device):
         super().__init__(model, par, cfg, device)
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-        self.pstage = PipelineStage(_TorchStageModule(self.stage), par.stage_index, par.stages, device,
-                                    group=par.mesh.inner_group)
-        self.schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[par.schedule]
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+        C = par.stages * par.chunks
+        self.pstages = [PipelineStage(_TorchStageModule(chunk), chunk.stage, C, device, group=par.mesh.inner_group)
+                        for chunk in self.stage.chunks]
+        self.schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
+                             "interleaved": ScheduleInterleaved1F1B}[par.schedule]
+        self.holds_first = any(c.first for c in self.stage.chunks)
+        self.holds_last = any(c.last for c in self.stage.chunks)
         self.schedules: dict = {}
 
     def run_step(self, step, micro_batches, loss_fn, hooks):
@@ -440,20 +501,18 @@ class TorchPipelineEngine(PipelineEngine):
         if A not in self.schedules:
             def loss(pred, target):
                 return self.diffusion.error(pred, None, None, target) / (M * A)
-            self.schedules[A] = self.schedule_cls(self.pstage, n_microbatches=M, loss_fn=loss, scale_grads=False)
+            stages = self.pstages if self.par.schedule == "interleaved" else self.pstages[0]
+            self.schedules[A] = self.schedule_cls(stages, n_microbatches=M, loss_fn=loss, scale_grads=False)
         sched = self.schedules[A]
         total = torch.zeros((), device=micro_batches[0][0].device)
         for a, (x0, y, b) in enumerate(micro_batches):
             losses: list = []
+            kw = {"target": b.noise, "losses": losses} if self.holds_last else {}
             with autocast_ctx(self.autocast, x0.device):
-                if self.stage.first:
-                    x_t = self.diffusion.q_sample(x0, b.t, b.noise)
-                    args = (x_t, b.t, y, b.drop)
-                    sched.step(*args, target=b.noise, losses=losses) if self.stage.last else sched.step(*args)
-                elif self.stage.last:
-                    sched.step(target=b.noise, losses=losses)
+                if self.holds_first:
+                    sched.step(self.diffusion.q_sample(x0, b.t, b.noise), b.t, y, b.drop, **kw)
                 else:
-                    sched.step()
+                    sched.step(**kw)
             if losses:
                 total = total + torch.stack([l.detach() for l in losses]).sum() * (M * A) / M
             hooks.after_backward(step, a, self)
@@ -500,7 +559,8 @@ class TimelineHooks:
         if par.is_main:
             import pathlib
             info = {"pp_degree": par.stages, "microbatches": par.microbatches, "schedule": par.schedule,
-                    "world_size": par.world_size, "blocks": split_blocks(cfg.model.depth, par.stages),
+                    "virtual_stages": par.chunks, "world_size": par.world_size,
+                    "blocks": split_blocks(cfg.model.depth, par.stages * par.chunks),
                     "micro_batch": cfg.train.global_batch_size // par.mesh.dp_size // cfg.train.grad_accum
                     // par.microbatches,
                     "packed_width": (cfg.model.image_size // cfg.model.patch_size) ** 2 * cfg.model.hidden_size

@@ -2,9 +2,10 @@
 
 `gpipe` runs every forward, then every backward; `one_f_one_b` warms up with P - s - 1 forwards, then
 alternates one forward and one backward, so at most P - s micro-batches wait for their backward (GPipe keeps
-all M). `simulate` replays the lists with a cost per action and predicts the bubble, which chapter 12 checks
-against (P - 1) / (M + P - 1) and against the bubble measured from real events. `dit_core.parallel.pipeline`
-runs the same lists over real processes.
+all M). `interleaved_1f1b` gives each rank v chunks of layers ("virtual stages": chunk k of P·v lives on rank
+k mod P), so a micro-batch visits every rank v times and the bubble shrinks v-fold. `simulate` replays the
+lists with a cost per action and predicts the bubble, which chapter 12 checks against the formulas and against
+the bubble measured from real events. `dit_core.parallel.pipeline` runs the same lists over real processes.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 class Action:
     op: str        # "F" (forward of a micro-batch) or "B" (its backward)
     mb: int
+    chunk: int = 0  # which of this rank's v chunks (interleaved schedules; 0 otherwise)
 
     def __repr__(self) -> str:
-        return f"{self.op}{self.mb}"
+        return f"{self.op}{self.mb}" + (f".{self.chunk}" if self.chunk else "")
 
 
 def gpipe(stages: int, microbatches: int, stage: int) -> list[Action]:
@@ -36,20 +38,49 @@ def one_f_one_b(stages: int, microbatches: int, stage: int) -> list[Action]:
     return out
 
 
-BUILDERS = {"gpipe": gpipe, "1f1b": one_f_one_b}
+def interleaved_1f1b(stages: int, microbatches: int, stage: int, chunks: int = 2) -> list[Action]:
+    """Interleaved 1F1B (Narayanan et al., 2021): rank s holds chunks s, s + P, ..., s + (v-1)P of the P·v
+    chunks. Micro-batches go through in groups of P: forwards of the group on chunk 0, then on chunk 1, ...;
+    backwards the other way round. A longer warm-up (2(P - s - 1) + (v - 1)P forwards) lets the steady state
+    alternate one forward and one backward. Needs M to be a multiple of P."""
+    P, M, v = stages, microbatches, chunks
+    total = M * v
+
+    def mb(i):
+        return (i // (P * v)) * P + i % P
+
+    def fwd(i):
+        return Action("F", mb(i), (i // P) % v)
+
+    def bwd(i):
+        return Action("B", mb(i), v - 1 - (i // P) % v)
+    warm = min((P - stage - 1) * 2 + (v - 1) * P, total)
+    out = [fwd(i) for i in range(warm)]
+    for k in range(total - warm):
+        out += [fwd(warm + k), bwd(k)]
+    out += [bwd(k) for k in range(total - warm, total)]
+    return out
 
 
-def schedule(name: str, stages: int, microbatches: int) -> list[list[Action]]:
-    """Every stage's action list."""
+BUILDERS = {"gpipe": gpipe, "1f1b": one_f_one_b, "interleaved": interleaved_1f1b}
+
+
+def schedule(name: str, stages: int, microbatches: int, chunks: int = 1) -> list[list[Action]]:
+    """Every stage's action list (`chunks`: virtual stages per rank, for the interleaved schedule)."""
+    if name == "interleaved":
+        return [interleaved_1f1b(stages, microbatches, s, chunks) for s in range(stages)]
     return [BUILDERS[name](stages, microbatches, s) for s in range(stages)]
 
 
-def simulate(actions: list[list[Action]], t_forward: float = 1.0, t_backward: float = 2.0) -> dict:
+def simulate(actions: list[list[Action]], t_forward: float = 1.0, t_backward: float = 2.0, chunks: int = 1) -> dict:
     """Replay every stage's action list with fixed costs and no communication time: when does each action
-    start and end? F(m) on stage s waits for F(m) on s-1; B(m) waits for B(m) on s+1 (the last stage's B(m)
-    for its own F(m)). Returns the timeline and each stage's bubble (idle share of the whole step)."""
-    P = len(actions)
-    done: dict = {}                     # (op, mb, stage) -> end time
+    start and end? A forward of micro-batch m on chunk k (global chunk k = j·P + s for chunk j of rank s)
+    waits for its forward on chunk k - 1; a backward on chunk k for its backward on k + 1 (the last chunk's
+    for its own forward). A chunk costs 1/v of a stage. Returns the timeline and each stage's bubble (idle
+    share of the whole step)."""
+    P, v = len(actions), chunks
+    C = P * v
+    done: dict = {}                     # (op, mb, global chunk) -> end time
     clock = [0.0] * P
     pos = [0] * P
     timeline = [[] for _ in range(P)]
@@ -59,13 +90,14 @@ def simulate(actions: list[list[Action]], t_forward: float = 1.0, t_backward: fl
             if pos[s] == len(actions[s]):
                 continue
             a = actions[s][pos[s]]
-            dep = (("F", a.mb, s - 1) if s > 0 else None) if a.op == "F" else \
-                  (("B", a.mb, s + 1) if s < P - 1 else ("F", a.mb, s))
+            k = a.chunk * P + s
+            dep = (("F", a.mb, k - 1) if k > 0 else None) if a.op == "F" else \
+                  (("B", a.mb, k + 1) if k < C - 1 else ("F", a.mb, k))
             if dep is not None and dep not in done:
                 continue
             start = max(clock[s], done[dep] if dep else 0.0)
-            end = start + (t_forward if a.op == "F" else t_backward)
-            done[(a.op, a.mb, s)] = end
+            end = start + (t_forward if a.op == "F" else t_backward) / v
+            done[(a.op, a.mb, k)] = end
             timeline[s].append((a, start, end))
             clock[s], pos[s], progressed = end, pos[s] + 1, True
         if not progressed:
@@ -75,6 +107,8 @@ def simulate(actions: list[list[Action]], t_forward: float = 1.0, t_backward: fl
     return {"timeline": timeline, "span": span, "bubble": [1 - b / span for b in busy]}
 
 
-def bubble_formula(stages: int, microbatches: int) -> float:
-    """GPipe's and 1F1B's idle share: (P - 1) / (M + P - 1) (Huang et al. 2019; Narayanan et al. 2021)."""
-    return (stages - 1) / (microbatches + stages - 1)
+def bubble_formula(stages: int, microbatches: int, chunks: int = 1) -> float:
+    """The idle share of the step: GPipe's and 1F1B's (P - 1) / (M + P - 1) (Huang et al. 2019; Narayanan et
+    al. 2021); interleaved with v chunks per rank, the bubble's time shrinks v-fold (Narayanan et al. 2021:
+    (P - 1) / (v·M) of the ideal time), so its share is (P - 1) / (v·M + P - 1)."""
+    return (stages - 1) / (chunks * microbatches + stages - 1)
