@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from dit_core.config import config_from_args, launcher_parser  # noqa: E402
 from dit_core.errors import run_main  # noqa: E402
 from dit_core.parallel.dist import finish, init_from_env  # noqa: E402
-from dit_core.parallel.pipeline import SCHEDULES, PipelineStrategy, TorchPipelineEngine, check_pipeline  # noqa: E402
+from dit_core.parallel.pipeline import (SCHEDULES, PipelineStrategy, TorchPipelineEngine, check_pipeline,  # noqa: E402
+                                      describe_split)
 from dit_core.train import train  # noqa: E402
 
 
@@ -38,6 +39,8 @@ def main(argv=None):
                                 timeline=bool(args.timeline), chunks=args.virtual_stages)
     if args.impl == "torch":
         strategy.make_engine = lambda model, c, device: TorchPipelineEngine(model, strategy, c, device)
+    if env.is_main:
+        print(f"[pipeline] {describe_split(cfg.model.depth, args.pp_degree, args.virtual_stages)}")
     hooks = None
     if args.timeline:
         from dit_core.parallel.pipeline import TimelineHooks

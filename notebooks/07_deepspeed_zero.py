@@ -356,3 +356,23 @@ print("ZeRO-3 / DP per micro-batch:", round(mem[(3, "fp32")]["comm_formula_bytes
 # `torchrun --nproc_per_node 2 launchers/zero.py --stage 2 --device cpu`. A ZeRO checkpoint holds one partition per
 # rank; `python -m dit_core.parallel.zero convert results/run/checkpoint-N plain/` merges it into the plain weights
 # that `python -m dit_core.evaluate` and sampling read.
+
+# %% [markdown]
+# ## On two GPUs
+#
+# Measured once with the project's own tool on 2 x H200 of one host (NVLink), at commit 406e6c2, 2026-11-24
+# (`docs/measurements/2xh200-2026-11-24/`; a shared machine, so read the times as ratios inside one log).
+# `NPROC=2 bash tools/gpu_zero.sh OUT WHEELS`: NCCL parity at `configs/mnist.yaml`, fp32, 30 steps: every stage
+# within 1.25e-7 of one GPU. 60 bf16 steps at `configs/bench.yaml` (Ψ = 32.5M, 256 images per GPU), rank 0:
+#
+# | run | 60 steps | weights / gradients / optimizer MiB | CUDA peak GiB |
+# |---|---|---|---|
+# | torch DDP | 4.0 s | | |
+# | ZeRO-0 | 6.2 s | 62 / 62 / 248 | 5.19 |
+# | ZeRO-1 | 5.5 s | 62 / 32 / 186 | 5.08 |
+# | ZeRO-2 | 5.2 s | 62 / 32 / 186 | 5.08 |
+# | ZeRO-3 | 13.3 s | 31 / 31 / 186 | 5.09 |
+#
+# Notice the last column: the model states shrink as section 5 says, but the peak does not move, because at 256
+# images per GPU the activations, not the half GiB of model states, make the peak. ZeRO pays when model states
+# dominate, which a 32M-parameter DiT never does; ZeRO-3's two gathers per layer cost it 3.3x DDP's time here.

@@ -201,3 +201,13 @@ print(open("configs/accelerate_zero2.yaml").read())
 # step counter; `load_state` plus `skip_first_batches` continues bit for bit (`tests/test_accelerate.py`). The
 # checkpoint folder also holds the project's plain `model.pt` and `ema.pt`, so `python -m dit_core.evaluate` reads it
 # like any other.
+
+# %% [markdown]
+# ## On two GPUs
+#
+# Measured once with the project's own tool on 2 x H200 of one host (NVLink), at commit 406e6c2, 2026-11-24
+# (`docs/measurements/2xh200-2026-11-24/`; a shared machine, so read the times as ratios inside one log).
+# `NPROC=2 bash tools/gpu_accelerate.sh OUT`: `accelerate launch --num_processes 2 launchers/accelerate.py`
+# (MULTI_GPU) against one GPU, fp32, 30 steps: max relative loss difference 1.20e-7. 300 bf16 steps at
+# `configs/mnist.yaml`: Accelerate 15.7 s and 15.0 s, `launchers/ddp.py --impl torch` 15.4 s and 15.3 s (two rounds).
+# The same speed, as it should be: Accelerate wraps the model in the same torch DDP.

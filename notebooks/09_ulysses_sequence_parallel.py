@@ -291,6 +291,21 @@ ax.legend(); ax.grid(alpha=0.3); plt.tight_layout()
 #   group belongs inside one node (NVLink); `dit_core.parallel.dist.build_mesh` gives sequence-parallel groups
 #   consecutive ranks for that reason, and data parallelism runs across groups.
 #
-# GPU throughput (SP 2 against one GPU at 784 and 3136 tokens, and `ulysses_attention` against DeepSpeed's
-# `DistributedAttention`) is measured by `tools/gpu_ulysses.sh`; the numbers, or why they are missing, are in
-# `docs/results.md`.
+
+# %% [markdown]
+# ## On two GPUs
+#
+# Measured once with the project's own tool on 2 x H200 of one host (NVLink), at commit 406e6c2, 2026-11-24
+# (`docs/measurements/2xh200-2026-11-24/`; a shared machine, so read the times as ratios inside one log).
+# `NPROC=2 bash tools/gpu_ulysses.sh OUT WHEELS`: NCCL parity, SP 2 against one GPU at `configs/ulysses.yaml`, fp32,
+# 30 steps: 1.26e-7. `tools/bench_ulysses.py` (hidden 384, depth 6, 8 heads, batch 16, bf16):
+#
+# | tokens | one GPU ms/step | SP 2 ms/step | SP 2 vs one GPU | peak GiB, one GPU / per SP rank | attention ms: ours / DeepSpeed |
+# |---|---|---|---|---|---|
+# | 196 | 14.1 | 26.9 | 0.52x | 0.65 / 0.48 | 1.86 / 2.21 |
+# | 784 | 11.5 | 19.2 | 0.60x | 1.69 / 1.04 | 1.49 / 1.82 |
+# | 3136 | 42.3 | 29.9 | 1.42x | 5.99 / 3.27 | 2.30 / 2.38 |
+#
+# Notice that two GPUs are *slower* than one until the sequence is long: four all-to-alls per block cost more than
+# the halved work at 196 and 784 tokens; at 3136 tokens SP 2 is 1.42x faster and each rank holds 55% of one GPU's
+# peak memory. The stacked all-to-all beats DeepSpeed's three exchanges at every length.

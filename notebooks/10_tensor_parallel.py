@@ -179,8 +179,7 @@ for r_ in rows:
 # **What to notice.** For these small DiTs tensor parallelism moves far *more* bytes than data parallelism: the
 # activations of 64 images are bigger than the weights. It is the tool for the opposite regime, models whose
 # weights and optimizer state do not fit one GPU (or whose layers are so wide that one GPU's matmul is slow), with
-# batches kept small per GPU. The 2-GPU throughput (TP 2 against one GPU and against DDP at `configs/bench.yaml`) is
-# measured by `tools/gpu_tp.sh` on `nvidia-h200-x2`; the numbers, or why they are missing, are in `docs/results.md`.
+# batches kept small per GPU. TP 2 against one GPU and against DDP on two H200s is at the end of this chapter.
 #
 # ## 5. Every strategy in this workbook
 #
@@ -195,3 +194,15 @@ for r_ in rows:
 #
 # Parity numbers are from `docs/results.md` (each with its command); every strategy is also a test that launches real
 # processes and compares with the single process.
+
+# %% [markdown]
+# ## On two GPUs
+#
+# Measured once with the project's own tool on 2 x H200 of one host (NVLink), at commit 406e6c2, 2026-11-24
+# (`docs/measurements/2xh200-2026-11-24/`; a shared machine, so read the times as ratios inside one log).
+# `NPROC=2 bash tools/gpu_tp.sh OUT` (its second round was cut off by a time limit): NCCL parity, TP 2 against one
+# GPU at `configs/mnist.yaml`, fp32, 30 steps: bitwise equal losses. 100 bf16 steps at `configs/bench.yaml`
+# (hidden 384): one GPU 7.3 s, torch DDP on two GPUs 5.6 s and 6.4 s, TP 2 8.6 s. Notice that TP 2 is slower than one
+# GPU: at hidden 384 the halved matmuls are small and each block waits for two all-reduces of its activations in
+# the forward and two in the backward. For a model that fits on one GPU, DDP is the better use of the second one;
+# tensor parallelism is for layers that do not fit.

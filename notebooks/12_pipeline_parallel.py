@@ -51,7 +51,8 @@ os.chdir("..")  # launchers are run from the repository root
 # config, so the receiving stage allocates it in advance and the transfer is a plain `irecv` of a tensor.
 #
 # Stage 0 also holds the embeddings; the last stage the final layer and the loss. Blocks are split as evenly as
-# possible (the first stages take the remainder):
+# possible (the first stages take the remainder); `launchers/pipeline.py` prints the split before it trains, e.g.
+# `5 blocks over 2 stages (uneven: the first take one block more); stage 0: blocks 0-2, stage 1: blocks 3-4`:
 
 # %%
 cfg = load_config("configs/tiny.yaml", {"model.depth": 6, "model.hidden_size": 64, "model.num_heads": 4})

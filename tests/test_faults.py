@@ -318,10 +318,11 @@ def children(pid):
     return [int(x) for x in out.split()]
 
 
-def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path):
-    d = tmp_path / "ddp"
-    job = popen("launchers/ddp.py", launcher_flags(100000) + ["--results-dir", d, "--set", "run.dist_timeout=5"],
-                nproc=2)
+@pytest.mark.parametrize("script", ["launchers/ddp.py", "launchers/pipeline.py"])
+def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, script):
+    """DDP waits in a collective, the pipeline in a point-to-point receive: both are bounded."""
+    d = tmp_path / "run"
+    job = popen(script, launcher_flags(100000) + ["--results-dir", d, "--set", "run.dist_timeout=5"], nproc=2)
     assert wait_for(lambda: len(rows(d / "log.jsonl")) >= 3)
     workers = children(job.pid)
     assert len(workers) == 2

@@ -11,8 +11,8 @@ from conftest import declare, job_dir, parity_flags, torchrun
 from dit_core.checkpoint import model_from_checkpoint
 from dit_core.config import ConfigError, load_config
 from dit_core.diffusion import Diffusion
-from dit_core.parallel.pipeline import (bubble_formula, check_pipeline, gpipe, one_f_one_b, schedule, simulate,
-                                        split_blocks)
+from dit_core.parallel.pipeline import (bubble_formula, check_pipeline, describe_split, gpipe, one_f_one_b, schedule,
+                                        simulate, split_blocks)
 from dit_core.parity import compare, max_rel
 
 TWO = [("gpipe", 4, 1), ("gpipe", 8, 1), ("1f1b", 4, 1), ("1f1b", 8, 1), ("gpipe", 4, 2), ("1f1b", 4, 2)]
@@ -167,6 +167,9 @@ def test_schedules_and_the_simulator():
     assert bubble_formula(4, 8, 2) < 0.6 * bubble_formula(4, 8)
     assert gpipe(2, 2, 0) == gpipe(2, 2, 1)
     assert split_blocks(5, 2) == [(0, 3), (3, 5)] and split_blocks(12, 4) == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    assert describe_split(5, 2) == ("5 blocks over 2 stages (uneven: the first take one block more); "
+                                    "stage 0: blocks 0-2, stage 1: blocks 3-4")
+    assert describe_split(4, 2, 2).endswith("chunk 2 (rank 0): block 2, chunk 3 (rank 1): block 3")
 
 
 def test_layout_checks():

@@ -214,18 +214,23 @@ class Mesh:
 
 
 def build_mesh(env: DistEnv, inner: int, flag: str) -> Mesh:
-    """Every rank builds every group, in the same order (new_group is a collective call)."""
+    """Every rank builds every group, in the same order (new_group is a collective call).
+
+    Each group gets run.dist_timeout explicitly: `new_group` without a timeout takes torch's default (30
+    minutes), not the one the world group was started with, so a stopped peer in a pipeline's receive or a
+    tensor-parallel all-reduce would hold the job for half an hour."""
     check_degree(env.world_size, inner, flag)
     dp = env.world_size // inner
+    timeout = datetime.timedelta(seconds=env.timeout)
     mine = {}
     for d in range(dp):                               # inner groups: [d*inner, ..., d*inner + inner - 1]
         ranks = [d * inner + i for i in range(inner)]
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if env.rank in ranks:
             mine["inner"] = g
     for i in range(inner):                            # data-parallel groups: same inner rank, every dp rank
         ranks = [d * inner + i for d in range(dp)]
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if env.rank in ranks:
             mine["dp"] = g
     return Mesh(dp, inner, env.rank // inner, env.rank % inner, mine["dp"], mine["inner"])

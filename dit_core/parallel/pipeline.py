@@ -49,6 +49,17 @@ def split_blocks(depth: int, stages: int) -> list[tuple[int, int]]:
     return out
 
 
+def describe_split(depth: int, stages: int, chunks: int = 1) -> str:
+    """The split in words, uneven ones said so: what the launcher prints before training."""
+    parts, unit = split_blocks(depth, stages * chunks), ("chunk" if chunks > 1 else "stage")
+    where = []
+    for k, (lo, hi) in enumerate(parts):
+        rank = f" (rank {k % stages})" if chunks > 1 else ""
+        where.append(f"{unit} {k}{rank}: " + (f"block {lo}" if hi - lo == 1 else f"blocks {lo}-{hi - 1}"))
+    even = "even" if len({hi - lo for lo, hi in parts}) == 1 else "uneven: the first take one block more"
+    return f"{depth} blocks over {len(parts)} {unit}s ({even}); " + ", ".join(where)
+
+
 class Stage(nn.Module):
     """Stage s of P: what of the DiT it holds, and its forward on one micro-batch."""
 
