@@ -57,6 +57,9 @@ declare(2, "pp ckpt", _R, pp("1f1b", 4, 1, "--pp-degree", "2", "--set", f"train.
                              "--results-dir", D / "ckpt"))
 declare(2, "pp again", _R, pp("1f1b", 4, 1, "--pp-degree", "2", "--results-dir", D / "again",
                               "--resume", D / "ckpt" / f"checkpoint-{STEPS // 2}"))
+# the interleaved run's last checkpoint (two chunks per rank) resumed as plain 1F1B: another layout of the optimizer state
+declare(2, "pp wrong v", _R, pp("1f1b", 4, 1, "--pp-degree", "2", "--set", "model.depth=4", "--results-dir", D / "wrongv",
+                                "--max-steps", str(STEPS + 2), "--resume", D / "inter4a1hand" / f"checkpoint-{STEPS}"))
 for i, (args, _) in enumerate(BAD):
     declare(2, f"pp bad{i}", _R, parity_flags(1) + args + ["--results-dir", D / f"bad{i}"])
 for s, m, p in FOUR:
@@ -70,7 +73,7 @@ def two(jobs):
     return {"hand": {c: j[f"pp {c[0]} {c[1]} a{c[2]}"] for c in TWO},
             "torch": {c: j[f"pp torch {c[0]} a{c[1]}"] for c in TORCH},
             "interleaved": {c: j[f"pp interleaved {c[0]} a{c[1]} {c[2]}"] for c in INTERLEAVED},
-            "broken": j["pp broken"], "ckpt": j["pp ckpt"], "again": j["pp again"],
+            "broken": j["pp broken"], "ckpt": j["pp ckpt"], "again": j["pp again"], "wrong v": j["pp wrong v"],
             "bad": [j[f"pp bad{i}"] for i in range(len(BAD))], "dir": D}
 
 
@@ -121,6 +124,12 @@ def test_checkpoint_is_single_process_weights_and_resume_is_exact(two, reference
 def test_bad_layouts_are_one_sentence(two, i):
     msg = two["bad"][i]
     assert isinstance(msg, str) and BAD[i][1] in msg, msg
+
+
+def test_resuming_another_virtual_stage_layout_is_one_sentence(two):
+    msg = two["wrong v"]
+    assert isinstance(msg, str) and ("was written with --pp-degree 2 --virtual-stages 2 on 2 processes, not "
+                                     "--pp-degree 2 on 2 processes" in msg and "--schedule interleaved" in msg), msg
 
 
 @pytest.mark.parametrize("name, m, p", FOUR)

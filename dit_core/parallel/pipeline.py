@@ -373,14 +373,20 @@ class PipelineEngine(TorchEngine):
         if state.get("engine") != "pipeline":
             raise foreign(folder, state, "launchers/pipeline.py")
         want = self.state_info()
-        have = {k: state.get(k) for k in want}
+        have = {k: state.get(k, 1 if k == "virtual_stages" else None) for k in want}
         if have != want:
+            def layout(d):
+                return (f"--pp-degree {d['pp_degree']}" + (f" --virtual-stages {d['virtual_stages']}"
+                                                           if d["virtual_stages"] != 1 else "")
+                        + f" on {d['world_size']} processes")
             raise CheckpointError(
-                f"Checkpoint '{folder}' was written with --pp-degree {have['pp_degree']} on {have['world_size']} "
-                f"processes, not {want['pp_degree']} on {want['world_size']}; its optimizer state is one file per "
-                f"stage: resume with torchrun --nproc_per_node {have['world_size']} launchers/pipeline.py "
-                f"--pp-degree {have['pp_degree']} (its model.pt and ema.pt are whole weights: "
-                f"launchers/single.py and python -m dit_core.evaluate read them).")
+                f"Checkpoint '{folder}' was written with {layout(have)}, not {layout(want)}; its optimizer state is "
+                f"one file per stage: resume with torchrun --nproc_per_node {have['world_size']} launchers/pipeline.py "
+                f"--pp-degree {have['pp_degree']}"
+                + (f" --schedule interleaved --virtual-stages {have['virtual_stages']}" if have["virtual_stages"] != 1
+                   else "")
+                + " (its model.pt and ema.pt are whole weights: launchers/single.py and python -m dit_core.evaluate "
+                  "read them).")
         name = f"optimizer-rank{self.par.rank}.pt"
         check_files(folder, ("model.pt", name))
         self.stage.load_state_dict(self.stage.local_state(load_state_file(folder / "model.pt", device)))
@@ -393,7 +399,7 @@ class PipelineEngine(TorchEngine):
         return PipelineEMA(self.stage, self.par)
 
     def state_info(self) -> dict:
-        return {"pp_degree": self.par.stages, "world_size": self.par.world_size}
+        return {"pp_degree": self.par.stages, "virtual_stages": self.par.chunks, "world_size": self.par.world_size}
 
 
 class PipelineStrategy(DistParallel):
