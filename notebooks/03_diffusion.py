@@ -158,3 +158,14 @@ for name, m in (("EMA weights", ema), ("raw weights", raw)):
 # images per scale these are rough; with 300 samples the standard error of an accuracy near 28% is still about 2.6
 # points, which is why the EMA and the raw weights of this short run cannot be told apart by accuracy (the EMA's
 # feature FID is a little lower).
+
+# %% [markdown]
+# ## 中文要点
+#
+# 前向加噪有闭式解：x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε，任意时间步一步到位。
+#
+# 训练目标是预测所加的噪声 ε；线性调度与余弦调度对高噪声步的权重不同。
+#
+# 采样：DDPM 走完全部步数，DDIM 用少得多的步数得到相近的图像；无分类器引导（CFG）的系数越大，数字越清楚但越单一。
+#
+# EMA 权重比原始权重采样更好；评估用分类器准确率和特征空间的 FID。

@@ -262,3 +262,14 @@ print("compiled output equals eager within 1e-4:", torch.allclose(out_c, out_e, 
 # | EMA | 0.999 (tiny: 0.995), warmed up | smoother samples; short runs need the warm-up |
 # | accumulation | 1 | only when the batch does not fit; section 1 proves it changes nothing else |
 # | checkpoints | every 2000 steps, atomic rename | section 6: resume is exact |
+
+# %% [markdown]
+# ## 中文要点
+#
+# 梯度累积（gradient accumulation）与大批次等价：本章逐步证明损失相同。
+#
+# fp32、bf16、fp16 三种精度的对比；fp16 需要损失缩放，数值发散时训练会停止而不是保存坏的检查点。
+#
+# 梯度裁剪、学习率预热加余弦退火、EMA，都能从日志里看出来。
+#
+# 断点续训是精确的：中断后从检查点恢复，后续每一步的损失与不中断的运行逐位相同。

@@ -93,3 +93,12 @@ ax.legend(); ax.grid(alpha=0.3); plt.tight_layout()
 # **What to notice:** the curves flatten. Doubling the GPUs does not double what each one must send; the cost that
 # grows with N is latency (2(N-1) message steps in a ring), which is why real libraries switch to trees for small
 # messages and why DDP packs gradients into buckets.
+
+# %% [markdown]
+# ## 中文要点
+#
+# 集合通信（collective communication）是分布式训练的基本动作：broadcast、all-reduce、reduce-scatter、all-gather、all-to-all，本章在四个真实进程之间逐一演示。
+#
+# all-reduce = reduce-scatter + all-gather；手写的环形全归约中，每个进程发送约 2(N−1)/N 倍的数据量，与进程数几乎无关。
+#
+# 后面每一章的通信量都用这里的公式来算。

@@ -211,3 +211,12 @@ print(open("configs/accelerate_zero2.yaml").read())
 # (MULTI_GPU) against one GPU, fp32, 30 steps: max relative loss difference 1.20e-7. 300 bf16 steps at
 # `configs/mnist.yaml`: Accelerate 15.7 s and 15.0 s, `launchers/ddp.py --impl torch` 15.4 s and 15.3 s (two rounds).
 # The same speed, as it should be: Accelerate wraps the model in the same torch DDP.
+
+# %% [markdown]
+# ## 中文要点
+#
+# Accelerate：同一份训练脚本，单卡、多卡、DeepSpeed 都能跑，只需换启动命令或配置文件。
+#
+# `prepare` 会包装模型、优化器和数据加载器；本章说明怎样在 `prepare` 之后仍然保持全局批次不变（确定性约定）。
+#
+# 三种启动方式得到相同的损失；只改配置文件就能切换到 DeepSpeed ZeRO-2。两张 H200 上，它与 torch DDP 速度相同，因为底层就是同一个 DDP。

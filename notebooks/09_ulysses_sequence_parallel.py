@@ -309,3 +309,14 @@ ax.legend(); ax.grid(alpha=0.3); plt.tight_layout()
 # Notice that two GPUs are *slower* than one until the sequence is long: four all-to-alls per block cost more than
 # the halved work at 196 and 784 tokens; at 3136 tokens SP 2 is 1.42x faster and each rank holds 55% of one GPU's
 # peak memory. The stacked all-to-all beats DeepSpeed's three exchanges at every length.
+
+# %% [markdown]
+# ## 中文要点
+#
+# 序列并行（sequence parallelism）：激活显存随 token 数增长，Ulysses 把每张图的 token 分给多个进程。
+#
+# 注意力之前用 all-to-all 从“按序列切分”换成“按注意力头切分”，算完再换回来；因此头数和 token 数都要能被并行度整除。
+#
+# 损失必须按全局元素数归一化，否则会出现真实项目里出现过的 bug（本章复现了两个）。
+#
+# 两张 H200 上：196 和 784 个 token 时两卡反而比单卡慢，3136 个 token 时快 1.42 倍：只有长序列才值得。

@@ -206,3 +206,14 @@ for r_ in rows:
 # GPU: at hidden 384 the halved matmuls are small and each block waits for two all-reduces of its activations in
 # the forward and two in the backward. For a model that fits on one GPU, DDP is the better use of the second one;
 # tensor parallelism is for layers that do not fit.
+
+# %% [markdown]
+# ## 中文要点
+#
+# 张量并行（tensor parallelism）：把矩阵乘法按列切或按行切；列并行接行并行，中间不需要通信。
+#
+# f 与 g 是一对共轭算子：f 前向恒等、反向全归约；g 前向全归约、反向恒等。注意力按整头分给各进程。
+#
+# 损失与单进程一致（CPU 上相对误差约 1e-7，两张 H200 上逐位相同）。张量并行每一层都要通信，应放在节点内最快的互联上。
+#
+# 两张 H200 上：hidden 384 的小模型用张量并行比单卡还慢；模型能放进一张卡时，数据并行更划算。

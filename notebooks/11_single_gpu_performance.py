@@ -238,3 +238,14 @@ plt.tight_layout(); plt.show()
 #
 # Try it: `python launchers/demo.py --config configs/mnist.yaml` trains and scores the model of section 6 (a GPU);
 # `python -m dit_core.bench --rows ladder --quick --device cpu` runs the ladder on a CPU.
+
+# %% [markdown]
+# ## 中文要点
+#
+# 课程原来的训练循环在 GPU 上只有 1.7% 的时间在计算，其余时间都在等数据和主机。
+#
+# 逐项优化：数据放在 GPU 上、避免每步与主机同步、bf16、fused AdamW、`torch.compile`、更大的批次、CUDA 图，每一项带来多少都实测。
+#
+# 在设备上抽取的批次仍然是 (seed, step) 的纯函数，可以精确复现和续训；延迟读取损失不改变任何数字。
+#
+# 采样也可以录成 CUDA 图，一千步的 DDPM 不到一秒。

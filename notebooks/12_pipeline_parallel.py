@@ -369,3 +369,14 @@ plt.title(f"P = {P} on this CPU"); plt.show()
 #
 # **Try it:** `torchrun --nproc_per_node 2 launchers/pipeline.py --pp-degree 2 --schedule gpipe --microbatches 8
 # --device cpu --timeline tl.json`, then `python tools/bench_pipeline.py --out bench.json` to draw your own bubbles.
+
+# %% [markdown]
+# ## 中文要点
+#
+# 流水线并行（pipeline parallelism）：按深度把 DiT 切成若干阶段，条件向量随激活一起传给下一阶段，梯度原路返回。
+#
+# 朴素流水线大部分时间在空等；把批次切成微批次（micro-batch），再排好前向和反向的顺序（调度）：GPipe、1F1B、交错式 1F1B。
+#
+# 气泡（空闲占比）公式 (P−1)/(v·M+P−1)，本章用真实事件测量来检验；1F1B 每个阶段至多保留 P 个微批次的激活，显存远少于 GPipe。
+#
+# 只等待接收、发送留到步末再等，否则交错式调度会死锁；流水线与单进程损失一致，也与 `torch.distributed.pipelining` 一致。
