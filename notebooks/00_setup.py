@@ -107,6 +107,14 @@ sample_grid(x, title="MNIST, ten per class");
 # processes on your CPU; only the speed chapters need a GPU.
 
 # %% [markdown]
+# ## Exercises
+#
+# 1. **Predict, then run.** How many bytes do the 60,000 training images take as uint8? Check with `x.numel() * x.element_size()` on the tensor the data cell loads.
+# 2. **Break it.** Copy the data folder (`DIT_DATA_DIR`), flip one byte of the cached file in the copy and load it again with `DIT_DATA_DIR` pointing at the copy. What do you expect: a traceback, wrong digits, or one sentence?
+#
+# Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-00).
+
+# %% [markdown]
 # ## 中文要点
 #
 # 本章检查这台机器能做什么：有哪些设备，用哪个通信后端（GPU 上用 NCCL，CPU 上用 gloo）。

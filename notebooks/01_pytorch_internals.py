@@ -284,6 +284,15 @@ print("save_on_cpu: backward ran with saved tensors kept on", "cpu")
 # from other directions: fewer tokens per GPU, fewer parameters per GPU.
 
 # %% [markdown]
+# ## Exercises
+#
+# 1. **Predict, then run.** `x = torch.arange(12).view(3, 4).t()`: is `x` contiguous, and what are its strides?
+# 2. **Predict, then run.** `w = torch.ones(3, requires_grad=True)`; call `(w * 2).sum().backward()` twice without zeroing. What is `w.grad`, and which later chapter depends on this behaviour?
+# 3. **Predict, then run.** What do `torch.tensor(1e-8, dtype=torch.float16)` and the same in `torch.bfloat16` hold? And `torch.tensor(7e4, dtype=torch.float16)`?
+#
+# Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-01).
+
+# %% [markdown]
 # ## 中文要点
 #
 # 张量 = 存储 + 步长：view 共享同一块存储，不连续的张量要先 `contiguous()`。

@@ -280,6 +280,14 @@ print("16 tokens and head dim 64/4 = 16: the two scales are the same number, and
 # block the full-width heads make the head dim 64, so there the two scales differ (4 against 8).
 
 # %% [markdown]
+# ## Exercises
+#
+# 1. **Predict, then run.** Going from patch 7 to patch 4 on 28 x 28 images: how many tokens, and does the model get more or fewer parameters? Count with `count_parameters(DiT(cfg))`.
+# 2. **Predict.** By what factor does the attention score matrix (QKᵀ) grow from patch 7 to patch 2, per image and head?
+#
+# Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-02).
+
+# %% [markdown]
 # ## 中文要点
 #
 # 图像分块（patchify）就是一次步长等于块大小的卷积；位置、时间步和类别嵌入告诉模型“在哪、多吵、画哪个数字”。

@@ -160,12 +160,20 @@ for name, m in (("EMA weights", ema), ("raw weights", raw)):
 # feature FID is a little lower).
 
 # %% [markdown]
+# ## Exercises
+#
+# 1. **Predict, then run.** With the linear schedule (β from 1e-4 to 0.02, 1000 steps), how much of the original image is left at the last step: what is ᾱ_T? Print `Diffusion(cfg.diffusion).alphas_cumprod[-1]`.
+# 2. **Predict, then run.** Sample with guidance 0, 3 and 8 (section 5's sweep): which gives the highest classifier accuracy, and which the most varied digits?
+#
+# Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-03).
+
+# %% [markdown]
 # ## 中文要点
 #
 # 前向加噪有闭式解：x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε，任意时间步一步到位。
 #
 # 训练目标是预测所加的噪声 ε；线性调度与余弦调度对高噪声步的权重不同。
 #
-# 采样：DDPM 走完全部步数，DDIM 用少得多的步数得到相近的图像；无分类器引导（CFG）的系数越大，数字越清楚但越单一。
+# 采样：DDPM 走完全部步数，DDIM 用少得多的步数得到相近的图像（本章快了约 19 倍）；无分类器引导（CFG）有一个最佳系数，本章的短训练模型在 3 附近最好，太大反而变差。
 #
-# EMA 权重比原始权重采样更好；评估用分类器准确率和特征空间的 FID。
+# EMA 是权重的滑动平均，长时间训练后通常比原始权重采样更好；本章只训练了很短时间，两者相近（27.7% 对 29.0%）。评估用分类器准确率和特征空间的 FID。

@@ -264,6 +264,14 @@ print("compiled output equals eager within 1e-4:", torch.allclose(out_c, out_e, 
 # | checkpoints | every 2000 steps, atomic rename | section 6: resume is exact |
 
 # %% [markdown]
+# ## Exercises
+#
+# 1. **Predict, then run.** Section 1 proves accumulation 1 = 2. What maximum relative loss difference do you expect for accumulation 4 against 1 at the same global batch? Run `python launchers/single.py --config configs/tiny.yaml --device cpu --max-steps 20 --global-batch-size 16 --grad-accum 4` against `--grad-accum 1` and compare with `python -m dit_core.parity compare A/log.jsonl B/log.jsonl`.
+# 2. **Break it.** Resume section 6's checkpoint with another `--seed`. What happens, and why must it?
+#
+# Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-04).
+
+# %% [markdown]
 # ## 中文要点
 #
 # 梯度累积（gradient accumulation）与大批次等价：本章逐步证明损失相同。

@@ -95,6 +95,14 @@ ax.legend(); ax.grid(alpha=0.3); plt.tight_layout()
 # messages and why DDP packs gradients into buckets.
 
 # %% [markdown]
+# ## Exercises
+#
+# 1. **Predict.** In a ring all-reduce of a 1 MB tensor over 4 processes, how many bytes does each process send? Over 64 processes?
+# 2. **Predict.** Why is all-reduce = reduce-scatter + all-gather, and which later strategy uses the two halves separately?
+#
+# Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-05).
+
+# %% [markdown]
 # ## 中文要点
 #
 # 集合通信（collective communication）是分布式训练的基本动作：broadcast、all-reduce、reduce-scatter、all-gather、all-to-all，本章在四个真实进程之间逐一演示。

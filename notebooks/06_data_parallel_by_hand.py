@@ -216,12 +216,20 @@ axes[0].legend(fontsize=7); plt.tight_layout()
 dist.destroy_process_group()
 
 # %% [markdown]
+# ## Exercises
+#
+# 1. **Predict, then run.** Two processes with accumulation 4 against one process with accumulation 4: max relative loss difference? `torchrun --nproc_per_node 2 launchers/ddp.py --impl hand --config configs/tiny.yaml --device cpu --max-steps 20 --global-batch-size 16 --grad-accum 4` against `python launchers/single.py` with the same flags.
+# 2. **Break it.** Section 4 removes the averaging. Predict the ratio of the logged gradient norm to the single-process one with 2 processes, and why the loss curve moves much less than a factor of 2 would suggest.
+#
+# Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-06).
+
+# %% [markdown]
 # ## 中文要点
 #
 # 数据并行（data parallelism）：每个进程算自己那一份数据的梯度，再求平均；只要损失按全局批次平均，平均后的梯度就等于单进程大批次的梯度。
 #
 # 手写的 DDP 用梯度分桶和反向传播钩子，让通信与计算重叠。
 #
-# 证明：两个进程与单进程的损失曲线一致（相对误差 ≤ 1e-5）；去掉求平均或初始广播，曲线立即偏离。
+# 证明：两个进程与单进程的损失曲线一致（相对误差 ≤ 1e-5）；去掉求平均（梯度范数变成两倍）或初始广播（各进程初始权重不同），曲线就会偏离。
 #
 # 两张 H200 上：小模型时手写版本只有 81% 的扩展效率，torch DDP 有 99%；大模型时都在 95% 以上。

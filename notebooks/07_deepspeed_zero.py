@@ -378,6 +378,14 @@ print("ZeRO-3 / DP per micro-batch:", round(mem[(3, "fp32")]["comm_formula_bytes
 # dominate, which a 32M-parameter DiT never does; ZeRO-3's two gathers per layer cost it 3.3x DDP's time here.
 
 # %% [markdown]
+# ## Exercises
+#
+# 1. **Predict.** For Ψ parameters trained with Adam in bf16 on N ranks, how many bytes of model state does a rank keep at ZeRO-1, -2 and -3 (2Ψ + 2Ψ + 12Ψ in total)? Put in Ψ = 32.5M and N = 2 and compare with section 5's table.
+# 2. **Break it.** `torchrun --nproc_per_node 3 launchers/zero.py --stage 2 --device cpu --config configs/tiny.yaml --global-batch-size 16`. Predict what happens before any training step.
+#
+# Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-07).
+
+# %% [markdown]
 # ## 中文要点
 #
 # ZeRO 一、二、三阶段分别把优化器状态、梯度、参数切分到各个进程，每个进程只保留 1/N。

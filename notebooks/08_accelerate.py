@@ -213,6 +213,14 @@ print(open("configs/accelerate_zero2.yaml").read())
 # The same speed, as it should be: Accelerate wraps the model in the same torch DDP.
 
 # %% [markdown]
+# ## Exercises
+#
+# 1. **Predict, then run.** `python launchers/accelerate.py --config configs/tiny.yaml --device cpu --max-steps 20` against `python launchers/single.py` with the same flags: what max relative difference do you expect, and would it be the same under `torchrun --nproc_per_node 2`?
+# 2. **Break it.** Start 3 processes (`torchrun --nproc_per_node 3 launchers/accelerate.py --device cpu --config configs/tiny.yaml --global-batch-size 16`). Predict the outcome.
+#
+# Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-08).
+
+# %% [markdown]
 # ## 中文要点
 #
 # Accelerate：同一份训练脚本，单卡、多卡、DeepSpeed 都能跑，只需换启动命令或配置文件。

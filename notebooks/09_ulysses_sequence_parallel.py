@@ -311,6 +311,14 @@ ax.legend(); ax.grid(alpha=0.3); plt.tight_layout()
 # peak memory. The stacked all-to-all beats DeepSpeed's three exchanges at every length.
 
 # %% [markdown]
+# ## Exercises
+#
+# 1. **Predict, then run.** `torchrun --nproc_per_node 2 launchers/ulysses.py --sp-degree 2 --config configs/ulysses.yaml --device cpu --set model.patch_size=4`: 49 tokens over 2 ranks. What happens?
+# 2. **Predict.** From the two-GPU table: at how many tokens does SP 2 stop being slower than one GPU? Estimate between which measured lengths the crossover lies.
+#
+# Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-09).
+
+# %% [markdown]
 # ## 中文要点
 #
 # 序列并行（sequence parallelism）：激活显存随 token 数增长，Ulysses 把每张图的 token 分给多个进程。

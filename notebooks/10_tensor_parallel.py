@@ -208,6 +208,14 @@ for r_ in rows:
 # tensor parallelism is for layers that do not fit.
 
 # %% [markdown]
+# ## Exercises
+#
+# 1. **Predict, then run.** `torchrun --nproc_per_node 2 launchers/tp.py --tp-degree 2 --config configs/tiny.yaml --device cpu --set model.num_heads=1`. What happens, and why must the heads divide by the degree?
+# 2. **Predict.** How much of a block's weights does one rank keep at TP = 2 if the adaLN modulation (Linear(h, 6h)) stays whole? Count it from `DiT(cfg).blocks[0]`.
+#
+# Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-10).
+
+# %% [markdown]
 # ## 中文要点
 #
 # 张量并行（tensor parallelism）：把矩阵乘法按列切或按行切；列并行接行并行，中间不需要通信。

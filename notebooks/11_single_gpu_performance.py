@@ -240,6 +240,14 @@ plt.tight_layout(); plt.show()
 # `python -m dit_core.bench --rows ladder --quick --device cpu` runs the ladder on a CPU.
 
 # %% [markdown]
+# ## Exercises
+#
+# 1. **Predict.** In the ladder (section 5), which single step buys the most images per second, and why does it only pay once the earlier host-side fixes are in?
+# 2. **Predict, then run (with a GPU).** `python -m dit_core.bench` with `--fast off`: how far below the fast path do you expect it, given the ladder?
+#
+# Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-11).
+
+# %% [markdown]
 # ## 中文要点
 #
 # 课程原来的训练循环在 GPU 上只有 1.7% 的时间在计算，其余时间都在等数据和主机。
