@@ -186,9 +186,15 @@ def test_two_runs_on_one_folder(tmp_path):
     d = tmp_path / "run"
     first = popen("launchers/single.py", launcher_flags(400) + ["--results-dir", d])
     assert wait_for(lambda: len(rows(d / "log.jsonl")) >= 2)
-    second = subprocess.run([sys.executable, str(ROOT / "launchers/single.py"), *launcher_flags(5),
-                             "--results-dir", str(d), "--overwrite"], cwd=ROOT, capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    # Hold the first run still while the second starts: on a loaded machine the second's start-up (importing
+    # torch) can outlast the first's 400 steps, and a finished run no longer holds its folder.
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = subprocess.run([sys.executable, str(ROOT / "launchers/single.py"), *launcher_flags(5),
+                                 "--results-dir", str(d), "--overwrite"], cwd=ROOT, capture_output=True, text=True,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2 and "in use by another run" in second.stderr
     assert f"pid {first.pid}" in second.stderr and second.stderr.count("\n") == 1, second.stderr
     assert first.wait(timeout=300) == 0, first.stderr.read()
