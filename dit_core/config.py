@@ -75,6 +75,13 @@ class DiffusionConfig:
     beta_start: float = F(1e-4, between(0.0, 1.0, lo_open=True, hi_open=True))
     beta_end: float = F(0.02, between(0.0, 1.0, lo_open=True, hi_open=True))
     loss: str = F("mse", one_of("mse", "l1"))                   # the course notes use l1
+    # What the network predicts: eps (the noise, Ho et al.), v (sqrt(abar) eps - sqrt(1 - abar) x0, Salimans & Ho
+    # 2022), x0 (the clean image), or flow (rectified flow / flow matching as in SiT: x_t = (1 - s) x0 + s eps,
+    # the velocity eps - x0, sampled by an ODE solver: sample.sampler euler or heun).
+    objective: str = F("eps", one_of("eps", "v", "x0", "flow"))
+    weighting: str = F("none", one_of("none", "min_snr"))     # min_snr: min(SNR, gamma) (Hang et al. 2023)
+    snr_gamma: float = F(5.0, at_least(0.0, strict=True))
+    flow_time: str = F("uniform", one_of("uniform", "logit_normal"))   # how flow's s in (0, 1) is drawn
     label_dropout: float = F(0.1, between(0.0, 1.0, hi_open=True))   # classifier-free guidance: drop this often
 
 
@@ -108,7 +115,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = F("ddim", one_of("ddim", "ddpm"))
+    sampler: str = F("ddim", one_of("ddim", "ddpm", "euler", "heun"))   # euler / heun: diffusion.objective=flow
     ddim_steps: int = F(50, at_least(1))
     cfg_scale: float = F(3.0, at_least(0.0))
     eta: float = F(0.0, between(0.0, 1.0))         # DDIM eta (0 = deterministic, 1 = DDPM's variance)
@@ -122,6 +129,8 @@ class RunConfig:
     resume: str = F("", ANY)
     overwrite: bool = F(False, ANY)                # discard another run found in results_dir
     dist_timeout: float = F(300.0, at_least(1.0))  # seconds a collective may wait for another rank
+    dump_grads: str = F("", ANY)                   # write every parameter's gradient of one step here (torch.save)
+    dump_grads_step: int = F(0, at_least(0))       # ... of this step (synchronised, unscaled, before clipping)
 
 
 @dataclass
@@ -279,6 +288,14 @@ def validate(cfg: Config) -> None:
     _check(t.global_batch_size % t.grad_accum == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by train.grad_accum={t.grad_accum}; "
            f"make the batch a multiple of the accumulation steps.")
+    flow_sampler = s.sampler in ("euler", "heun")
+    _check((d.objective == "flow") == flow_sampler,
+           f"sample.sampler={s.sampler} does not sample diffusion.objective={d.objective}; use "
+           + ("euler or heun (an ODE solver) with objective flow." if d.objective == "flow"
+              else "ddim or ddpm with objective eps, v or x0 (euler and heun need objective flow)."))
+    _check(d.weighting == "none" or d.objective != "flow",
+           f"diffusion.weighting={d.weighting} is defined through the SNR of a noise schedule, which flow has not; "
+           f"use weighting none with objective flow.")
     _check(s.ddim_steps <= d.timesteps,
            f"sample.ddim_steps={s.ddim_steps} must be between 1 and diffusion.timesteps={d.timesteps}.")
 
@@ -313,6 +330,9 @@ def launcher_parser(description: str):
     p.add_argument("--resume", help="a checkpoint-<step> folder to continue from exactly")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="discard another run's log and checkpoints found in --results-dir (run.overwrite)")
+    p.add_argument("--dump-grads", metavar="PATH",
+                   help="write every parameter's gradient of the first step here (run.dump_grads; the step: "
+                        "--set run.dump_grads_step=N); compare two with python -m dit_core.parity grads A B")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any other config value, e.g. --set model.depth=6 (repeatable)")
     return p
@@ -321,7 +341,8 @@ def launcher_parser(description: str):
 _FLAG_KEYS = {"max_steps": "train.max_steps", "global_batch_size": "train.global_batch_size",
               "grad_accum": "train.grad_accum", "seed": "train.seed", "device": "run.device",
               "precision": "train.precision", "fast": "train.fast", "results_dir": "run.results_dir",
-              "log_jsonl": "run.log_jsonl", "resume": "run.resume", "overwrite": "run.overwrite"}
+              "log_jsonl": "run.log_jsonl", "resume": "run.resume", "overwrite": "run.overwrite",
+              "dump_grads": "run.dump_grads"}
 
 
 def config_from_args(args) -> Config:

@@ -1,10 +1,18 @@
 """Gaussian diffusion (Ho et al. 2020): schedule, forward noising, loss, samplers.
 
-x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and the model learns eps.
-Sampling walks back from pure noise: DDPM uses all T steps with the posterior
-q(x_{t-1} | x_t, x_0); DDIM (Song et al. 2021) jumps over a subsequence of steps.
-Classifier-free guidance (Ho & Salimans 2022) mixes a conditional and an
-unconditional prediction at sampling time.
+x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and the model learns eps (diffusion.objective=eps), or
+v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (v, Salimans & Ho 2022), or x_0 itself (x0); optionally each
+sample's error weighted by min-SNR-gamma (Hang et al. 2023). Sampling walks back from pure noise: DDPM uses
+all T steps with the posterior q(x_{t-1} | x_t, x_0); DDIM (Song et al. 2021) jumps over a subsequence.
+
+objective=flow is rectified flow / flow matching as in SiT (Ma et al. 2024): x_s = (1 - s) x_0 + s eps for
+s in (0, 1), the network learns the velocity eps - x_0, and an ODE solver (Euler or Heun) integrates from
+s = 1 (noise) to s = 0. The determinism contract still draws an integer t in [0, T) per sample; flow maps it
+to s = (t + 1/2) / T (uniform) or through the logit-normal quantile function, and the network's time input
+stays t (a float t at sampling), so every strategy's code is unchanged.
+
+Classifier-free guidance (Ho & Salimans 2022) mixes a conditional and an unconditional prediction at
+sampling time.
 """
 from __future__ import annotations
 
@@ -45,15 +53,36 @@ class Diffusion:
             "posterior_mean_coef2": (1.0 - ab_prev) * np.sqrt(1.0 - b) / (1.0 - ab),
         }
         arrays["alphas_cumprod_ext"] = np.append(ab, 1.0)      # abar after the last sampling step
+        snr = ab / (1.0 - ab)
+        gamma = np.minimum(snr, cfg.snr_gamma)
+        arrays["loss_weight"] = {"eps": gamma / snr, "v": gamma / (snr + 1.0), "x0": gamma}.get(
+            cfg.objective, np.ones_like(snr)) if cfg.weighting == "min_snr" else np.ones_like(snr)
+        u = (np.arange(cfg.timesteps) + 0.5) / cfg.timesteps                 # flow: t -> s in (0, 1)
+        arrays["flow_s"] = u if cfg.flow_time == "uniform" else 1.0 / (1.0 + np.exp(-_normal_quantile(u)))
         for k, v in arrays.items():
             setattr(self, k, torch.tensor(v, dtype=torch.float32, device=device))
+        self.plain = cfg.objective == "eps" and cfg.weighting == "none"     # the original objective, bit for bit
 
     @staticmethod
     def _at(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return a.index_select(0, t.to(a.device)).view(-1, 1, 1, 1)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if self.cfg.objective == "flow":
+            s = self._at(self.flow_s, t)
+            return (1 - s) * x0 + s * noise
         return self._at(self.sqrt_ab, t) * x0 + self._at(self.sqrt_one_minus_ab, t) * noise
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network should output for x_t = q_sample(x0, t, noise)."""
+        o = self.cfg.objective
+        if o == "eps":
+            return noise
+        if o == "x0":
+            return x0
+        if o == "v":
+            return self._at(self.sqrt_ab, t) * noise - self._at(self.sqrt_one_minus_ab, t) * x0
+        return noise - x0                                                     # flow: the velocity d x_s / d s
 
     def loss(self, model, x0, y, t, noise, drop=None) -> torch.Tensor:
         """Mean per-element error between the predicted and the true noise."""
@@ -63,7 +92,27 @@ class Diffusion:
         """The objective on a prediction: apart from `loss` for a pipeline, whose first stage noises the
         images (q_sample) and whose last stage, holding the prediction, computes this."""
         err = F.mse_loss if self.cfg.loss == "mse" else F.l1_loss
-        return err(pred.float(), noise)
+        if self.plain:
+            return err(pred.float(), noise)
+        per_sample = err(pred.float(), self.target(x0, t, noise), reduction="none").flatten(1).mean(1)
+        if self.cfg.weighting == "none":
+            return per_sample.mean()
+        return (self.loss_weight.index_select(0, t.to(self.loss_weight.device)) * per_sample).mean()
+
+    def error_on_target(self, pred, target) -> torch.Tensor:
+        """The unweighted error against a target computed beforehand (torch.distributed.pipelining's loss_fn
+        sees only the prediction and a target)."""
+        err = F.mse_loss if self.cfg.loss == "mse" else F.l1_loss
+        return err(pred.float(), target)
+
+    def split(self, x_t, t, out):
+        """(x0, eps) from the network's output for objectives eps, v and x0 (the samplers need both)."""
+        a, b = self._at(self.sqrt_ab, t), self._at(self.sqrt_one_minus_ab, t)
+        if self.cfg.objective == "x0":
+            return out, (x_t - a * out) / b
+        if self.cfg.objective == "v":
+            return a * x_t - b * out, b * x_t + a * out
+        return self.predict_x0(x_t, t, out), out
 
     def predict_x0(self, x_t, t, eps):
         return (x_t - self._at(self.sqrt_one_minus_ab, t) * eps) / self._at(self.sqrt_ab, t)
@@ -84,8 +133,7 @@ class Diffusion:
         """x_t -> x_prev for a batch. t, prev: (B,) long tensors (prev = -1 after the last step); z:
         the step's fresh noise (DDPM, DDIM with eta > 0), else unused. Only tensor arithmetic, no
         branch on values, so the step can be recorded once as a CUDA graph."""
-        eps = model.forward_with_cfg(x, t, labels, cfg_scale).float()
-        x0 = self.predict_x0(x, t, eps)
+        x0, eps = self.split(x, t, model.forward_with_cfg(x, t, labels, cfg_scale).float())
         if clip:
             x0 = x0.clamp(-1, 1)
             # eps consistent with the clipped x0, so both samplers stay on the data range
@@ -112,6 +160,11 @@ class Diffusion:
         the step first (fewer, fused kernels). Same noise, same arithmetic: the same digits."""
         device = labels.device
         c = model.cfg
+        if (self.cfg.objective == "flow") != (sampler in ("euler", "heun")):
+            raise ValueError(f"sampler={sampler} does not sample diffusion.objective={self.cfg.objective}; flow takes "
+                             f"euler or heun, eps, v and x0 take ddim or ddpm.")
+        if self.cfg.objective == "flow":
+            return self.sample_flow(model, labels, cfg_scale, sampler, steps, seed)
         ts = self.sampling_steps(sampler, steps)
         g = torch.Generator(device=device).manual_seed(seed)
         shape = (labels.shape[0], c.in_channels, c.image_size, c.image_size)
@@ -132,3 +185,35 @@ class Diffusion:
                 z = torch.randn(shape, generator=g, device=device)
             x = step_fn(x, timesteps[i], timesteps[i + 1], z)
         return x.clamp(-1, 1)
+
+    def flow_model_time(self, s: torch.Tensor) -> torch.Tensor:
+        """The network's time input for flow time s: the t (a float) that q_sample maps to s."""
+        u = s if self.cfg.flow_time == "uniform" else torch.special.ndtr(torch.logit(s))
+        return u * self.T - 0.5
+
+    @torch.no_grad()
+    def sample_flow(self, model, labels, cfg_scale: float, sampler: str, steps: int, seed: int) -> torch.Tensor:
+        """Integrate dx/ds = v(x, s) from s = 1 (noise) to 0 in `steps` equal steps: Euler, or Heun (the
+        average of the slopes at both ends; the last step is Euler, as the slope at s = 0 is not trained)."""
+        device, c = labels.device, model.cfg
+        g = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn((labels.shape[0], c.in_channels, c.image_size, c.image_size), generator=g, device=device)
+        grid = torch.linspace(1.0, 0.0, steps + 1, device=device)
+
+        def v(x, s):
+            t = self.flow_model_time(s).expand(x.shape[0])
+            return model.forward_with_cfg(x, t, labels, cfg_scale).float()
+
+        for i in range(steps):
+            s, s_next = grid[i], grid[i + 1]
+            d = v(x, s)
+            x_next = x + (s_next - s) * d
+            if sampler == "heun" and i < steps - 1:
+                x_next = x + (s_next - s) * 0.5 * (d + v(x_next, s_next))
+            x = x_next
+        return x.clamp(-1, 1)
+
+
+def _normal_quantile(u: np.ndarray) -> np.ndarray:
+    """Phi^-1(u), the standard normal's quantile (logit-normal flow time, SD3's default m = 0, s = 1)."""
+    return torch.special.ndtri(torch.tensor(u, dtype=torch.float64)).numpy()

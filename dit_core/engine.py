@@ -161,6 +161,8 @@ class Accumulating:
     (gradient accumulation, 梯度累积). A pipeline engine replaces this: its schedule interleaves the
     forwards and backwards of many micro-batches across stages, so it takes them all at once."""
 
+    grad_probe = None               # called with the engine once a step's gradients are whole (GradDump)
+
     def run_step(self, step: int, micro_batches: list, loss_fn, hooks) -> torch.Tensor:
         """`micro_batches`: (x0, y, batch) per accumulation step, on the device. Returns the sum of
         their losses (each the mean over its micro-batch)."""
@@ -184,6 +186,7 @@ class TorchEngine(Accumulating):
 
     name = "torch"
     saves_on_every_rank = False      # DeepSpeed: every rank writes its own partition
+    gradients_are_whole = True       # after the sync every rank holds every parameter's whole gradient
 
     def __init__(self, model: nn.Module, par: Parallel, cfg: Config, device: torch.device):
         t = cfg.train
@@ -215,6 +218,8 @@ class TorchEngine(Accumulating):
         self.par.finish_gradient_sync(self.wrapped)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        if self.grad_probe is not None:
+            self.grad_probe(self)
         grad_norm = self.par.clip_grad_norm_(self.params, self.clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -224,6 +229,10 @@ class TorchEngine(Accumulating):
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return grad_norm.detach()
+
+    def named_gradients(self) -> dict:
+        """Every parameter's gradient by name (zeros where backward left none)."""
+        return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in unwrap(self.model).named_parameters()}
 
     def make_ema(self) -> EMA:
         return EMA(self.model)

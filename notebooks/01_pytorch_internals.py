@@ -229,8 +229,8 @@ ax.set_xlabel("value"); ax.set_ylabel("relative rounding error"); ax.legend(); a
 #
 # Backward needs tensors saved in forward: the **activations**. Count them exactly with `saved_tensors_hooks`, for an
 # MLP stack, with and without **activation checkpointing** (`torch.utils.checkpoint`: keep only each block's input and
-# recompute the inside during backward). **CPU offload** is the third option: `torch.autograd.graph.save_on_cpu`
-# moves saved tensors to host memory and brings them back for backward (a no-op here, where everything is on the CPU).
+# recompute the inside during backward). **CPU offload** (卸载) is the third option, measured at the end of this
+# section.
 
 # %%
 from torch.utils.checkpoint import checkpoint
@@ -273,15 +273,122 @@ print("checkpointing keeps", f"{plain[-1] / ck[-1]:.1f}x less")
 plain_t, ck_t = step_time(512, False), step_time(512, True)
 print(f"forward + backward at batch 512: {plain_t * 1e3:.1f} ms plain, {ck_t * 1e3:.1f} ms with checkpointing "
       f"({ck_t / plain_t:.2f}x: each block's forward runs twice)")
-with torch.autograd.graph.save_on_cpu(pin_memory=False):       # the offload API; on a GPU this moves saved tensors to the host
-    out = saved_bytes(64, False)[1]
-out.sum().backward()
-print("save_on_cpu: backward ran with saved tensors kept on", "cpu")
 
 # %% [markdown]
 # **What to notice:** checkpointing keeps only each block's input (9x less here), paid for by a second forward
 # pass of every block during backward (the time ratio above; forward is about a third of a step, so expect 1.2-1.4x). Sequence parallelism (chapter 09) and ZeRO-3 (chapter 07) attack the same memory
 # from other directions: fewer tokens per GPU, fewer parameters per GPU.
+
+# %% [markdown]
+# ### CPU offload, measured
+#
+# `torch.autograd.graph.save_on_cpu` is a pair of `saved_tensors_hooks`: its *pack* hook runs when autograd saves a
+# tensor in forward and returns `tensor.cpu()`; its *unpack* hook runs in backward and moves the tensor back to the
+# device it came from. On a GPU that frees device memory (a copy over PCIe each way). On a CPU-only machine
+# `tensor.cpu()` returns the tensor itself, so it moves nothing; with `pin_memory=True` it makes a fresh host copy
+# of every saved tensor (pinned only when CUDA exists), which here only costs a copy.
+#
+# The cell below wraps each hook's pack in a recorder, runs one DiT block (the tiny config's, after section 5's
+# Adam step, so its gates are open) forward and backward, and measures: how many tensors autograd saved and their
+# bytes, where the hook kept them, how many bytes it copied, which of the saved tensors' memory (their storages) is
+# still allocated after forward beyond what the weights and the inputs hold anyway, and, on a GPU, the device memory
+# the forward left allocated. A fourth hook packs each saved tensor into a file, an offload this machine can show:
+# after its forward, autograd keeps no saved tensor in memory.
+
+# %%
+import copy, shutil, weakref
+from torch.autograd.graph import saved_tensors_hooks, save_on_cpu
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+blk = copy.deepcopy(dit.blocks[0]).to(dev)
+with torch.no_grad():                             # the block's inputs: 64 noisy images as 16 tokens, their conditioning
+    tok = dit.patchify(torch.randn(64, 1, 28, 28)).to(dev)
+    cond = dit.condition(torch.randint(0, 1000, (64,)), torch.randint(0, 10, (64,))).to(dev)
+
+class save_on_disk(saved_tensors_hooks):
+    """Offload to files: pack writes a saved tensor's bytes to disk, unpack reads them back for backward."""
+    def __init__(self, folder):
+        self.written = 0
+        def pack(t):
+            path = os.path.join(folder, f"{self.written}.bin")
+            raw = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+            raw.tofile(path)
+            self.written += raw.nbytes
+            return path, t.dtype, t.shape, t.device
+        def unpack(packed):
+            path, dtype, shape, device = packed
+            return torch.from_numpy(np.fromfile(path, dtype=np.uint8)).view(dtype).view(shape).to(device)
+        super().__init__(pack, unpack)
+
+def offload_probe(hooks=None):
+    """One forward and backward of `blk`, each saved tensor recorded as its pack hook (None: autograd's own) sees it."""
+    pack_with, unpack_with = (hooks.pack_hook, hooks.unpack_hook) if hooks else (lambda t: t, lambda t: t)
+    r = dict(tensors=0, bytes=0, off_cpu=0, copied=0, on_cpu=0, copies_held=0, kept_on=set())
+    storages = []
+    def pack(t):
+        packed = pack_with(t)
+        kept = next((p for p in (packed if isinstance(packed, tuple) else (packed,)) if isinstance(p, torch.Tensor)), None)
+        size = t.numel() * t.element_size()
+        r["tensors"] += 1; r["bytes"] += size; r["off_cpu"] += size * (t.device.type != "cpu")
+        r["kept_on"].add(kept.device.type if kept is not None else "disk")
+        r["on_cpu"] += size * (kept is not None and kept.device.type == "cpu")
+        if kept is None or kept.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+            r["copied"] += size                   # the hook made new memory (or a file) for it
+            r["copies_held"] += size * (kept is not None)
+        storages.append(weakref.ref(t.untyped_storage()))   # dies when nothing holds that memory any more
+        return packed
+    x, c = tok.clone().requires_grad_(), cond.clone().requires_grad_()
+    held = {t.untyped_storage().data_ptr() for t in (x, c, *blk.parameters())}   # held anyway, by module and caller
+    cuda = dev.type == "cuda"
+    if cuda: torch.cuda.synchronize(); before = torch.cuda.memory_allocated()
+    with saved_tensors_hooks(pack, unpack_with):
+        out = blk(x, c)
+    if cuda: torch.cuda.synchronize(); r["device_after_forward"] = torch.cuda.memory_allocated() - before
+    alive = {st.data_ptr(): st for st in (w() for w in storages) if st is not None and st.data_ptr() not in held}
+    r["originals_held"] = sum(st.nbytes() for st in alive.values())          # saved memory forward left allocated
+    r["originals_held_off_cpu"] = sum(st.nbytes() for st in alive.values() if st.device.type != "cpu")
+    out.square().mean().backward()
+    r["grads"] = [x.grad, c.grad, *(p.grad.clone() for p in blk.parameters())]
+    blk.zero_grad(set_to_none=True)
+    return r
+
+offload_probe()                                   # warm-up: a GPU's first matmul also allocates cuBLAS's workspace
+folder = tempfile.mkdtemp(prefix="ch01-offload-")
+disk = save_on_disk(folder)
+probes = {"autograd's own": offload_probe(), "save_on_cpu(pin_memory=False)": offload_probe(save_on_cpu(False)),
+          "save_on_cpu(pin_memory=True)": offload_probe(save_on_cpu(True)), "save_on_disk": offload_probe(disk)}
+shutil.rmtree(folder)
+MiB = lambda n: f"{n / 2**20:.2f}"
+print(f"device: {dev.type}; one DiT block, batch 64, forward + backward. After forward, MiB held for backward:")
+print(f"{'saving with':30s} {'tensors':>7s} {'MiB saved':>9s}  {'kept on':7s} {'MiB copied':>10s} "
+      f"{'originals':>9s} {'copies':>6s}" + ("  device MiB allocated by forward" if dev.type == "cuda" else ""))
+for name, r in probes.items():
+    print(f"{name:30s} {r['tensors']:7d} {MiB(r['bytes']):>9s}  {'+'.join(sorted(r['kept_on'])):7s} "
+          f"{MiB(r['copied']):>10s} {MiB(r['originals_held']):>9s} {MiB(r['copies_held']):>6s}"
+          + (f"  {MiB(r['device_after_forward']):>31s}" if dev.type == "cuda" else ""))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+own, cpu, pinned, ondisk = probes.values()
+print("every hook saw the same tensors as autograd's own saving:",
+      all((r["tensors"], r["bytes"]) == (own["tensors"], own["bytes"]) for r in probes.values()))
+print("save_on_cpu: bytes kept on the CPU == the saved bytes:", cpu["on_cpu"] == cpu["bytes"],
+      "| saved memory left on the device after forward:", cpu["originals_held_off_cpu"])
+print("           bytes it copied == saved bytes that were not on the CPU:", cpu["copied"] == cpu["off_cpu"],
+      f"({cpu['copied']} here)")
+print("save_on_cpu(pin_memory=True) copies every saved byte:", pinned["copied"] == pinned["bytes"])
+print("save_on_disk: saved memory held after forward:", ondisk["originals_held"] + ondisk["copies_held"],
+      "| bytes in its files == the saved bytes:", disk.written == own["bytes"])
+print("gradients bitwise equal to autograd's own saving, under every hook:",
+      all(all(torch.equal(a, b) for a, b in zip(r["grads"], own["grads"])) for r in probes.values()))
+
+# %% [markdown]
+# **What to notice:** on this CPU-only machine `save_on_cpu` copied 0 bytes and forward left exactly as much saved
+# memory allocated as without it: the tensors were already on the CPU, so it moves nothing. `pin_memory=True` copies
+# every saved tensor and holds the copies (a little more than the originals, since views are copied one by one), a
+# cost with no gain here. Only the hook that writes to disk leaves nothing held, and backward still gives bitwise
+# the same gradients, because unpack returns the same numbers. Run on a GPU, the cell adds the device memory the
+# forward left allocated: with `save_on_cpu` it falls to about the block's output, and the saved bytes sit in host
+# memory (the "copies" column).
 
 # %% [markdown]
 # ## Exercises
@@ -304,3 +411,5 @@ print("save_on_cpu: backward ran with saved tensors kept on", "cpu")
 # 混合精度（mixed precision）：fp16 的指数位少，小梯度会下溢；bf16 与 fp32 指数位相同，不会下溢。
 #
 # 激活显存随批次和层数增长；重计算（激活检查点）和卸载用时间换显存。
+#
+# `save_on_cpu` 只把 GPU 上的保存张量搬到主机内存；在只有 CPU 的机器上它什么也不搬（实测复制 0 字节），梯度逐位相同。

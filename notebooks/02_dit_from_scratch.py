@@ -106,7 +106,7 @@ plt.tight_layout()
 #
 # Attention: softmax(q kᵀ / √d) v per head, with d the **head** dimension. The block: LayerNorm without its own
 # scale and shift, then `modulate` with the shift and scale computed from the conditioning c, the sub-layer, and a
-# **gate** (also from c) on the residual branch. Six vectors per block, from one linear layer on c.
+# **gate** (also from c) on the residual branch. Six vectors per block, from one linear layer on SiLU(c).
 
 # %%
 def attention(x, qkv, proj, heads):
@@ -154,14 +154,28 @@ print("untrained DiT predicts all zeros:", torch.count_nonzero(fresh(x, t, y)).i
 # ## 4. Parameters and FLOPs per piece
 #
 # `torch.utils.flop_counter.FlopCounterMode` counts the floating-point operations of each module in one forward
-# (a multiply-add counts 2). Batch 1.
+# (a multiply-add counts 2). Batch 1. One catch: on a CPU it counts **nothing** inside the fused
+# `scaled_dot_product_attention` kernel (it has formulas only for the GPU kernels), so the two attention matmuls,
+# QKᵀ and softmax·V, would be missing from the table. The count therefore swaps in the same attention written as
+# plain matmuls (`math_attention`, checked equal to SDPA in section 5b).
 
 # %%
 from torch.utils.flop_counter import FlopCounterMode
 from dit_core.model import count_parameters
 
+def math_attention(q, k, v):                     # SDPA's math on (B, S, H, d), as matmuls FlopCounterMode can see
+    q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+    w = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+    return (w @ v).transpose(1, 2)
+
+def count_flops(fn, *args):
+    with FlopCounterMode(display=False) as fc:
+        fn(*args)
+    return fc.get_total_flops()
+
 def flops_by_module(model, patch):
     m = DiT(load_config("configs/tiny.yaml", {"model.patch_size": patch}).model)
+    m.set_attention(math_attention)
     with FlopCounterMode(display=False) as fc:
         m(torch.randn(1, 1, 28, 28), torch.tensor([1]), torch.tensor([1]))
     counts = fc.get_flop_counts()
@@ -184,15 +198,22 @@ for patch in (7, 4):
     print(f"patch {patch} ({(28 // patch) ** 2} tokens): {psi:,} parameters, {tot / 1e6:.2f} MFLOPs per image")
     for k, (n, f) in table.items():
         print(f"   {k:24s} {n:>8,} params ({n / psi:5.1%})   {f / 1e6:7.3f} MFLOPs ({f / tot:5.1%})")
+qh = torch.randn(1, cfg.model.num_heads, 16, h // cfg.model.num_heads)
+print(f"QKᵀ and softmax·V of one block at patch 7: fused SDPA on this CPU counts "
+      f"{count_flops(F.scaled_dot_product_attention, qh, qh, qh):,} FLOPs, the plain matmuls "
+      f"{count_flops(math_attention, *(qh.transpose(1, 2),) * 3):,}")
 
 # %% [markdown]
 # **What to notice:** the adaLN modulation holds a large share of the *parameters* (six vectors of width `hidden` per
-# block) but almost none of the *FLOPs*: it runs once per image, not once per token. Attention and MLP FLOPs grow with
-# the tokens (patch 4: 49 tokens, three times the work of patch 7), the parameters do not.
+# block) but almost none of the *FLOPs*: it runs once per image, not once per token. FLOPs grow with the tokens, the
+# parameters do not: from patch 7 to patch 4 (16 to 49 tokens, 3.1x) the MLP does 3.1x the work and attention 3.8x,
+# because its score matrix grows with the *square* of the tokens (9.4x). The last line shows what the table would miss
+# without the plain matmuls: on a CPU the counter does not see the fused kernel's FLOPs.
 #
 # ## 5. The course's original block, measured
 #
-# The course this workbook grew from wrote its DiT block differently in four places:
+# The course this workbook grew from (owenliang/mnist-dits: `dit_block.py`, `dit.py`, `train.py`) wrote its DiT
+# differently in four places that this section trains:
 #
 # | | course's block | this project (and the DiT paper) |
 # |---|---|---|
@@ -201,7 +222,20 @@ for patch in (7, 4):
 # | position embedding | `torch.rand` (uniform in [0, 1), learned) | fixed 2-D sine-cosine |
 # | attention scale | scores / √(sequence length) | scores / √(head dim) |
 #
-# Each difference alone, then all four together, trained with the same batches (tiny config) for a short run:
+# and in four more that it only lists (section 5c shows the third in code):
+#
+# | | course | this project (and the DiT paper) | what it changes |
+# |---|---|---|---|
+# | loss | L1 on the noise (`nn.L1Loss`) | mean squared error on the noise | L1 is minimised by the *median* of the noise given x_t, MSE by its *mean*, which is what DDPM's sampler assumes (chapter 03); L1's gradient has the same size for small and large errors. `diffusion.loss: l1` tries it. |
+# | MLP activation | ReLU | GELU (tanh approximation) | ReLU passes no gradient for negative inputs, GELU is smooth; a small change in practice. |
+# | adaLN layers | six separate `Linear(h, h)` on c | one `Linear(h, 6h)` on SiLU(c), cut in six | six narrow layers are the same function as one wide one (same parameters, six matmuls instead of one); the missing SiLU is a real change: the modulation becomes affine in c = t_emb + y_emb, so a label changes every shift, scale and gate by the same amount at every timestep. |
+# | LayerNorm | with its own learned scale and shift | without (`elementwise_affine=False`) | redundant next to adaLN's per-sample scale and shift; 2h more parameters per norm. |
+#
+# (Outside the block, the course's final layer has no adaLN, only a LayerNorm and a linear layer, and its label table
+# has no null row, so it cannot use classifier-free guidance.)
+#
+# Each of the four trained differences alone, then all four together, trained with the same batches (tiny config) for
+# a short run:
 
 # %%
 from dit_core.model import Attention
@@ -270,10 +304,77 @@ print("16 tokens and head dim 64/4 = 16: the two scales are the same number, and
       logs["scale by sqrt(seq len)"] == logs["project (DiT paper)"])
 
 # %% [markdown]
+# ### 5b. What full-width heads (全宽注意力头) cost in FLOPs
+#
+# One attention layer on S tokens of width D, with H heads of width d (a multiply-add counts 2): the q, k, v
+# projection costs 2·S·D·3Hd, the output projection 2·S·Hd·D, QKᵀ 2·S²·Hd and softmax·V 2·S²·Hd; in all
+# **8·S·D·Hd + 4·S²·Hd**. Every term is proportional to Hd, the total width of the heads. Split heads have Hd = D;
+# full-width heads have Hd = H·D, so their attention costs exactly **H times** as much, at any number of tokens. The
+# cell counts one block's attention both ways with `FlopCounterMode` and compares with the formula.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+H, D = cfg.model.num_heads, cfg.model.hidden_size
+attn_formula = lambda S, width: 8 * S * D * width + 4 * S * S * width
+qs = torch.randn(2, 16, H, D // H)
+ok = torch.allclose(math_attention(qs, qs, qs), F.scaled_dot_product_attention(*(qs.transpose(1, 2),) * 3).transpose(1, 2), atol=1e-6)
+print("plain-matmul attention equals SDPA:", ok)
+one_image = (torch.randn(1, 1, 28, 28), torch.tensor([1]), torch.tensor([1]))
+for patch in (7, 4):
+    mc = load_config("configs/tiny.yaml", {"model.patch_size": patch}).model
+    split, full = DiT(mc), DiT(mc)
+    full_width_heads(full)
+    S = (28 // patch) ** 2
+    attn_flops, model_flops = {}, {}
+    for name, m in (("split", split), ("full", full)):
+        m.set_attention(math_attention)
+        attn_flops[name] = count_flops(m.blocks[0].attn, torch.randn(1, S, D))
+        model_flops[name] = count_flops(m, *one_image)
+    ok &= attn_flops["split"] == attn_formula(S, D) and attn_flops["full"] == attn_formula(S, H * D) == H * attn_flops["split"]
+    print(f"{S} tokens, one block's attention: split heads {attn_flops['split']:,} FLOPs (formula {attn_formula(S, D):,}), "
+          f"full width {attn_flops['full']:,} (formula {attn_formula(S, H * D):,}): {attn_flops['full'] / attn_flops['split']:.2f}x")
+    print(f"   whole model: parameters {count_parameters(full) / count_parameters(split):.2f}x, FLOPs "
+          f"{model_flops['full'] / model_flops['split']:.2f}x ({model_flops['split'] / 1e6:.2f} -> {model_flops['full'] / 1e6:.2f} MFLOPs per image)")
+print(f"counted == formula, and full-width heads cost exactly H = {H} times the attention FLOPs:", ok)
+
+# %% [markdown]
+# **Notice:** the factor is H = 4, not the 1.6 of the parameter count. The attention weights also grow 4x, but they
+# are only a fifth of the model, so the parameters grow by 60%; attention is a third of the FLOPs (once the score
+# matrix is counted), so the whole forward costs twice as much.
+#
+# ### 5c. Six linear layers, and the missing SiLU
+#
+# Six `Linear(h, h)` layers are one `Linear(h, 6h)` cut in six: copy the wide layer's weights into six narrow ones and
+# they compute the same vectors. The SiLU is not cosmetic: without it the modulation is affine in c = t_emb + y_emb,
+# so changing the label moves it by the same amount at every timestep (label and timestep cannot interact there).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+torch.manual_seed(0)
+wide = nn.Linear(h, 6 * h)
+six = [nn.Linear(h, h) for _ in range(6)]
+with torch.no_grad():
+    for i, lin in enumerate(six):
+        lin.weight.copy_(wide.weight[i * h:(i + 1) * h]); lin.bias.copy_(wide.bias[i * h:(i + 1) * h])
+cond = torch.randn(B, h)
+print("six Linear(h, h) equal one Linear(h, 6h) cut in six:",
+      all(torch.allclose(a, lin(cond), atol=1e-6) for a, lin in zip(wide(cond).chunk(6, dim=1), six)),
+      "| same parameter count:", sum(count_parameters(l) for l in six) == count_parameters(wide))
+
+mod = dit.blocks[0].adaLN_modulation[-1]                  # block 0's modulation layer (the perturbed weights)
+def label_effect(act):                                    # modulation(label 3) - modulation(label 1), at t = 0, 500, 999
+    at = torch.tensor([0, 500, 999])
+    with torch.no_grad():
+        return mod(act(dit.condition(at, torch.full((3,), 3)))) - mod(act(dit.condition(at, torch.full((3,), 1))))
+same_at_every_t = lambda d: torch.allclose(d, d[:1].expand_as(d), atol=1e-5)
+print("without SiLU, a label's effect on the modulation is the same at every timestep:", same_at_every_t(label_effect(lambda z: z)),
+      "| with SiLU (the project's):", same_at_every_t(label_effect(F.silu)))
+
+# %% [markdown]
 # **What to notice.** The runs are short (600 steps of 32 images on a CPU), so read the ordering, not the digits.
 # Here the zero-init matters most: without it every block starts as a random perturbation instead of the identity,
-# and the loss stays clearly higher. Full-width heads cost 60% more parameters (and attention FLOPs) for a loss no
-# better than the project's. A `torch.rand` position embedding is learned quickly enough at 16 tokens that the loss
+# and the loss stays clearly higher. Full-width heads cost 60% more parameters and H = 4 times the attention FLOPs
+# (twice the whole forward's, section 5b) for a loss no better than the project's. A `torch.rand` position embedding is learned quickly enough at 16 tokens that the loss
 # barely moves. The √(sequence length) scale is a silent bug: at the tiny config it happens to equal √(head dim)
 # (16 tokens, head dim 16), so the run is *identical*; at patch 4 (49 tokens) the scores would be divided by 7
 # instead of 4, at patch 2 (196 tokens) by 14, flattening attention more the longer the sequence. In the course's
@@ -294,4 +395,6 @@ print("16 tokens and head dim 64/4 = 16: the two scales are the same number, and
 #
 # adaLN-Zero：条件向量生成每个块的平移、缩放和门控；门控零初始化，所以每个块一开始是恒等映射，训练更稳。
 #
-# 每一部分都与 `dit_core.model` 逐一比对相等；参数量和 FLOPs 按部件统计；课程原来的模块与本项目的模块在同样条件下训练对比。
+# 每一部分都与 `dit_core.model` 逐一比对相等；参数量和 FLOPs 按部件统计（CPU 上 FlopCounterMode 看不到融合的 SDPA 内核，所以注意力用普通矩阵乘法计数）；课程原来的模块与本项目的模块在同样条件下训练对比。
+#
+# 课程的全宽注意力头（每个头与模型一样宽）使注意力的 FLOPs 正好变为头数 H 倍（这里 4 倍），参数总量只多 60%。课程还用 L1 损失、ReLU、六个独立的调制线性层且前面没有 SiLU：六个线性层等于一个宽线性层，但没有 SiLU 时标签对调制的影响与时间步无关。

@@ -88,7 +88,118 @@ l = np.array(res.losses); k = max(1, min(100, len(l) // 10))
 plt.figure(figsize=(6, 2.8)); plt.plot(np.convolve(l, np.ones(k) / k, mode="valid")); plt.xlabel("step"); plt.ylabel("loss (moving mean)"); plt.grid(alpha=0.3)
 
 # %% [markdown]
-# ## 4. DDPM and DDIM sampling
+# ## 4. The reverse step: the posterior q(x_{t-1} | x_t, x_0)
+#
+# To walk backwards, DDPM needs the distribution of the previous step given the present one. Given x_0 it is a
+# Gaussian, the **posterior** (后验分布), and Bayes' rule gives it in closed form (Ho et al. 2020, eq. 6-7). The forward
+# process is Markov, so q(x_{t-1} | x_t, x_0) ∝ q(x_t | x_{t-1}) · q(x_{t-1} | x_0), the product of
+#
+# - one noising step, N(x_t; √α_t · x_{t-1}, β_t), with α_t = 1 - β_t, read as a function of x_{t-1}, and
+# - the closed-form jump from x_0, N(x_{t-1}; √ᾱ_{t-1} · x_0, 1 - ᾱ_{t-1}).
+#
+# Per pixel, the log of the product is -½ [ (x_t - √α_t x_{t-1})² / β_t + (x_{t-1} - √ᾱ_{t-1} x_0)² / (1 - ᾱ_{t-1}) ].
+# Collect the terms in x_{t-1}: the log is -½ (λ x_{t-1}² - 2 η x_{t-1}) + terms without x_{t-1}, with the precision
+# λ = α_t / β_t + 1 / (1 - ᾱ_{t-1}) = (1 - ᾱ_t) / (β_t (1 - ᾱ_{t-1})) (because α_t (1 - ᾱ_{t-1}) + β_t = 1 - ᾱ_t)
+# and η = √α_t x_t / β_t + √ᾱ_{t-1} x_0 / (1 - ᾱ_{t-1}). **Complete the square**: the log is
+# -½ λ (x_{t-1} - η/λ)² + const, a Gaussian with
+#
+# - variance β̃_t = 1/λ = β_t (1 - ᾱ_{t-1}) / (1 - ᾱ_t),
+# - mean μ̃_t = η/λ = [√ᾱ_{t-1} β_t / (1 - ᾱ_t)] · x_0 + [√α_t (1 - ᾱ_{t-1}) / (1 - ᾱ_t)] · x_t.
+#
+# The code counts t from 0, so the step before t = 0 is the clean image: ᾱ_{-1} = 1 (`alphas_cumprod_prev`, ᾱ shifted
+# right with a leading 1). There β̃_0 = 0 and μ̃_0 = x_0: the last step returns the estimate of x_0 itself. The
+# sampler does not know x_0; it plugs in the network's estimate x̂_0 = (x_t - √(1 - ᾱ_t) ε_θ) / √ᾱ_t (clipped to
+# [-1, 1] by default) and draws x_{t-1} = μ̃_t(x̂_0, x_t) + √β̃_t · z. This is why the loss is a squared error: with
+# MSE, ε_θ estimates the *mean* E[ε | x_t], so x̂_0 estimates the mean of x_0 given x_t.
+#
+# The first cell computes β̃_t and both coefficients from the formulas (float64) and from the precision-sum form of the
+# product, and compares them with the arrays `Diffusion` stores (float32) and with one DDPM step of
+# `Diffusion.denoise_step` on a stand-in network whose noise prediction is fixed.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+betas = torch.tensor(make_betas(cfg.diffusion.schedule, cfg.diffusion.timesteps), dtype=torch.float64)
+alphas = 1 - betas
+abar = torch.cumprod(alphas, 0)
+abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])     # abar_{-1} = 1
+post_var = betas * (1 - abar_prev) / (1 - abar)
+coef_x0 = abar_prev.sqrt() * betas / (1 - abar)
+coef_xt = alphas.sqrt() * (1 - abar_prev) / (1 - abar)
+lib = Diffusion(cfg.diffusion)
+close = lambda ours, theirs: torch.allclose(theirs.double(), ours, rtol=1e-6, atol=0)   # float32 storage: ~6e-8
+print("abar_prev is abar shifted right with a leading 1:", close(abar_prev, lib.alphas_cumprod_prev))
+print("posterior variance and both mean coefficients match Diffusion's arrays:",
+      close(post_var, lib.posterior_variance), close(coef_x0, lib.posterior_mean_coef1), close(coef_xt, lib.posterior_mean_coef2))
+# The product of the two Gaussians in precision form (t >= 1): precisions add, means add weighted by their precision.
+prec = alphas[1:] / betas[1:] + 1 / (1 - abar_prev[1:])
+print("the Bayes product gives the same variance and coefficients:",
+      torch.allclose(1 / prec, post_var[1:], rtol=1e-12), torch.allclose(abar_prev[1:].sqrt() / (1 - abar_prev[1:]) / prec, coef_x0[1:], rtol=1e-12),
+      torch.allclose(alphas[1:].sqrt() / betas[1:] / prec, coef_xt[1:], rtol=1e-12))
+print("at t = 0 the step returns x0: variance 0, coefficients 1 and 0:",
+      post_var[0].item() == 0.0, abs(coef_x0[0].item() - 1) < 1e-12, coef_xt[0].item() == 0.0)
+
+class FixedEps(torch.nn.Module):                  # stands in for the network: always the same noise prediction
+    def __init__(self, eps):
+        super().__init__(); self.eps = eps
+    def forward_with_cfg(self, x, t, y, scale):
+        return self.eps
+g = torch.Generator().manual_seed(0)
+ts_ = torch.tensor([999, 500, 100, 10, 1, 0])
+x_t, eps, z = (torch.randn(len(ts_), 1, 28, 28, generator=g) for _ in range(3))
+step = lambda sampler, eta: lib.denoise_step(FixedEps(eps), x_t, ts_, ts_ - 1, None, z, 1.0, sampler, eta, clip=False)
+col = lambda a: a.float()[ts_].view(-1, 1, 1, 1)
+x0_hat = (x_t - col(1 - abar).sqrt() * eps) / col(abar).sqrt()
+by_hand = col(coef_x0) * x0_hat + col(coef_xt) * x_t + (ts_ > 0).float().view(-1, 1, 1, 1) * col(post_var).sqrt() * z
+print("Diffusion's DDPM step is mean + sqrt(posterior variance) * z, by hand:", torch.allclose(step("ddpm", 0.0), by_hand, atol=1e-5))
+# DDIM's float32 sigma and sqrt(1 - abar_prev - sigma^2) cancel digits at small t: agreement to ~1e-5, so atol 1e-4.
+print("and DDIM with eta = 1 through every step is the same step:", torch.allclose(step("ddim", 1.0), step("ddpm", 0.0), atol=1e-4))
+
+# %% [markdown]
+# **Monte Carlo check of the product.** Take real pixels as x_0, run the forward process one step at a time
+# (x_{t-1} from x_0, then x_t = √α_t x_{t-1} + √β_t ε), and regress x_{t-1} on (x_0, x_t) by least squares. Given
+# x_0 and x_t, x_{t-1} is Gaussian with a mean linear in both, so the regression recovers the two mean coefficients
+# and its residual variance is β̃_t. Each estimate is compared with the formula within 5 standard errors; as a
+# negative check, the same test must reject β_t in place of β̃_t at t = 1.
+
+# %%
+pix = data.gather(torch.arange(250 if SMOKE else 1300))[0].double().flatten()   # 0.2 M (1.0 M) pixels of real digits
+g = torch.Generator().manual_seed(0)
+mc_ok, mc_var = [], {}
+print(f"{'t':>4}   {'coef of x0: formula / MC':<26} {'coef of xt: formula / MC':<26} variance: formula / MC")
+for s in (1, 10, 100, 500, 999):
+    x_prev = abar_prev[s].sqrt() * pix + (1 - abar_prev[s]).sqrt() * torch.randn(pix.shape, generator=g, dtype=torch.float64)
+    x_now = alphas[s].sqrt() * x_prev + betas[s].sqrt() * torch.randn(pix.shape, generator=g, dtype=torch.float64)
+    X = torch.stack([pix, x_now], 1)
+    (c0, c1) = coef = torch.linalg.solve(X.T @ X, X.T @ x_prev)
+    var = mc_var[s] = (x_prev - X @ coef).var()
+    se = (var * torch.linalg.inv(X.T @ X).diagonal()).sqrt()           # standard errors of the two coefficients
+    mc_ok.append(bool(abs(c0 - coef_x0[s]) < 5 * se[0] and abs(c1 - coef_xt[s]) < 5 * se[1]
+                      and abs(var / post_var[s] - 1) < 5 * (2 / len(pix)) ** 0.5))
+    print(f"{s:>4}   {coef_x0[s]:.6f} / {c0:.6f}        {coef_xt[s]:.6f} / {c1:.6f}        {post_var[s]:.3e} / {var:.3e}")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("Monte Carlo posterior matches the formulas at t = 1, 10, 100, 500, 999 (within 5 standard errors):", all(mc_ok))
+print("and the test rejects beta_t as the variance at t = 1:", bool(abs(mc_var[1] / betas[1] - 1) > 5 * (2 / len(pix)) ** 0.5))
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+tt = np.arange(cfg.diffusion.timesteps)
+axes[0].loglog(tt[1:], betas[1:].numpy(), label="β_t (noise added going forward)")
+axes[0].loglog(tt[1:], post_var[1:].numpy(), label="β̃_t (posterior variance)")
+axes[0].set_xlabel("t"); axes[0].legend(fontsize=8); axes[0].set_title("variance of one step", fontsize=9)
+axes[1].semilogx(tt[1:], (post_var[1:] / betas[1:]).numpy()); axes[1].set_xlabel("t"); axes[1].set_ylim(0, 1.05)
+axes[1].set_title("β̃_t / β_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t)", fontsize=9); axes[1].grid(alpha=0.3)
+plt.tight_layout()
+ratio = post_var[1:] / betas[1:]
+print(f"β̃_1 / β_1 = {ratio[0]:.3f}; β̃_t / β_t is below 0.9 for t < {int((ratio < 0.9).sum()) + 1} and below 0.99 for t < {int((ratio < 0.99).sum()) + 1}")
+
+# %% [markdown]
+# **Notice:** β̃_t is never larger than β_t, and the two are almost equal except in the first steps, where knowing
+# x_0 pins x_{t-1} down: β̃_1 is under half of β_1 (and β̃_0 = 0); the ratio passes 0.9 at t = 15 and 0.99 at
+# t = 167. Ho et al. report that sampling with σ_t² = β_t or σ_t² = β̃_t gives similar results; this project uses β̃_t.
+#
+# ## 5. DDPM and DDIM sampling
 #
 # DDPM walks back through all 1000 steps, adding fresh noise each time. DDIM (Song et al., 2021) takes a
 # deterministic path through a subsequence of the steps: here 50, 20x fewer network calls.
@@ -119,7 +230,7 @@ print("DDIM ran 20x fewer network calls and was faster:", timing["ddim"] < timin
 print("both samplers return images in [-1, 1]:", all(s.min() >= -1 and s.max() <= 1 for s in samples.values()))
 
 # %% [markdown]
-# ## 5. Classifier-free guidance
+# ## 6. Classifier-free guidance
 #
 # During training 10% of the labels are replaced by the null class, so one network learns both ε(x, t, y) and
 # ε(x, t, ∅). At sampling time guidance extrapolates from the unconditional prediction toward the conditional one:
@@ -138,7 +249,7 @@ plt.tight_layout()
 print("sample accuracy by guidance scale:", {s: f"{a:.0%}" for s, a in acc.items()})
 
 # %% [markdown]
-# ## 6. EMA against the raw weights, and the evaluation numbers
+# ## 7. EMA against the raw weights, and the evaluation numbers
 #
 # `dit_core.evaluate` reads generated digits with a small CNN trained on MNIST (99% on the test set): the share read
 # as the class they were generated for (per class), and a Fréchet distance between the CNN's features of generated and
@@ -163,7 +274,7 @@ for name, m in (("EMA weights", ema), ("raw weights", raw)):
 # ## Exercises
 #
 # 1. **Predict, then run.** With the linear schedule (β from 1e-4 to 0.02, 1000 steps), how much of the original image is left at the last step: what is ᾱ_T? Print `Diffusion(cfg.diffusion).alphas_cumprod[-1]`.
-# 2. **Predict, then run.** Sample with guidance 0, 3 and 8 (section 5's sweep): which gives the highest classifier accuracy, and which the most varied digits?
+# 2. **Predict, then run.** Sample with guidance 0, 3 and 8 (section 6's sweep): which gives the highest classifier accuracy, and which the most varied digits?
 #
 # Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-03).
 
@@ -173,6 +284,8 @@ for name, m in (("EMA weights", ema), ("raw weights", raw)):
 # 前向加噪有闭式解：x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε，任意时间步一步到位。
 #
 # 训练目标是预测所加的噪声 ε；线性调度与余弦调度对高噪声步的权重不同。
+#
+# 反向一步的后验 q(x_{t−1}|x_t,x_0) 是高斯分布（配方法）：方差 β̃_t = β_t(1−ᾱ_{t−1})/(1−ᾱ_t)，均值是 x_0 与 x_t 的线性组合；本章用公式、贝叶斯乘积和蒙特卡洛回归三种方式核对了库里的 DDPM 采样步。
 #
 # 采样：DDPM 走完全部步数，DDIM 用少得多的步数得到相近的图像（本章快了约 19 倍）；无分类器引导（CFG）有一个最佳系数，本章的短训练模型在 3 附近最好，太大反而变差。
 #

@@ -132,7 +132,9 @@ plt.tight_layout()
 
 # %% [markdown]
 # The differences are float32 rounding (~1e-7): a sum over 16 samples and two sums over 8 added together round
-# differently. Nothing larger: the stages change *where* the numbers live, not what they are.
+# differently. Nothing larger: the stages change *where* the numbers live, not what they are. That is the
+# sum-order rung of the workbook's one tolerance ladder (`dit_core.parity.LADDER`, chapter 06): 1e-5 for fp32 runs
+# whose only change is the order of sums; a ZeRO stage that moved a number would land orders of magnitude above it.
 #
 # ## 4. "Same global batch, different loss?" Several splits of one batch
 #
@@ -164,13 +166,36 @@ for name, log in splits.items():
 # timesteps, noise and label-dropout mask, is a function of (seed, s) alone, and each rank takes its contiguous slice.
 # The usual causes of the forum reports are each a break of that contract:
 #
-# * **the data order depends on the world size**: a `DistributedSampler` deals samples round-robin, so 2 ranks × 8 is
-#   not the same 16 images, in the same micro-batches, as 1 × 16;
+# * **a different sampler in the baseline**: not the world size itself. PyTorch's `DistributedSampler` draws one
+#   permutation from `seed + epoch` (the same for every world size) and rank r takes every N-th index, `perm[r::N]`;
+#   so step s of 2 ranks × 8 covers exactly the 16 images step s of 1 rank × 16 covers (the cell after this list
+#   checks it). The usual break is a single-GPU baseline run with `DataLoader(shuffle=True)`, whose permutation comes
+#   from the global torch RNG and not from `seed + epoch`, or a loop that forgets `set_epoch` (every epoch the same
+#   order), or a dataset whose size is not a multiple of N: `DistributedSampler` pads it by repeating the first
+#   indices (or drops the tail with `drop_last=True`), so the last step of an epoch is not the same set of images;
 # * **random numbers drawn per rank**: a diffusion model draws timesteps and noise; seeded with `seed + rank` (common
 #   advice) every split draws different noise. The cell below shows how much that alone moves the loss;
 # * **the loss mean is taken per micro-batch of different sizes** (token counts that differ between micro-batches), so
 #   a mean of means is not the global mean;
 # * **fp16 loss scaling skips steps** on overflow, at different steps for different splits.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from torch.utils.data import DataLoader, DistributedSampler
+images = range(64)                                    # a dataset of 64 indices is enough to see the rule
+one = list(DistributedSampler(images, num_replicas=1, rank=0, seed=0))
+two = [list(DistributedSampler(images, num_replicas=2, rank=r, seed=0)) for r in range(2)]
+print("rank 0 takes perm[0::2], rank 1 perm[1::2]:", two[0] == one[0::2] and two[1] == one[1::2])
+print("every step of 2 ranks x 8 holds the same 16 images as 1 rank x 16:",
+      all(set(one[16 * s:16 * s + 16]) == set(two[0][8 * s:8 * s + 8]) | set(two[1][8 * s:8 * s + 8]) for s in range(4)))
+torch.manual_seed(123)                                # a baseline with DataLoader(shuffle=True) and the global RNG
+print("DataLoader(shuffle=True) visits the same order as the sampler:", list(DataLoader(images, shuffle=True, batch_size=None)) == one)
+odd = [list(DistributedSampler(range(65), num_replicas=2, rank=r, seed=0)) for r in range(2)]
+print("65 images on 2 ranks: each rank gets", len(odd[0]), "indices; one image is seen twice:",
+      sorted(odd[0] + odd[1]) != list(range(65)) and len(set(odd[0] + odd[1])) == 65)
+
+# %% [markdown]
+# The cell below shows the per-rank random draws.
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -195,7 +195,8 @@ parity_curves(runs[("single", 1)], runs[("SP 2", 1)], names=("single process", "
 
 # %% [markdown]
 # **What to notice.** The differences are float rounding (~1e-7): each rank sums its half of the squared errors and
-# the all-reduce adds the halves, a different order than one process summing all of them.
+# the all-reduce adds the halves, a different order than one process summing all of them: the sum-order rung (1e-5)
+# of the tolerance ladder (`dit_core.parity.LADDER`, chapter 06).
 #
 # ## 5. Break it: two bugs that shipped
 #

@@ -115,6 +115,44 @@ print("each rank holds", checks["block_weight_share"], "of every block matrix; t
 print("all-reduces per block and step:", checks["all_reduce_calls"] // 2, "| bytes equal 4·b·N·h per block:", checks["all_reduce_bytes"] == checks["formula_bytes"])
 
 # %% [markdown]
+# "1/P of every block *matrix*" is not 1/P of a block. Each block also has its adaLN modulation, a Linear(h, 6h) that
+# turns the condition c into the six shift, scale and gate vectors, and it stays whole on every rank. The same run
+# counted what rank 0 holds after `parallelize`:
+
+# %%
+full, mine = checks["params_full"], checks["params_mine"]
+for k in ("blocks", "modulation", "model"):
+    print(f"{k:>10}: {full[k]:>7,} parameters in the single-process model, {mine[k]:>7,} on one rank of two ({mine[k] / full[k]:.1%})")
+print(f"the modulation is {full['modulation'] / full['blocks']:.1%} of a block's parameters")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+share = mine["blocks"] / full["blocks"]
+print(f"at TP = 2 a rank keeps {share:.0%} of each block (not 50%): {0.6 < share < 0.7}")
+
+# %% [markdown]
+# **Why the modulation stays whole.** Its input is c, one vector per image, not one per token; its outputs shift and
+# scale the *whole* hidden vector that the column-parallel qkv and fc1 read. Sharding it by columns would save a third
+# of each block's weights (and their gradients and Adam state) per rank, but every block's forward would then need an
+# all-gather of the b x 6h outputs before the first layer norm, and a matching reduce-scatter in backward: two more
+# collectives per block on the critical path. The cell below counts both options in elements each rank sends per
+# step (ring collectives at P = 2), at this chapter's tiny model and the GPU bench model. The traffic is small next
+# to the 4·b·N·h of the f and g all-reduces; what it adds is two latencies per block (chapter 05: a small message's cost
+# is its latency), for memory that at these sizes is a few hundred kilobytes. A model whose blocks no longer fit one GPU
+# should shard it; here simplicity wins, and the chapter says so instead of claiming 1/P.
+
+# %%
+from dit_core.config import load_config
+for name, over in {"tiny": {}, "bench": {"model.patch_size": 2, "model.hidden_size": 384, "model.depth": 12, "model.num_heads": 6}}.items():
+    c = load_config("configs/tiny.yaml", over).model
+    b, n, h = 64, (28 // c.patch_size) ** 2, c.hidden_size
+    fg = 4 * b * n * h * 2 * (2 - 1) / 2                 # four all-reduces of b·N·h: each rank sends 2(P-1)/P of each
+    mod = 2 * b * 6 * h * (2 - 1) / 2                    # an all-gather forward and a reduce-scatter backward of b·6h
+    saved = 6 * h * h + 6 * h                            # the modulation's weights per block: half of them per rank
+    print(f"{name:>6}: per block and step, f/g send {fg:,.0f} elements; sharding the modulation adds {mod:,.0f} "
+          f"(+{mod / fg:.1%}) and 2 collectives, and saves {saved // 2:,} weights per rank")
+
+# %% [markdown]
 # ## 3. Training: the same loss
 #
 # Two things besides the layers need care. **Gradient clipping** must use the norm of the *whole* gradient: a rank's
@@ -155,10 +193,14 @@ parity_curves(runs[("single", 1)], runs[("TP 2", 1)], names=("single process", "
 #
 # Per block and micro-batch, tensor parallelism all-reduces the activation (b·N·h elements) four times: after
 # attention and after the MLP in forward (g), before them in backward (f). Data parallelism all-reduces the
-# *gradients* once per step (2Ψ bytes in the ring sense), whatever the batch. So tensor parallelism trades memory
-# (each rank holds 1/P of every block matrix, its gradient and its Adam state) for traffic that grows with the batch
+# *gradients* once per step, whatever the batch. So tensor parallelism trades memory (each rank holds 1/P of every
+# block matrix, its gradient and its Adam state: about two thirds of each block at P = 2, above) for traffic that grows with the batch
 # and the sequence and sits on the critical path of every layer: it needs NVLink-class links inside a node, and pays
 # only when a layer's matmuls are large enough to hide it.
+#
+# One unit for both: **bytes each rank sends per step**, fp32, ring collectives at P = 2. A ring all-reduce of n
+# elements sends 2n(P-1)/P per rank: for data parallelism n = Ψ, the gradients, once per step; for tensor parallelism
+# n = b·N·h, four times per block per micro-batch.
 
 # %%
 from dit_core.parallel.tensor import tp_allreduce_elements
@@ -169,9 +211,10 @@ for name, over in {"tiny": {}, "mnist": {"model.patch_size": 4, "model.hidden_si
                    "bench": {"model.patch_size": 2, "model.hidden_size": 384, "model.depth": 12, "model.num_heads": 6}}.items():
     c = load_config("configs/tiny.yaml", over).model
     psi = count_parameters(DiT(c)); tokens = (28 // c.patch_size) ** 2
-    tp = c.depth * tp_allreduce_elements(64, tokens, c.hidden_size) * 4          # bytes per step, 64 images per rank, fp32
-    rows.append((name, psi, tokens, tp / 2**20, 2 * psi * 4 / 2**20))
-print(f"{'model':>6} {'params':>11} {'tokens':>6} | {'TP all-reduce, MiB':>19} | {'DDP gradients, MiB':>19}   (per step, batch 64 per rank, fp32)")
+    ring = 2 * (2 - 1) / 2                                                      # a ring all-reduce sends 2(P-1)/P of n per rank
+    tp = c.depth * tp_allreduce_elements(64, tokens, c.hidden_size) * ring * 4  # bytes per step, 64 images per rank
+    rows.append((name, psi, tokens, tp / 2**20, psi * ring * 4 / 2**20))
+print(f"{'model':>6} {'params':>11} {'tokens':>6} | {'TP sends, MiB':>19} | {'DDP sends, MiB':>19}   (per rank and step, P = 2, batch 64 per rank, fp32)")
 for r_ in rows:
     print(f"{r_[0]:>6} {r_[1]:>11,} {r_[2]:>6} | {r_[3]:>19.1f} | {r_[4]:>19.1f}")
 
@@ -185,15 +228,17 @@ for r_ in rows:
 #
 # | strategy | what each rank holds | what is communicated (per step) | parity here (CPU, max rel loss diff) | use it when |
 # |---|---|---|---|---|
-# | DDP by hand / torch DDP (06) | everything | all-reduce of gradients: 2Ψ (ring, per rank ~2Ψ(N-1)/N) | 1.9e-7 | the model fits; the default |
-# | ZeRO-1 / 2 (07) | optimizer state (1) and gradients (2) sliced | reduce-scatter + all-gather: the same 2Ψ | 1.5e-7 / 1.6e-7 | Adam's state does not fit; measured 434 → 373 MiB per rank at Ψ = 32.5M (fp32) |
-# | ZeRO-3 (07) | weights sliced too | 3Ψ per micro-batch (gather twice, reduce-scatter) | 1.6e-7 | the weights do not fit; 310 MiB per rank at the same Ψ |
+# | DDP by hand / torch DDP (06) | everything | all-reduce of the Ψ gradient elements: 2Ψ(N-1)/N per step | 1.9e-7 | the model fits; the default |
+# | ZeRO-1 / 2 (07) | optimizer state (1) and gradients (2) sliced | reduce-scatter + all-gather: the same 2Ψ(N-1)/N | 1.5e-7 / 1.6e-7 | Adam's state does not fit; measured 434 → 373 MiB per rank at Ψ = 32.5M (fp32) |
+# | ZeRO-3 (07) | weights sliced too | 3Ψ(N-1)/N per micro-batch (gather twice, reduce-scatter) | 1.6e-7 | the weights do not fit; 310 MiB per rank at the same Ψ |
 # | Accelerate (08) | as the backend it runs (DDP or DeepSpeed) | the same as that backend | 1.6e-7 (DDP), 1.6e-7 (ZeRO-2) | one script for every machine |
-# | Ulysses (09) | everything, 1/P of each sample's tokens | 4·b·N·h/P·(P-1)/P per layer forward, the same backward | 2.3e-7 (DP 2 x SP 2) | sequences too long for one GPU's activations; P ≤ heads |
-# | Tensor parallel (10) | 1/P of every block matrix | 4·b·N·h per block and micro-batch (all-reduce) | 1.7e-7 (TP 2), 1.8e-7 (DP 2 x TP 2) | layers too big for one GPU; inside a node |
+# | Ulysses (09) | everything, 1/P of each sample's tokens | all-to-all: 4·b·N·h/P·(P-1)/P per layer forward, the same backward | 2.3e-7 (DP 2 x SP 2) | sequences too long for one GPU's activations; P ≤ heads |
+# | Tensor parallel (10) | 1/P of every block matrix (about 2/3 of a block at P = 2: the modulation stays whole) | four all-reduces of b·N·h per block and micro-batch: 8·b·N·h(P-1)/P | 1.7e-7 (TP 2), 1.8e-7 (DP 2 x TP 2) | layers too big for one GPU; inside a node |
 #
-# Parity numbers are from `docs/results.md` (each with its command); every strategy is also a test that launches real
-# processes and compares with the single process.
+# Every entry of the third column counts **elements each rank sends** (multiply by 4 for fp32 bytes, 2 for bf16), N
+# the number of ranks. Parity numbers are from `docs/results.md` (each with its command); every strategy is also a
+# test that launches real processes and compares with the single process, all on one tolerance ladder
+# (`dit_core.parity.LADDER`, chapter 06): these are fp32 runs where only the order of sums changes, so the rung is 1e-5.
 
 # %% [markdown]
 # ## On two GPUs
@@ -211,7 +256,7 @@ for r_ in rows:
 # ## Exercises
 #
 # 1. **Predict, then run.** `torchrun --nproc_per_node 2 launchers/tp.py --tp-degree 2 --config configs/tiny.yaml --device cpu --set model.num_heads=1`. What happens, and why must the heads divide by the degree?
-# 2. **Predict.** How much of a block's weights does one rank keep at TP = 2 if the adaLN modulation (Linear(h, 6h)) stays whole? Count it from `DiT(cfg).blocks[0]`.
+# 2. **Predict.** Section 3 measured about two thirds of a block per rank at TP = 2. How much at TP = 4, with the adaLN modulation still whole? Count it from `DiT(cfg).blocks[0]`.
 #
 # Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-10).
 

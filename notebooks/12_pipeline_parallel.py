@@ -218,7 +218,9 @@ print(inspect.getsource(PipelineEngine.run_step))
 # launcher's `main` once per row). Then the same stages through PyTorch's `torch.distributed.pipelining`
 # (`PipelineStage` with `ScheduleGPipe` / `Schedule1F1B` / `ScheduleInterleaved1F1B`, `--impl torch`; the
 # interleaved runs use a depth-4 DiT, one block per chunk, chunks 0 and 2 on rank 0), four stages (4 processes), and data
-# parallelism across two pipelines (DP 2 × PP 2 on 4 processes).
+# parallelism across two pipelines (DP 2 × PP 2 on 4 processes). The rung of the tolerance ladder
+# (`dit_core.parity.LADDER`, chapter 06) is sum order, 1e-5: each micro-batch's loss is summed in another order, and
+# the gradient norm is summed over stages, but no number is computed differently.
 
 # %%
 single = dict(zip((1, 2), run_here("launchers/single.py", [SMALL + ["--grad-accum", str(a), "--results-dir",

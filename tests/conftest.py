@@ -55,6 +55,10 @@ PARITY_STEPS = 20
 PARITY = {"model.num_heads": 4, "train.grad_clip": 0.05}
 
 
+# Step 3's gradients, for tests/test_grads.py: at step 0 adaLN-Zero leaves 49 of the 51 exactly zero.
+GRAD_DUMP = ["--set", "run.dump_grads_step=3"]
+
+
 def parity_flags(steps: int = PARITY_STEPS, **over) -> list[str]:
     return launcher_flags(steps, **{**PARITY, **over})
 
@@ -89,7 +93,8 @@ def reference(tmp_path_factory):
             torch.set_num_threads(1)
             try:
                 single.main(parity_flags(steps, **{"train.grad_accum": accum, **over}) +
-                            ["--results-dir", str(d), "--log-jsonl", str(d / "log.jsonl")])
+                            ["--results-dir", str(d), "--log-jsonl", str(d / "log.jsonl")] +
+                            (GRAD_DUMP + ["--dump-grads", str(d / "grads.pt")] if steps > 3 else []))
             finally:
                 torch.set_num_threads(threads)
             _REFERENCES[key] = (read_jsonl(d / "log.jsonl"), d)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import PARITY_STEPS, ROOT, declare, job_dir, parity_flags, run_py
+from conftest import GRAD_DUMP, PARITY_STEPS, ROOT, declare, job_dir, parity_flags, run_py
 from dit_core.parallel.ddp import IMPLS
 from dit_core.parity import compare, max_rel
 
@@ -14,7 +14,8 @@ CASES = [(impl, accum) for impl in IMPLS for accum in (1, 2)]
 # runs, which the suite's 2-process job runs (conftest.declare).
 for impl, acc in CASES:
     declare(2, f"ddp {impl} a{acc}", "launchers/ddp.py", parity_flags(**{"train.grad_accum": acc}) + [
-        "--impl", impl, "--results-dir", job_dir() / f"ddp-{impl}{acc}"])
+        "--impl", impl, "--results-dir", job_dir() / f"ddp-{impl}{acc}"] +
+        (GRAD_DUMP + ["--dump-grads", job_dir() / "ddp-hand1-grads.pt"] if (impl, acc) == ("hand", 1) else []))
 
 
 @pytest.mark.parametrize("impl, accum", CASES)

@@ -8,7 +8,7 @@ buffers under 10%) and ZeRO-3's persistence threshold are proved once, by chapte
 import pytest
 import torch
 
-from conftest import PARITY, PARITY_STEPS, ROOT, declare, job_dir, load_launcher, parity_flags
+from conftest import GRAD_DUMP, PARITY, PARITY_STEPS, ROOT, declare, job_dir, load_launcher, parity_flags
 from dit_core.parity import compare, max_rel, run_launcher
 
 CLIP = PARITY["train.grad_clip"]      # below these runs' gradient norms (~0.17): clipping acts at every step
@@ -27,7 +27,8 @@ BAD = [
 D = job_dir() / "zero"
 for s, acc in CASES:
     declare(2, f"zero {s} a{acc}", "launchers/zero.py", parity_flags(**{"train.grad_accum": acc}) + [
-        "--stage", str(s), "--results-dir", D / f"z{s}a{acc}"])
+        "--stage", str(s), "--results-dir", D / f"z{s}a{acc}"] +
+        (GRAD_DUMP + ["--dump-grads", D / f"z{s}-grads.pt"] if acc == 1 and s in (2, 3) else []))
 declare(2, "zero noclip", "launchers/zero.py", parity_flags(**{"train.grad_clip": 0.0}) + [
     "--stage", "2", "--results-dir", D / "noclip"])
 declare(2, "zero stage1", "launchers/zero.py", parity_flags(2) + ["--stage", "1", "--results-dir", D / "stage1"])

@@ -94,9 +94,15 @@ def main():
     full_sd = {k: v.clone() for k, v in dit.state_dict().items()}
     block_full = sum(p.numel() for b in dit.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)
                      for p in (m.weight,))
+    counts = {"blocks": lambda: sum(p.numel() for p in dit.blocks.parameters()),
+              "modulation": lambda: sum(p.numel() for b in dit.blocks for p in b.adaLN_modulation.parameters()),
+              "model": lambda: sum(p.numel() for p in dit.parameters())}
+    full = {k: f() for k, f in counts.items()}
     parallelize(dit, G)
     block_mine = sum(m.weight.numel() for b in dit.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2))
     out["block_weight_share"] = block_mine / block_full
+    mine = {k: f() for k, f in counts.items()}          # what this rank holds after parallelize, counted
+    out["params_full"], out["params_mine"] = full, mine
     gathered = gather_state_dict(dit, G)
     out["gathered_equals_single"] = list(gathered) == list(full_sd) and all(
         torch.equal(gathered[k], full_sd[k]) for k in full_sd)

@@ -15,6 +15,7 @@ Two modes:
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,7 @@ class DataParallel(nn.Module):
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.buckets = self._make_buckets(bucket_cap_mb, first_bucket_mb) if overlap else []
         self._hooks = []
+        self.timeline = None          # set to a list to record (time.perf_counter(), bucket, bytes) per launch
         if overlap:
             for b, bucket in enumerate(self.buckets):
                 for p in bucket:
@@ -84,6 +86,8 @@ class DataParallel(nn.Module):
             if p.grad is None:        # unused this step: contribute zeros so the collective still matches
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        if self.timeline is not None:
+            self.timeline.append((time.perf_counter(), b, flat.numel() * flat.element_size()))
         self._pending[b] = (dist.all_reduce(flat, group=self.group, async_op=True), flat)
 
     def _make_hook(self, b: int):

@@ -323,6 +323,8 @@ class PipelineEMA(EMA):
 class PipelineEngine(TorchEngine):
     """TorchEngine whose step runs a pipeline schedule over every micro-batch of the step at once."""
 
+    gradients_are_whole = False      # each rank holds its own slices / stages (no --dump-grads)
+
     name = "pipeline"
     saves_on_every_rank = True
 
@@ -502,6 +504,10 @@ class TorchPipelineEngine(PipelineEngine):
     name = "pipeline"
 
     def __init__(self, model, par, cfg, device):
+        if cfg.diffusion.weighting != "none":
+            raise ConfigError(f"--impl torch hands its loss function only a prediction and a target, so it cannot "
+                              f"weight samples by their t (diffusion.weighting={cfg.diffusion.weighting}); use --impl "
+                              f"hand or weighting none.")
         super().__init__(model, par, cfg, device)
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
         C = par.stages * par.chunks
@@ -517,14 +523,14 @@ class TorchPipelineEngine(PipelineEngine):
         M, A = self.par.microbatches, len(micro_batches)
         if A not in self.schedules:
             def loss(pred, target):
-                return self.diffusion.error(pred, None, None, target) / (M * A)
+                return self.diffusion.error_on_target(pred, target) / (M * A)
             stages = self.pstages if self.par.schedule == "interleaved" else self.pstages[0]
             self.schedules[A] = self.schedule_cls(stages, n_microbatches=M, loss_fn=loss, scale_grads=False)
         sched = self.schedules[A]
         total = torch.zeros((), device=micro_batches[0][0].device)
         for a, (x0, y, b) in enumerate(micro_batches):
             losses: list = []
-            kw = {"target": b.noise, "losses": losses} if self.holds_last else {}
+            kw = {"target": self.diffusion.target(x0, b.t, b.noise), "losses": losses} if self.holds_last else {}
             with autocast_ctx(self.autocast, x0.device):
                 if self.holds_first:
                     sched.step(self.diffusion.q_sample(x0, b.t, b.noise), b.t, y, b.drop, **kw)

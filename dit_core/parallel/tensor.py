@@ -230,6 +230,8 @@ def check_tp_layout(folder, state: dict, want: dict) -> None:
 class TensorParallelEngine(TorchEngine):
     """TorchEngine with gathered weights in model.pt and one optimizer file per rank."""
 
+    gradients_are_whole = False      # each rank holds its own slices / stages (no --dump-grads)
+
     saves_on_every_rank = True
 
     def make_ema(self):

@@ -199,7 +199,20 @@ class DeepSpeedEngine(Accumulating):
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    gradients_are_whole = True       # safe_get_full_grad assembles each one from the partitions
+
+    def named_gradients(self) -> dict:
+        """Every parameter's whole fp32 gradient (ZeRO-3: a gather, so every rank calls it)."""
+        from deepspeed.utils import safe_get_full_grad
+        out = {}
+        for n, p in self.model.named_parameters():
+            g = safe_get_full_grad(p)
+            out[n] = g if g is not None else torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+        return out
+
     def step(self) -> float:
+        if self.grad_probe is not None:
+            self.grad_probe(self)
         own = None
         if self.stage == 0 and self.precision == "fp32":
             # DeepSpeed clips plain fp32 data parallelism without keeping the norm: take it here,
