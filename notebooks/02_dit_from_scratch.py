@@ -374,7 +374,7 @@ print("without SiLU, a label's effect on the modulation is the same at every tim
 # **What to notice.** The runs are short (600 steps of 32 images on a CPU), so read the ordering, not the digits.
 # Here the zero-init matters most: without it every block starts as a random perturbation instead of the identity,
 # and the loss stays clearly higher. Full-width heads cost 60% more parameters and H = 4 times the attention FLOPs
-# (twice the whole forward's, section 5b) for a loss no better than the project's. A `torch.rand` position embedding is learned quickly enough at 16 tokens that the loss
+# (twice the whole forward's, section 5b) for about the same loss as the project's. A `torch.rand` position embedding is learned quickly enough at 16 tokens that the loss
 # barely moves. The √(sequence length) scale is a silent bug: at the tiny config it happens to equal √(head dim)
 # (16 tokens, head dim 16), so the run is *identical*; at patch 4 (49 tokens) the scores would be divided by 7
 # instead of 4, at patch 2 (196 tokens) by 14, flattening attention more the longer the sequence. In the course's

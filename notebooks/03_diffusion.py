@@ -265,10 +265,10 @@ for name, m in (("EMA weights", ema), ("raw weights", raw)):
 # **What to notice.** A few minutes of CPU training give digits the classifier reads far better than chance (10%)
 # but far from the 99.7% of the GPU run: `docs/results.md` ("choosing the tiny config") explains why a DiT is slow to
 # lay out a whole digit with epsilon prediction at this budget. Guidance is what makes the short run's classes
-# readable at all: s = 0 (and here s = 1) read near chance, s = 3 best, and very strong guidance loses again. With 20
-# images per scale these are rough; with 300 samples the standard error of an accuracy near 28% is still about 2.6
-# points, which is why the EMA and the raw weights of this short run cannot be told apart by accuracy (the EMA's
-# feature FID is a little lower).
+# readable at all: without guidance (s = 0) the digits read poorly, s = 3 best, and very strong guidance loses again.
+# With 20 images per scale these are rough; with 300 samples the standard error of an accuracy near 28% is still
+# about 2.6 points, which is why the EMA and the raw weights of this short run cannot be told apart by accuracy (the
+# EMA's feature FID is a little lower).
 
 # %% [markdown]
 # ## Exercises
@@ -287,6 +287,6 @@ for name, m in (("EMA weights", ema), ("raw weights", raw)):
 #
 # 反向一步的后验 q(x_{t−1}|x_t,x_0) 是高斯分布（配方法）：方差 β̃_t = β_t(1−ᾱ_{t−1})/(1−ᾱ_t)，均值是 x_0 与 x_t 的线性组合；本章用公式、贝叶斯乘积和蒙特卡洛回归三种方式核对了库里的 DDPM 采样步。
 #
-# 采样：DDPM 走完全部步数，DDIM 用少得多的步数得到相近的图像（本章快了约 19 倍）；无分类器引导（CFG）有一个最佳系数，本章的短训练模型在 3 附近最好，太大反而变差。
+# 采样：DDPM 走完全部步数，DDIM 用少得多的步数得到相近的图像（网络调用少 20 倍，本章也快了约 20 倍）；无分类器引导（CFG）有一个最佳系数，本章的短训练模型在 3 附近最好，太大反而变差。
 #
-# EMA 是权重的滑动平均，长时间训练后通常比原始权重采样更好；本章只训练了很短时间，两者相近（27.7% 对 29.0%）。评估用分类器准确率和特征空间的 FID。
+# EMA 是权重的滑动平均，长时间训练后通常比原始权重采样更好；本章只训练了很短时间，两者相近（26.7% 对 28.3%）。评估用分类器准确率和特征空间的 FID。

@@ -103,9 +103,10 @@ def per_batch_ms(batches, n=N):
     float(x[0, 0, 0, 0])                          # wait for the device
     return 1000 * (time.perf_counter() - t0) / n
 
-loader_ms = per_batch_ms(course_batches(data, 300, diffusion, device))
+WORKERS = 0 if SMOKE else 10                      # CI: no worker processes to start (each costs seconds on 2 cores)
+loader_ms = per_batch_ms(course_batches(data, 300, diffusion, device, workers=WORKERS))
 resident_ms = per_batch_ms(device_batches(data.to(device), 300, diffusion))
-print(f"on {device}: a batch of 300 from the course's DataLoader (10 workers) {loader_ms:.1f} ms, drawn from resident tensors {resident_ms:.2f} ms")
+print(f"on {device}: a batch of 300 from the course's DataLoader ({WORKERS} workers) {loader_ms:.1f} ms, drawn from resident tensors {resident_ms:.2f} ms")
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -15,16 +15,18 @@ def test_two_processes_have_the_single_process_gradients(jobs, reference, run, d
     jobs(2)                                                   # the shared 2-process job wrote the dump
     single = read_grads(reference(1)[1] / "grads.pt")
     rows = compare_grads(single, read_grads(job_dir() / dump))
-    assert len(rows) == len(single) == sum(1 for _ in load_model_names())
+    assert len(rows) == len(single) == sum(1 for _ in load_model_names())    # every parameter, both dumps
     assert sum(r["norm_a"] > 0 for r in rows) >= len(rows) // 2   # by step 3 gradients reach most layers
     worst = max(rows, key=lambda r: r["rel"])
     assert worst["rel"] <= SUM_ORDER, worst
 
 
 def load_model_names():
-    from conftest import PARITY
+    """The parameter names of the parity runs' model (the flags every 2-process parity test shares)."""
+    from conftest import parity_flags
+    from dit_core.config import config_from_args, launcher_parser
     from dit_core.model import DiT
-    cfg = load_config("configs/tiny.yaml", PARITY)
+    cfg = config_from_args(launcher_parser("").parse_args(parity_flags()))
     return (n for n, _ in DiT(cfg.model).named_parameters())
 
 
