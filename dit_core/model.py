@@ -224,7 +224,9 @@ class DiT(nn.Module):
         return self.final_layer(h, c)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-        """Classifier-free guidance: eps_uncond + scale * (eps_cond - eps_uncond), in one batch."""
+        """Classifier-free guidance: out_uncond + scale * (out_cond - out_uncond), in one batch. The output is
+        whatever diffusion.objective trains (eps, v, x0 or a velocity): each is an affine function of eps for a
+        given x_t, so guiding it is guiding eps."""
         if scale == 1.0:
             return self(x, t, y)
         null = torch.full_like(y, self.cfg.num_classes)

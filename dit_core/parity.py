@@ -63,9 +63,9 @@ def run_launcher(script: str, args: list[str], nproc: int = 1, log: str | Path |
 
     Tests and notebooks use this to run the real thing: separate processes, real collectives.
     """
-    import tempfile
+    from .scratch import scratch_dir
 
-    log = Path(log) if log else Path(tempfile.mkdtemp(prefix="dit-log-")) / "log.jsonl"
+    log = Path(log) if log else scratch_dir("dit-log-") / "log.jsonl"
     _run(_command(script, nproc, launcher, launch_args) + [str(a) for a in args] + ["--log-jsonl", str(log)],
          timeout, env)
     return read_jsonl(log)
@@ -87,9 +87,10 @@ def run_mixed(rows: list[tuple[str, list[str]]], nproc: int = 1, launcher: str =
     """`run_launchers` for rows of (launcher script, arguments) that may name different launchers (the test
     suite runs every strategy's table of 2-process runs in one job)."""
     import json
-    import tempfile
 
-    tmp = Path(tempfile.mkdtemp(prefix="dit-many-"))
+    from .scratch import scratch_dir
+
+    tmp = scratch_dir("dit-many-")
     logs = [tmp / f"run{i}.jsonl" for i in range(len(rows))]
     (tmp / "runs.json").write_text(json.dumps([{"script": str(ROOT / script),
                                                 "args": [str(a) for a in args] + ["--log-jsonl", str(log)]}
@@ -105,11 +106,10 @@ def run_here(script: str, runs: list[list[str]]) -> list[list[dict]]:
     from each argument list, trained by the same `train` call, without its progress bar. Bitwise the
     numbers of `python launchers/single.py` started as its own process with OMP_NUM_THREADS=1
     (tests/test_ddp.py checks it), without a process start-up per run."""
-    import tempfile
-
     import torch
 
     from .config import config_from_args, launcher_parser
+    from .scratch import scratch_dir
     from .train import train
     if Path(script).name != "single.py":
         raise ValueError(f"run_here runs launchers/single.py, not {script}: other launchers need their processes.")
@@ -118,7 +118,7 @@ def run_here(script: str, runs: list[list[str]]) -> list[list[dict]]:
     torch.set_num_threads(1)
     try:
         for args in runs:
-            log = Path(tempfile.mkdtemp(prefix="dit-here-")) / "log.jsonl"
+            log = scratch_dir("dit-here-") / "log.jsonl"
             cfg = config_from_args(launcher_parser("").parse_args([str(a) for a in args] + ["--log-jsonl", str(log)]))
             train(cfg, quiet=True)
             logs.append(read_jsonl(log))

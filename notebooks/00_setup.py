@@ -115,9 +115,10 @@ print("distributed backend for this machine:", backend, "| usable:", dist.is_ava
 # its environment. (The script imports no torch, so the launch costs only torchrun's own start-up.)
 
 # %%
-import json, tempfile
+import json
+from dit_core.scratch import scratch_dir           # a folder removed when the kernel exits
 ENV_NAMES = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
-folder = Path(tempfile.mkdtemp(prefix="ch00-torchrun-"))
+folder = scratch_dir("ch00-torchrun-")
 (folder / "show_env.py").write_text(f"""import json, os, sys
 seen = {{k: os.environ.get(k) for k in {ENV_NAMES}}}
 seen["prefix"] = sys.prefix                           # which environment this rank runs

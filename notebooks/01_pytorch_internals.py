@@ -185,8 +185,8 @@ print(f"lr at step 0: {lrs[0]:.1e}, peak at step 99: {lrs[99]:.1e}, last: {lrs[-
 
 # %%
 # NBVAL_CHECK_OUTPUT
-import tempfile
-path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+from dit_core.scratch import scratch_dir           # a folder removed when the kernel exits
+path = os.path.join(scratch_dir("ch01-"), "ckpt.pt")
 torch.save({"model": dit.state_dict(), "optimizer": adam.state_dict()}, path)
 fresh = DiT(load_config("configs/tiny.yaml").model)
 ck = torch.load(path, weights_only=True)           # weights_only: tensors and plain containers, no code
@@ -352,7 +352,7 @@ def offload_probe(hooks=None):
     return r
 
 offload_probe()                                   # warm-up: a GPU's first matmul also allocates cuBLAS's workspace
-folder = tempfile.mkdtemp(prefix="ch01-offload-")
+folder = str(scratch_dir("ch01-offload-"))
 disk = save_on_disk(folder)
 probes = {"autograd's own": offload_probe(), "save_on_cpu(pin_memory=False)": offload_probe(save_on_cpu(False)),
           "save_on_cpu(pin_memory=True)": offload_probe(save_on_cpu(True)), "save_on_disk": offload_probe(disk)}

@@ -17,10 +17,11 @@
 # each one costs.
 
 # %%
-import os, math, time, tempfile
+import os, math, time
 import torch, torch.nn as nn, torch.nn.functional as F
 import matplotlib.pyplot as plt
 from dit_core.config import load_config
+from dit_core.scratch import scratch_dir           # temporary folders, removed when the kernel exits
 from dit_core.model import DiT, DiTBlock, TimestepEmbedder, sincos_pos_embed_2d, modulate
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
@@ -270,7 +271,7 @@ for name, changes in VARIANTS.items():
         for change in changes:
             change(m)
         return m
-    d = tempfile.mkdtemp(prefix="ch02-")
+    d = str(scratch_dir("ch02-"))
     c = load_config("configs/tiny.yaml", {"train.max_steps": STEPS, "train.warmup_steps": min(200, STEPS // 3),
                                           "train.tensorboard": False, "run.device": DEVICE, "run.results_dir": d})
     t0 = time.perf_counter()

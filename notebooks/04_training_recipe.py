@@ -15,12 +15,13 @@
 # and `torch.compile`. It ends with the recipe: the defaults and why.
 
 # %%
-import os, time, tempfile, copy, contextlib
+import os, time, copy, contextlib
 import torch
 import matplotlib.pyplot as plt
 from dit_core.config import load_config
 from dit_core.parity import compare, max_rel, format_table, LADDER, BITWISE, SUM_ORDER, CURVE
 from dit_core.train import train, ema_decay
+from dit_core.scratch import scratch_dir           # temporary folders, removed when the kernel exits
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
 STEPS = 12 if SMOKE else 150
@@ -30,7 +31,7 @@ SMALL = {"model.hidden_size": 32, "model.depth": 2, "model.num_heads": 2, "train
          "train.tensorboard": False, "run.device": "cpu"}
 
 def run(**over):
-    o = dict(SMALL, **{"run.results_dir": tempfile.mkdtemp(prefix="ch04-")})
+    o = dict(SMALL, **{"run.results_dir": str(scratch_dir("ch04-"))})
     o.update({k.replace("__", "."): v for k, v in over.items()})
     cfg = load_config("configs/tiny.yaml", o)
     res = train(cfg, quiet=True)
@@ -368,7 +369,7 @@ print("EMA weights differ from the last weights:", moved > 0, "| decay after 0, 
 
 # %%
 # NBVAL_CHECK_OUTPUT
-d = tempfile.mkdtemp(prefix="ch04-resume-")
+d = str(scratch_dir("ch04-resume-"))
 cfg = load_config("configs/tiny.yaml", dict(SMALL, **{"run.results_dir": d}))
 full = train(cfg, quiet=True)
 cfg2 = load_config("configs/tiny.yaml", dict(SMALL, **{"run.results_dir": d + "/b"}))
@@ -396,7 +397,7 @@ N = 48                                      # steps of this demonstration, in CI
 CLI = ["--config", "configs/tiny.yaml", "--device", "cpu", "--max-steps", str(N), "--global-batch-size", "32",
        "--set", "model.hidden_size=32", "--set", "model.depth=2", "--set", "model.num_heads=2",
        "--set", "train.train_subset=2048", "--set", "train.tensorboard=false", "--set", "train.ckpt_every=4"]
-d = tempfile.mkdtemp(prefix="ch04-crash-")
+d = str(scratch_dir("ch04-crash-"))
 env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
 quiet = dict(env=env, stdout=subprocess.DEVNULL)           # each run prints its summary line; not needed here
 subprocess.run([sys.executable, "launchers/single.py", *CLI, "--results-dir", f"{d}/whole"], check=True, **quiet)
@@ -447,7 +448,7 @@ print(errors[0])
 # %%
 # NBVAL_CHECK_OUTPUT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-d = tempfile.mkdtemp(prefix="ch04-tb-")
+d = str(scratch_dir("ch04-tb-"))
 train(load_config("configs/tiny.yaml", dict(SMALL, **{"run.results_dir": d, "train.tensorboard": True, "train.log_every": 1})), quiet=True)
 ev = EventAccumulator(os.path.join(d, "tb")); ev.Reload()
 print("scalars:", sorted(ev.Tags()["scalars"]), "| points of train/loss:", len(ev.Scalars("train/loss")) == STEPS)

@@ -230,10 +230,11 @@ print("after the all-gather phase every rank holds every full sum:", all(x == fu
 # section: process start-up costs more than everything the job measures.
 
 # %%
-import json, subprocess, sys, tempfile
+import json, subprocess, sys
 from pathlib import Path
 from dit_core.parallel.dist import free_port
 from dit_core.parity import ROOT
+from dit_core.scratch import scratch_dir
 
 JOB = r'''"""Two ranks over gloo: point-to-point messages, then the time of each operation against message size."""
 import datetime, json, os, sys, time
@@ -338,7 +339,7 @@ exit_process(0)
 
 # 16 B to 64 MiB in steps of 4 (SMOKE: 16 B to 16 MiB, fewer sizes); every size splits into 2 float32 halves
 SIZES = [16, 256, 4096, 65536, 1 << 20, 16 << 20] if SMOKE else [16 * 4 ** k for k in range(12)]
-work = Path(tempfile.mkdtemp(prefix="dit-ch05-"))
+work = scratch_dir("ch05-")
 (work / "p2p_and_costs.py").write_text(JOB)
 env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
            MASTER_PORT=str(free_port()))

@@ -122,8 +122,8 @@ def job_dir() -> Path:
     """Where declared runs write their results (one folder per test session)."""
     global JOB_DIR
     if JOB_DIR is None:
-        import tempfile
-        JOB_DIR = Path(tempfile.mkdtemp(prefix="dit-jobs-"))
+        from dit_core.scratch import scratch_dir
+        JOB_DIR = scratch_dir("dit-jobs-")
     return JOB_DIR
 
 

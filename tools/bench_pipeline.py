@@ -11,13 +11,13 @@ action lists with the forward and backward times measured here (their mean over 
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_core.parallel.pipeline import bubble_formula, schedule, simulate  # noqa: E402
 from dit_core.parity import run_launchers  # noqa: E402
+from dit_core.scratch import scratch_dir  # noqa: E402
 
 
 def analyse(tl: dict) -> dict:
@@ -61,7 +61,7 @@ def main(argv=None):
     p.add_argument("--global-batch-size", type=int, default=64)
     p.add_argument("--virtual-stages", type=int, default=2, help="chunks per rank of the interleaved rows (1: none)")
     args = p.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-pp-"))
+    tmp = scratch_dir("bench-pp-")
     base = ["--config", "configs/tiny.yaml", "--device", args.device, "--max-steps", str(args.steps),
             "--global-batch-size", str(args.global_batch_size), "--pp-degree", str(args.pp_degree),
             "--set", "train.tensorboard=false", "--set", "train.train_subset=2048", "--set", "train.warmup_steps=1"]

@@ -4,6 +4,7 @@ the same steps and batches, then score each checkpoint's samples under several s
     python tools/compare_objectives.py --out results/objectives                 # every variant, one at a time
     python tools/compare_objectives.py --out R --device cuda --jobs 4           # a GPU: four trainings at once
     python tools/compare_objectives.py --out R --only eps,flow-ln --steps 6000  # a subset, shorter
+    python tools/compare_objectives.py --out R --figure F.png                   # draw R's checkpoints: a row each
 
 Each row: training seconds (from the run's own summary), then per sampling setting the sample accuracy (mean and
 worst class), the feature FID against its real-vs-real floor, and the seconds to draw and score 1000 digits.
@@ -24,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 # name -> config overrides; every one trains the same network on the same batches of the contract
 VARIANTS = {
-    "eps":            {},
-    "eps-minsnr":     {"diffusion.weighting": "min_snr"},
-    "eps-cosine":     {"diffusion.schedule": "cosine"},
+    "eps":            {"diffusion.objective": "eps"},
+    "eps-minsnr":     {"diffusion.objective": "eps", "diffusion.weighting": "min_snr"},
+    "eps-cosine":     {"diffusion.objective": "eps", "diffusion.schedule": "cosine"},
     "v":              {"diffusion.objective": "v"},
     "v-minsnr":       {"diffusion.objective": "v", "diffusion.weighting": "min_snr"},
     "v-cosine":       {"diffusion.objective": "v", "diffusion.schedule": "cosine"},
@@ -35,6 +36,8 @@ VARIANTS = {
     "flow":           {"diffusion.objective": "flow", "sample.sampler": "euler"},
     "flow-ln":        {"diffusion.objective": "flow", "sample.sampler": "euler", "diffusion.flow_time": "logit_normal"},
 }
+# every variant names its objective, and the rest are the config's defaults (weighting none, schedule linear),
+# so the rows stay what they say whichever objective configs/tiny.yaml itself uses
 
 
 def samplings(name: str, wide: bool) -> list[dict]:
@@ -94,6 +97,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def figure(out: Path, path: str, device: str, per_class: int = 2) -> None:
+    """One row of digits per trained variant in <out>/rows.jsonl (0-9, per_class of each, the row's first sampling
+    setting, the same seed for all): the same training budget, side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from dit_core.evaluate import evaluate_checkpoint, grid_order
+    from dit_core.plots import grid_array
+    from dit_core.train import resolve_device
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(per_class * 10 * 0.42, len(rows) * 0.62), squeeze=False)
+    for ax, row in zip(axes[:, 0], rows):
+        s = {k: row["samples"][0][k] for k in ("sampler", "ddim_steps", "cfg_scale")}
+        _, images, labels, _ = evaluate_checkpoint(row["checkpoint"], per_class, resolve_device(device), True, s)
+        ax.imshow(grid_array(images[grid_order(labels, 10, per_class)], nrow=10 * per_class), cmap="gray", vmin=0,
+                  vmax=1)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_ylabel(row["name"], rotation=0, ha="right", va="center", fontsize=9)
+        ax.set_title(f"{row['samples'][0]['accuracy']:.1%} of 1000 read as their label", fontsize=7, loc="right", pad=2)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=110)
+    print("wrote", path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -105,7 +132,10 @@ def main(argv=None):
     p.add_argument("--wide", action="store_true", help="also sweep guidance scale, sampler steps and Heun")
     p.add_argument("--wide-top", type=int, default=0, help="sweep the samplers of only the K best (by accuracy)")
     p.add_argument("--n-per-class", type=int, default=100)
+    p.add_argument("--figure", help="train nothing: draw the checkpoints of --out's rows.jsonl into this PNG")
     args = p.parse_args(argv)
+    if args.figure:
+        return figure(Path(args.out), args.figure, args.device)
     names = args.only.split(",") if args.only else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

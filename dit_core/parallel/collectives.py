@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..scratch import scratch_dir
 from .dist import exit_process, free_port
 
 COLLECTIVES = ("broadcast", "all_reduce", "reduce_scatter", "all_gather", "all_to_all")
@@ -94,7 +94,7 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
 
 def run_all(world_size: int = 4) -> dict[int, dict]:
     """Spawn world_size processes; return {rank: {"before": [...], collective: [...]}}."""
-    outdir = tempfile.mkdtemp(prefix="dit-collectives-")
+    outdir = str(scratch_dir("dit-collectives-"))
     mp.spawn(_worker, args=(world_size, free_port(), outdir), nprocs=world_size, join=True)
     return {r: json.load(open(os.path.join(outdir, f"rank{r}.json"))) for r in range(world_size)}
 
