@@ -158,12 +158,17 @@ class UlyssesStrategy(MeshStrategy):
 
     def loss(self, diffusion, model, x0, y, t, noise, drop) -> torch.Tensor:
         pred = model(diffusion.q_sample(x0, t, noise), t, y, drop).float()    # this rank's tokens only
-        target = self.sp_model.local_target(noise)
+        # The objective's target (noise, x0, v or a velocity: diffusion.objective), this rank's tokens of it.
+        target = self.sp_model.local_target(noise if diffusion.plain else diffusion.target(x0, t, noise))
         err = F.mse_loss if diffusion.cfg.loss == "mse" else F.l1_loss
+        e = err(pred, target, reduction="none")
+        if diffusion.cfg.weighting != "none":          # min-SNR: each sample's error times its weight, as on one process
+            e = e * diffusion.loss_weight.index_select(0, t.to(e.device)).view(-1, *[1] * (e.dim() - 1))
         # Divide by the element count of the *whole* micro-batch (all N tokens): the P partial losses
-        # of a group then add up to its mean loss, and their gradients to its gradient.
+        # of a group then add up to its mean loss (the mean of the per-sample means: every sample has as
+        # many elements), and their gradients to its gradient.
         count = target.numel() if self.broken == "loss-norm" else noise.numel()
-        return err(pred, target, reduction="sum") / count
+        return e.sum() / count
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().clone()
