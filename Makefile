@@ -13,7 +13,9 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,deepspeed,accelerate,notebooks]"
+	@# --no-compile: Python byte-compiles only what it imports, on first import (compiling all of torch at install
+	@# costs ~30 s)
+	$(PY) -m pip install --disable-pip-version-check -q --no-compile -e ".[test,deepspeed,accelerate,notebooks]"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)

@@ -43,6 +43,8 @@ WRITERS = {
     "accelerate": "accelerate launch launchers/accelerate.py",
     "tensor_parallel": "torchrun --nproc_per_node {world_size} launchers/tp.py --tp-degree {tp_degree}",
     "pipeline": "torchrun --nproc_per_node {world_size} launchers/pipeline.py --pp-degree {pp_degree}",
+    "fsdp": "torchrun --nproc_per_node N launchers/fsdp.py (any N), python launchers/single.py or torchrun "
+            "launchers/ddp.py",
 }
 
 
@@ -60,8 +62,10 @@ def foreign(folder: Path, state: dict, reader: str) -> CheckpointError:
              "accelerate": "; its model.pt and ema.pt are plain weights that python -m dit_core.evaluate reads",
              "tensor_parallel": "; its model.pt and ema.pt are whole weights that python -m dit_core.evaluate reads",
              "pipeline": "; its model.pt and ema.pt are whole weights that python -m dit_core.evaluate reads",
+             "fsdp": f"; python -m dit_core.parallel.fsdp convert {folder} {folder}-plain writes plain weights",
              }.get(kind, "")
-    return CheckpointError(f"Checkpoint '{folder}' was written by a {kind.replace('_', '-')} run, which {reader} "
+    who = {"fsdp": "an FSDP", "accelerate": "an accelerate"}.get(kind, f"a {kind.replace('_', '-')}")
+    return CheckpointError(f"Checkpoint '{folder}' was written by {who} run, which {reader} "
                            f"cannot resume; resume it with {cmd}{extra}.")
 
 

@@ -251,6 +251,13 @@ class TorchEngine(Accumulating):
 
     def load(self, folder: Path, device: torch.device) -> None:
         state = read_training_state(folder)
+        if writer_of(state) == "fsdp":
+            # A sharded DCP checkpoint: this process reads every chunk of every weight and moment.
+            from .parallel.fsdp import load_into_plain
+            load_into_plain(folder, unwrap(self.model), self.optimizer)
+            self.scheduler.last_epoch = state["step"]
+            apply_schedule(self.optimizer, self.scheduler, self.cfg, state["step"])
+            return
         if writer_of(state) != "torch":
             raise foreign(folder, state, "this launcher")
         if state.get("converted_from"):

@@ -20,6 +20,17 @@ from .dist import exit_process, free_port
 COLLECTIVES = ("broadcast", "all_reduce", "reduce_scatter", "all_gather", "all_to_all")
 
 
+# all_gather_single / reduce_scatter_single are the newer names (torch >= 2.14) of all_gather_into_tensor /
+# reduce_scatter_tensor: the one this torch has, newer first, looked up at each call (so that a counter that
+# wraps torch.distributed's functions, dit_core.parallel.zero_report.CommCounter, sees every call).
+def all_gather_flat(out, x, **kw):
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, **kw)
+
+
+def reduce_scatter_flat(out, x, **kw):
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, **kw)
+
+
 def rank_tensor(rank: int, world: int) -> torch.Tensor:
     """Rank r holds [10r, 10r+1, ..., 10r+N-1]: the tens digit names the owner, the units the slot."""
     return torch.arange(world, dtype=torch.float32) + 10 * rank
@@ -34,11 +45,10 @@ def _collective(name: str, x: torch.Tensor, world: int) -> torch.Tensor:
         dist.all_reduce(out)
     elif name == "reduce_scatter":     # the sum, cut into N pieces: rank r keeps piece r
         out = torch.empty(x.numel() // world)
-        getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(out, x)   # newer name first
+        reduce_scatter_flat(out, x)
     elif name == "all_gather":         # every rank's tensor, concatenated, everywhere
         out = torch.empty(x.numel() * world)
-        # all_gather_single is the newer name (torch >= 2.14) of all_gather_into_tensor
-        getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, x)
+        all_gather_flat(out, x)
     elif name == "all_to_all":         # piece j of rank i goes to rank j, as its piece i (a transpose)
         out = torch.empty_like(x)
         dist.all_to_all_single(out, x)

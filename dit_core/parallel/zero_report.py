@@ -135,7 +135,8 @@ def comm_formula(stage: int, psi: int, world: int, accum: int = 1) -> float:
 
 _FACTORS = {"all_reduce": "2(N-1)/N", "reduce_scatter_tensor": "(N-1)/N", "all_gather_into_tensor": "(N-1)/N",
             "reduce": "(N-1)/N", "broadcast": "(N-1)/N", "all_gather": "(N-1)/N", "reduce_scatter": "(N-1)/N",
-            "all_reduce_coalesced": "2(N-1)/N", "all_to_all_single": "(N-1)/N"}
+            "all_reduce_coalesced": "2(N-1)/N", "all_to_all_single": "(N-1)/N",
+            "all_gather_single": "(N-1)/N", "reduce_scatter_single": "(N-1)/N"}   # torch >= 2.14's names
 
 
 def _payload(name: str, args, kwargs) -> int:
@@ -145,9 +146,9 @@ def _payload(name: str, args, kwargs) -> int:
         if isinstance(x, (list, tuple)):
             return sum(nbytes(y) for y in x)
         return 0
-    if name in ("all_gather_into_tensor", "all_gather", "all_to_all_single"):
+    if name in ("all_gather_into_tensor", "all_gather", "all_to_all_single", "all_gather_single"):
         first = kwargs.get("output_tensor", kwargs.get("tensor_list", kwargs.get("output", args[0] if args else None)))
-    elif name in ("reduce_scatter_tensor", "reduce_scatter"):
+    elif name in ("reduce_scatter_tensor", "reduce_scatter", "reduce_scatter_single"):
         first = kwargs.get("input", kwargs.get("input_list", args[1] if len(args) > 1 else None))
     else:
         first = kwargs.get("tensor", kwargs.get("tensors", args[0] if args else None))

@@ -1,0 +1,109 @@
+"""Checks of the hand-written FSDP that need real processes; run by test_fsdp.py as
+    torchrun --standalone --nproc_per_node N tests/fsdp_checks.py OUT.json
+Rank 0 writes {check: value} to OUT.json; the test asserts on it."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dist_checks import CFG, backward, model  # noqa: E402
+from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
+from dit_core.parallel.fsdp import FullyShardedDiT, TorchLayout, shard_with_fsdp2  # noqa: E402
+
+
+def adam(params):
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+
+def main(out: str) -> None:
+    env = init_from_env("cpu")
+    r, N = env.rank, env.world_size
+    c = {}
+
+    # One optimizer step of the same model three ways: one process on the whole batch, by hand, FSDP2.
+    single = model(1)
+    for rank in range(N):              # the whole global batch, as N slices, summed: the single process
+        backward(single, rank, N)
+    for p in single.parameters():
+        p.grad.div_(N)
+    adam(single.parameters()).step()
+
+    hand_model = model(1)
+    psi = sum(p.numel() for p in hand_model.parameters())
+    fsdp = FullyShardedDiT(hand_model)
+    fsdp.timeline = []
+    opt = adam(hand_model.parameters())
+    backward(hand_model, r, N)
+    opt.step()
+    units = fsdp.units
+    c["shard_params"] = [p.numel() for p in hand_model.parameters()]
+    c["unit_padded"] = [u.padded for u in units]
+    c["psi"] = psi
+    c["traffic"] = dict(fsdp.traffic)
+    c["timeline"] = [f"{what} {name}" for what, name in fsdp.timeline]
+    c["peak_live_prefetch"] = fsdp.peak_live
+    full = fsdp.full_tensors([u.shard.detach() for u in units])
+    c["hand_vs_single"] = max((full[n] - p.detach()).abs().max().item() for n, p in single.named_parameters())
+
+    torch_model = model(1)
+    shard_with_fsdp2(torch_model, init_device_mesh("cpu", (N,)), "fp32")
+    topt = adam(torch_model.parameters())
+    backward(torch_model, r, N)
+    topt.step()
+    layout = TorchLayout(torch_model)
+    tfull = layout.full([layout.local(p).detach() for p in layout.params])
+    # the shards themselves: FSDP2's whole weights laid out as the hand-written units, this rank's part
+    worst = max((u.shard.detach() - u.my_part(u.flatten(tfull))).abs().max().item() for u in units)
+    t = torch.tensor(worst)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    c["hand_shards_vs_fsdp2"] = t.item()
+
+    # Without prefetch: a unit is gathered only when it runs, so at most the root and one block are whole.
+    m2 = model(1)
+    f2 = FullyShardedDiT(m2, prefetch=False)
+    f2.timeline = []
+    backward(m2, r, N)
+    c["peak_live_no_prefetch"] = f2.peak_live
+    c["timeline_no_prefetch"] = [f"{what} {name}" for what, name in f2.timeline]
+    # One unit for the whole model: the peak is the whole model, on every rank.
+    m3 = model(1)
+    f3 = FullyShardedDiT(m3, unit_per_block=False)
+    backward(m3, r, N)
+    c["peak_live_one_unit"] = f3.peak_live
+    c["one_unit_padded"] = f3.root.padded
+
+    # Accumulation: inside no_sync nothing is reduce-scattered, each unit keeps its whole flat gradient.
+    m4 = model(1)
+    f4 = FullyShardedDiT(m4)
+    with f4.no_sync():
+        backward(m4, r, N, micro=0, accum=2)
+    c["no_sync_reduce_scatter"] = f4.traffic["reduce_scatter"]
+    c["no_sync_shard_grads_none"] = all(p.grad is None for p in m4.parameters())
+    c["no_sync_kept_elements"] = sum(u.grad_acc.numel() for u in f4.units)
+    backward(m4, r, N, micro=1, accum=2)
+    single2 = model(1)
+    for rank in range(N):
+        for micro in range(2):
+            backward(single2, rank, N, micro=micro, accum=2)
+    want = {n: p.grad / N for n, p in single2.named_parameters()}
+    got = f4.full_tensors([u.shard.grad for u in f4.units])
+    c["accumulated_grads_vs_single"] = max((got[n] - want[n]).abs().max().item() for n in want)
+
+    # Sampling under no_grad frees every unit after its forward: nothing stays gathered.
+    with torch.no_grad():
+        hand_model(torch.randn(2, 1, 28, 28), torch.tensor([1, 2]), torch.tensor([3, 4]))
+    c["live_after_no_grad_forward"] = fsdp.live
+    c["config_depth"] = CFG.model.depth
+    if r == 0:
+        Path(out).write_text(json.dumps(c, indent=1))
+    teardown()
+    exit_process(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,163 @@
+"""Fully sharded data parallelism with real processes: torchrun, gloo, on the CPU; sharded checkpoints that
+reshard on load (written by 2 ranks, resumed on 1, 2 and 4, by FSDP2, by DDP and by one process)."""
+import json
+
+import pytest
+
+from conftest import PARITY_STEPS as STEPS
+from conftest import declare, job_dir, load_launcher, parity_flags, torchrun
+from dit_core.checkpoint import CheckpointError, load_state_file, model_from_checkpoint
+from dit_core.config import ConfigError
+from dit_core.parallel.fsdp import convert_checkpoint
+from dit_core.parity import compare, max_rel, read_jsonl
+
+D = job_dir() / "fsdp"
+HALF = STEPS // 2
+CKPT = D / "hand a1" / f"checkpoint-{HALF}"       # written by 2 ranks, by hand
+_F = "launchers/fsdp.py"
+
+
+def flags(impl, accum=1, *extra):
+    return parity_flags(**{"train.grad_accum": accum}) + ["--impl", impl, *extra]
+
+
+# The suite's 2-process job: both implementations x accumulation 1 and 2 (the first checkpointing every 10
+# steps), then resumes of its step-10 checkpoint by hand, by FSDP2 and by DDP, and the bad inputs.
+for impl in ("hand", "torch"):
+    for a in (1, 2):
+        declare(2, f"fsdp {impl} a{a}", _F, flags(impl, a, "--set", f"train.ckpt_every={HALF}",
+                                                  "--results-dir", D / f"{impl} a{a}"))
+declare(2, "fsdp hand again", _F, flags("hand", 1, "--resume", CKPT, "--results-dir", D / "again"))
+declare(2, "fsdp torch from hand", _F, flags("torch", 1, "--resume", CKPT, "--results-dir", D / "torch from hand"))
+declare(2, "ddp from fsdp", "launchers/ddp.py", parity_flags() + ["--resume", CKPT, "--results-dir", D / "ddp"])
+declare(2, "fsdp no prefetch", _F, flags("hand", 1, "--no-prefetch", "--results-dir", D / "no prefetch"))
+declare(2, "fsdp one unit", _F, flags("hand", 2, "--unit", "model", "--results-dir", D / "one unit"))
+declare(2, "tp from fsdp", "launchers/tp.py", parity_flags() + ["--tp-degree", "2", "--resume", CKPT,
+                                                               "--results-dir", D / "tp"])
+declare(2, "ddp 2 steps", "launchers/ddp.py", parity_flags(2) + ["--results-dir", D / "ddp 2 steps"])
+declare(2, "fsdp from ddp", _F, flags("hand", 1, "--resume", D / "ddp 2 steps" / "checkpoint-2",
+                                      "--results-dir", D / "from ddp"))
+declare(2, "fsdp torch one unit", _F, flags("torch", 1, "--unit", "model", "--results-dir", D / "bad unit"))
+declare(2, "fsdp compile", _F, flags("hand", 1, "--set", "train.compile=true", "--results-dir", D / "compile"))
+# One rank and four ranks resume the same checkpoint; four ranks also train from scratch.
+declare(1, "fsdp 1 from 2", _F, flags("hand", 1, "--resume", CKPT, "--results-dir", D / "one"))
+declare(4, "fsdp 4 from 2", _F, flags("torch", 1, "--resume", CKPT, "--results-dir", D / "four from two"))
+for impl in ("hand", "torch"):
+    declare(4, f"fsdp four {impl}", _F, flags(impl, 2, "--results-dir", D / f"four {impl}"))
+
+
+@pytest.fixture(scope="module")
+def two(jobs):
+    return jobs(2)
+
+
+@pytest.mark.parametrize("impl", ["hand", "torch"])
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_ranks_sharding_everything_match_one_process(two, reference, impl, accum):
+    log, ref = two[f"fsdp {impl} a{accum}"], reference(accum)[0]
+    assert len(log) == STEPS and max_rel(compare(ref, log)) <= 1e-5
+    # clipping at 0.05 acts at every step: the norm summed over the shards is the whole model's
+    assert max(abs(a["grad_norm"] / b["grad_norm"] - 1) for a, b in zip(log, ref)) <= 1e-5
+    assert log[-1]["samples_seen"] == STEPS * 16
+
+
+def test_without_prefetch_and_with_one_unit_the_numbers_are_the_same(two):
+    """Prefetch and the unit size change when the weights are gathered, never what is computed."""
+    assert [r["loss"] for r in two["fsdp no prefetch"]] == [r["loss"] for r in two["fsdp hand a1"]]
+    assert [r["loss"] for r in two["fsdp one unit"]] == [r["loss"] for r in two["fsdp hand a2"]]
+
+
+@pytest.mark.parametrize("impl", ["hand", "torch"])
+def test_four_ranks_match_one_process(two, jobs, reference, impl):
+    assert max_rel(compare(reference(2)[0], jobs(4)[f"fsdp four {impl}"])) <= 1e-5
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_two_and_four_ranks_and_under_other_strategies(two, jobs, reference,
+                                                                                              tmp_path):
+    full = two["fsdp hand a1"]
+    tail = [r["loss"] for r in full[HALF:]]
+    # The same launcher on 2 ranks: the same arithmetic from exactly the restored state, the very same losses.
+    assert [r["loss"] for r in two["fsdp hand again"]] == tail
+    # FSDP2 and DDP on 2 ranks sum the gradient norm's squares over other pieces (the clipping factor moves in its
+    # last bits); one and four ranks also add the gradients in another order: the sum-order tolerance.
+    for log in (two["fsdp torch from hand"], two["ddp from fsdp"], jobs(1)["fsdp 1 from 2"], jobs(4)["fsdp 4 from 2"]):
+        assert log[0]["step"] == HALF and log[0]["samples_seen"] == (HALF + 1) * 16
+        assert len(log) == STEPS - HALF and max_rel(compare(full[HALF:], log)) <= 1e-5
+    # One process (launchers/single.py) reads it too.
+    single = load_launcher("single")
+    single.main(parity_flags() + ["--resume", str(CKPT), "--results-dir", str(tmp_path / "s"),
+                                  "--log-jsonl", str(tmp_path / "s.jsonl")])
+    assert max_rel(compare(full[HALF:], read_jsonl(tmp_path / "s.jsonl"))) <= 1e-5
+    # ... and so does the reference the other way round: its first half equals the FSDP run's.
+    assert max_rel(compare(reference(1)[0][:HALF], full[:HALF])) <= 1e-5
+
+
+def test_the_checkpoint_is_sharded_per_rank_and_converts_to_plain_weights(two, reference, tmp_path):
+    files = sorted(p.name for p in (CKPT / "dcp").iterdir())
+    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    state = json.loads((CKPT / "training_state.json").read_text())
+    assert state["engine"] == "fsdp" and state["world_size"] == 2 and state["fsdp_impl"] == "hand"
+    plain = {}
+    for impl in ("hand", "torch"):
+        out = convert_checkpoint(D / f"{impl} a1" / f"checkpoint-{STEPS}", tmp_path / impl)
+        plain[impl] = load_state_file(out / "model.pt")
+        model_from_checkpoint(out, ema=False)                       # loads as a plain DiT
+    ref = load_state_file(reference(1)[1] / f"checkpoint-{STEPS}" / "model.pt")
+    assert set(plain["hand"]) == set(ref)
+    # hand and FSDP2 sum the norm's squares over differently cut shards (the clipping factor differs in the last
+    # bits), one process sums the gradient in another order: weights equal to float32 rounding after 20 steps
+    worst = {impl: max((plain[impl][k] - ref[k]).abs().max().item() for k in ref) for impl in plain}
+    assert max(worst.values()) <= 1e-6, worst
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert_checkpoint(CKPT, tmp_path / "hand")
+    with pytest.raises(CheckpointError, match="is not an FSDP checkpoint"):
+        convert_checkpoint(tmp_path / "hand", tmp_path / "again")
+
+
+def test_bad_inputs_are_one_sentence(two):
+    msg = two["tp from fsdp"]
+    assert isinstance(msg, str) and "written by an FSDP run, which launchers/tp.py cannot resume" in msg, msg
+    assert "python -m dit_core.parallel.fsdp convert" in msg
+    msg = two["fsdp from ddp"]
+    assert isinstance(msg, str) and "written by a torch run, which launchers/fsdp.py cannot resume" in msg, msg
+    assert "--unit model is a hand-written FSDP comparison" in two["fsdp torch one unit"]
+    assert "train.compile=true with launchers/fsdp.py" in two["fsdp compile"]
+
+
+def test_hand_written_fsdp_mechanics(tmp_path):
+    """One step by hand equals one process and FSDP2's shards; what is gathered, when, and what it costs."""
+    for n in (2, 4):
+        out = tmp_path / f"checks{n}.json"
+        r = torchrun("tests/fsdp_checks.py", [str(out)], nproc=n)
+        assert r.returncode == 0, r.stderr[-3000:]
+        c = json.loads(out.read_text())
+        assert c["hand_vs_single"] <= 1e-6 and c["hand_shards_vs_fsdp2"] <= 1e-6
+        psi, units = c["psi"], c["unit_padded"]
+        assert sum(c["shard_params"]) * n == sum(units) and all(u % n == 0 and u - n < p * n <= u
+                                                                 for u, p in zip(units, c["shard_params"]))
+        assert sum(units) - psi < n * len(units)                    # padding: fewer than N elements per unit
+        # forward gathers every unit, backward every block again (the root stayed), one reduce-scatter each
+        assert c["traffic"] == {"all_gather": units[0] + 2 * sum(units[1:]), "reduce_scatter": sum(units)}
+        # prefetch: block 1's all-gather is issued before block 0 is freed (it runs while block 0 computes)
+        t, t0 = c["timeline"], c["timeline_no_prefetch"]
+        assert t.index("all-gather blocks.1") < t.index("free blocks.0")
+        assert t0.index("all-gather blocks.1") > t0.index("free blocks.0")
+        assert c["peak_live_no_prefetch"] == units[0] + max(units[1:])   # the root and one block at a time
+        assert c["peak_live_prefetch"] == units[0] + 2 * max(units[1:])  # ... and the next block, in flight
+        assert c["peak_live_one_unit"] == c["one_unit_padded"]          # one unit: the whole model at once
+        assert c["no_sync_reduce_scatter"] == 0 and c["no_sync_shard_grads_none"]
+        assert c["no_sync_kept_elements"] == sum(units)                  # the price: a whole-model gradient
+        assert c["accumulated_grads_vs_single"] <= 1e-7
+        assert c["live_after_no_grad_forward"] == 0
+
+
+def test_fsdp_launcher_without_torchrun_is_one_sentence():
+    from conftest import run_py
+    r = run_py(["launchers/fsdp.py", "--max-steps", "1", "--device", "cpu"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "torchrun" in r.stderr, r.stderr
+
+
+def test_unknown_impl_is_one_sentence():
+    from dit_core.parallel.fsdp import FSDPStrategy
+    with pytest.raises(ConfigError, match="--impl 'zero' is not one of hand, torch"):
+        FSDPStrategy(None, "zero")
