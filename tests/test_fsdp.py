@@ -3,6 +3,7 @@ reshard on load (written by 2 ranks, resumed on 1, 2 and 4, by FSDP2, by DDP and
 import json
 
 import pytest
+import torch
 
 from conftest import PARITY_STEPS as STEPS
 from conftest import declare, job_dir, load_launcher, parity_flags, torchrun
@@ -34,6 +35,8 @@ declare(2, "fsdp no prefetch", _F, flags("hand", 1, "--no-prefetch", "--results-
 declare(2, "fsdp one unit", _F, flags("hand", 2, "--unit", "model", "--results-dir", D / "one unit"))
 declare(2, "tp from fsdp", "launchers/tp.py", parity_flags() + ["--tp-degree", "2", "--resume", CKPT,
                                                                "--results-dir", D / "tp"])
+declare(2, "pp from fsdp", "launchers/pipeline.py", parity_flags() + ["--pp-degree", "2", "--resume", CKPT,
+                                                                     "--results-dir", D / "pp"])
 declare(2, "ddp 2 steps", "launchers/ddp.py", parity_flags(2) + ["--results-dir", D / "ddp 2 steps"])
 declare(2, "fsdp from ddp", _F, flags("hand", 1, "--resume", D / "ddp 2 steps" / "checkpoint-2",
                                       "--results-dir", D / "from ddp"))
@@ -76,8 +79,12 @@ def test_a_two_rank_checkpoint_resumes_on_one_two_and_four_ranks_and_under_other
                                                                                               tmp_path):
     full = two["fsdp hand a1"]
     tail = [r["loss"] for r in full[HALF:]]
-    # The same launcher on 2 ranks: the same arithmetic from exactly the restored state, the very same losses.
+    # The same launcher on 2 ranks: the same arithmetic from exactly the restored state, the very same losses,
+    # and the same EMA at the end (it was restored too, sharded, from ema.pt).
     assert [r["loss"] for r in two["fsdp hand again"]] == tail
+    ema = {k: load_state_file(D / k / f"checkpoint-{STEPS}" / "ema.pt") for k in ("hand a1", "again", "ddp")}
+    assert all(torch.equal(ema["again"][n], v) for n, v in ema["hand a1"].items())
+    assert max((ema["ddp"][n] - v).abs().max().item() for n, v in ema["hand a1"].items()) <= 1e-6
     # FSDP2 and DDP on 2 ranks sum the gradient norm's squares over other pieces (the clipping factor moves in its
     # last bits); one and four ranks also add the gradients in another order: the sum-order tolerance.
     for log in (two["fsdp torch from hand"], two["ddp from fsdp"], jobs(1)["fsdp 1 from 2"], jobs(4)["fsdp 4 from 2"]):
@@ -118,6 +125,8 @@ def test_bad_inputs_are_one_sentence(two):
     msg = two["tp from fsdp"]
     assert isinstance(msg, str) and "written by an FSDP run, which launchers/tp.py cannot resume" in msg, msg
     assert "python -m dit_core.parallel.fsdp convert" in msg
+    msg = two["pp from fsdp"]
+    assert isinstance(msg, str) and "written by an FSDP run, which launchers/pipeline.py cannot resume" in msg, msg
     msg = two["fsdp from ddp"]
     assert isinstance(msg, str) and "written by a torch run, which launchers/fsdp.py cannot resume" in msg, msg
     assert "--unit model is a hand-written FSDP comparison" in two["fsdp torch one unit"]
