@@ -131,6 +131,7 @@ class RunConfig:
     dist_timeout: float = F(300.0, at_least(1.0))  # seconds a collective may wait for another rank
     dump_grads: str = F("", ANY)                   # write every parameter's gradient of one step here (torch.save)
     dump_grads_step: int = F(0, at_least(0))       # ... of this step (synchronised, unscaled, before clipping)
+    save_final: bool = F(True, ANY)                # false: no checkpoint at the end (measurement runs keep only logs)
 
 
 @dataclass

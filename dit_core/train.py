@@ -320,7 +320,9 @@ def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, fo
                 save_checkpoint(results, done, engine, ema, cfg, samples_seen, par)
         out.seconds = time.perf_counter() - t0
         out.steps = end
-        if end > start or not run.resume:
+        if not run.save_final:
+            out.last_checkpoint = None       # a measurement: its log (and report) is what it leaves
+        elif end > start or not run.resume:
             out.last_checkpoint = save_checkpoint(results, end, engine, ema, cfg, samples_seen, par)
         elif par.is_main:
             out.last_checkpoint = Path(run.resume)      # nothing trained: the resumed checkpoint is the last

@@ -238,10 +238,10 @@ print(f"same batch under the contract vs noise seeded by rank: relative differen
 BIG = ["--config", "configs/tiny.yaml", "--device", "cpu", "--max-steps", "2", "--grad-accum", "2",
        "--set", "model.hidden_size=384", "--set", "model.depth=12", "--set", "model.num_heads=6",
        "--set", "train.global_batch_size=8", "--set", "train.train_subset=64", "--set", "train.tensorboard=false",
-       "--bucket-elements", "2000000", "--persistence-threshold", "0", "--overwrite"]
+       "--bucket-elements", "2000000", "--persistence-threshold", "0", "--set", "run.save_final=false", "--overwrite"]
 TINY = ["--config", "configs/tiny.yaml", "--device", "cpu", "--max-steps", "2", "--grad-accum", "2",
         "--set", "train.global_batch_size=8", "--set", "train.train_subset=64", "--set", "train.tensorboard=false",
-        "--overwrite"]
+        "--set", "run.save_final=false", "--overwrite"]   # measurements: the reports are what they leave, no checkpoint
 
 # Every measurement of this section in one torchrun job (one row = one launchers/zero.py ... --report R.json run):
 # memory per stage and precision (the paper's settings), communication with DeepSpeed's defaults, and ZeRO-3's

@@ -60,13 +60,30 @@ os.chdir("..")  # launchers are run from the repository root
 
 # %%
 TINY = ["--config", "configs/tiny.yaml", "--device", "cpu", "--max-steps", "2", "--set", "train.global_batch_size=8",
-        "--set", "train.train_subset=64", "--set", "train.tensorboard=false", "--overwrite"]
-# One job (one torchrun start-up) for every report of this chapter: units per block with and without prefetch, one
-# unit for the whole model, FSDP2, and 4 ranks.
+        "--set", "train.train_subset=64", "--set", "train.tensorboard=false",
+        "--set", "run.save_final=false", "--overwrite"]    # measurements: their reports are what they leave
+# Every multi-process run of this chapter, in three jobs: one torchrun start-up (~8 s on 2 cores) per world size, not
+# one per run. The sections below read their reports and logs. In a job the runs go in order, so a resume follows the
+# run that wrote its checkpoint.
 REPORTS = {"hand": [], "no prefetch": ["--no-prefetch"], "one unit": ["--unit", "model"], "torch": ["--impl", "torch"]}
-run_launchers("launchers/fsdp.py", [TINY + extra + ["--results-dir", f"/tmp/ch13/r-{k}", "--report", f"/tmp/ch13/{k}.json"]
-                                    for k, extra in REPORTS.items()], nproc=2)
-run_launchers("launchers/fsdp.py", [TINY + ["--results-dir", "/tmp/ch13/r-four", "--report", "/tmp/ch13/four.json"]], nproc=4)
+cases = [(impl, acc) for impl in ("hand", "torch") for acc in (1, 2)]
+half = STEPS // 2
+ck = f"/tmp/ch13/hand1/checkpoint-{half}"            # section 7 resumes it
+jobs = {2: {("report", k): TINY + extra + ["--results-dir", f"/tmp/ch13/r-{k}", "--report", f"/tmp/ch13/{k}.json"]
+            for k, extra in REPORTS.items()},
+        4: {("report", "four"): TINY + ["--results-dir", "/tmp/ch13/r-four", "--report", "/tmp/ch13/four.json"]},
+        1: {}}
+jobs[2].update({("parity", impl, acc): SMALL + ["--impl", impl, "--grad-accum", str(acc), "--set", f"train.ckpt_every={half}",
+                                               "--results-dir", f"/tmp/ch13/{impl}{acc}"] for impl, acc in cases})
+jobs[2].update({("one step", impl): SMALL + ["--impl", impl, "--max-steps", "1", "--results-dir", f"/tmp/ch13/one-step-{impl}"]
+                for impl in ("hand", "torch")})
+jobs[2][("resume", "hand x2")] = SMALL + ["--resume", ck, "--results-dir", "/tmp/ch13/re2"]
+jobs[4].update({("parity", impl, 4): SMALL + ["--impl", impl, "--results-dir", f"/tmp/ch13/four-{impl}"] for impl in ("hand", "torch")})
+jobs[4][("resume", "FSDP2 x4")] = SMALL + ["--impl", "torch", "--resume", ck, "--results-dir", "/tmp/ch13/re4"]
+jobs[1][("resume", "hand x1")] = SMALL + ["--resume", ck, "--results-dir", "/tmp/ch13/re1"]
+logs = {}
+for nproc, rows in jobs.items():
+    logs.update(zip(rows, run_launchers("launchers/fsdp.py", list(rows.values()), nproc=nproc)))
 rep = {k: json.load(open(f"/tmp/ch13/{k}.json")) for k in [*REPORTS, "four"]}
 r = rep["hand"]
 print(f"Ψ = {r['psi']:,} parameters, N = {r['world_size']}")
@@ -109,13 +126,9 @@ for fn in (F.FullyShardedDiT._block_pre, F.FullyShardedDiT._block_post, F.FullyS
 # accumulation 1 and 2, on 2 ranks, and both on 4 ranks, against `launchers/single.py`:
 
 # %%
-cases = [(impl, acc) for impl in ("hand", "torch") for acc in (1, 2)]
-two = dict(zip(cases, run_launchers("launchers/fsdp.py", [SMALL + ["--impl", impl, "--grad-accum", str(acc),
-               "--set", f"train.ckpt_every={STEPS // 2}", "--results-dir", f"/tmp/ch13/{impl}{acc}"] for impl, acc in cases]
-               + [SMALL + ["--impl", impl, "--max-steps", "1", "--results-dir", f"/tmp/ch13/one-step-{impl}"]
-                  for impl in ("hand", "torch")], nproc=2)))
-four = dict(zip(("hand", "torch"), run_launchers("launchers/fsdp.py", [SMALL + ["--impl", impl, "--results-dir",
-                f"/tmp/ch13/four-{impl}"] for impl in ("hand", "torch")], nproc=4)))
+# (run in section 1's jobs)
+two = {(impl, acc): logs[("parity", impl, acc)] for impl, acc in cases}
+four = {impl: logs[("parity", impl, 4)] for impl in ("hand", "torch")}
 single = dict(zip((1, 2), run_here("launchers/single.py", [SMALL + ["--grad-accum", str(a), "--results-dir",
               f"/tmp/ch13/single{a}"] for a in (1, 2)])))
 runs = {(f"{impl} x2", acc): two[(impl, acc)] for impl, acc in cases}
@@ -337,13 +350,11 @@ print(f"the saving grows with the width: {all(ratio[a] > ratio[b] for a, b in zi
 # The 2-rank run of section 3 saved at step 15; resume it on 4 ranks (FSDP2), on 1 rank, and as one plain process:
 
 # %%
-half = STEPS // 2
-ck = f"/tmp/ch13/hand1/checkpoint-{half}"
 print(sorted(os.listdir(f"{ck}/dcp")), sorted(os.listdir(ck)))
-resumed = {"FSDP2 x4": run_launchers("launchers/fsdp.py", [SMALL + ["--impl", "torch", "--resume", ck, "--results-dir", "/tmp/ch13/re4"]], nproc=4)[0],
-           "hand x1": run_launchers("launchers/fsdp.py", [SMALL + ["--resume", ck, "--results-dir", "/tmp/ch13/re1"]], nproc=1)[0],
+# the resumes on 4, 1 and 2 ranks ran in section 1's jobs; one plain process resumes here
+resumed = {"FSDP2 x4": logs[("resume", "FSDP2 x4")], "hand x1": logs[("resume", "hand x1")],
            "single.py": run_here("launchers/single.py", [SMALL + ["--resume", ck, "--results-dir", "/tmp/ch13/re-single"]])[0],
-           "hand x2": run_launchers("launchers/fsdp.py", [SMALL + ["--resume", ck, "--results-dir", "/tmp/ch13/re2"]], nproc=2)[0]}
+           "hand x2": logs[("resume", "hand x2")]}
 ref = two[("hand", 1)]
 
 # %%

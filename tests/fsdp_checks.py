@@ -1,6 +1,7 @@
-"""Checks of the hand-written FSDP that need real processes; run by test_fsdp.py as
+"""Checks of the hand-written FSDP that need real processes. test_fsdp.py runs them as a row of the suite's 2- and
+4-process jobs (dit_core.many calls main(argv) with --log-jsonl OUT); by hand:
     torchrun --standalone --nproc_per_node N tests/fsdp_checks.py OUT.json
-Rank 0 writes {check: value} to OUT.json; the test asserts on it."""
+Rank 0 writes {check: value} as one JSON line to OUT; the test asserts on it."""
 import json
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # dist_checks, also when dit_core.many loads this file
 
 from dist_checks import CFG, backward, model  # noqa: E402
 from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
@@ -20,7 +22,11 @@ def adam(params):
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
 
-def main(out: str) -> None:
+def main(argv=None, standalone: bool = False) -> None:
+    """`standalone`: this process is the whole job (torchrun ... fsdp_checks.py OUT); as a row of dit_core.many the
+    job's other rows still need the process group."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    out = argv[argv.index("--log-jsonl") + 1] if "--log-jsonl" in argv else argv[0]
     env = init_from_env("cpu")
     r, N = env.rank, env.world_size
     c = {}
@@ -100,10 +106,11 @@ def main(out: str) -> None:
     c["live_after_no_grad_forward"] = fsdp.live
     c["config_depth"] = CFG.model.depth
     if r == 0:
-        Path(out).write_text(json.dumps(c, indent=1))
-    teardown()
-    exit_process(0)
+        Path(out).write_text(json.dumps(c) + "\n")
+    if standalone:
+        teardown()
+        exit_process(0)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(standalone=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import PARITY_STEPS as STEPS
-from conftest import declare, job_dir, load_launcher, parity_flags, torchrun
+from conftest import declare, job_dir, load_launcher, parity_flags
 from dit_core.checkpoint import CheckpointError, load_state_file, model_from_checkpoint
 from dit_core.config import ConfigError
 from dit_core.parallel.fsdp import convert_checkpoint
@@ -42,6 +42,9 @@ declare(2, "fsdp from ddp", _F, flags("hand", 1, "--resume", D / "ddp 2 steps" /
                                       "--results-dir", D / "from ddp"))
 declare(2, "fsdp torch one unit", _F, flags("torch", 1, "--unit", "model", "--results-dir", D / "bad unit"))
 declare(2, "fsdp compile", _F, flags("hand", 1, "--set", "train.compile=true", "--results-dir", D / "compile"))
+# The mechanics (tests/fsdp_checks.py) at 2 and 4 ranks, rows of the same jobs.
+for n in (2, 4):
+    declare(n, "fsdp checks", "tests/fsdp_checks.py", [])
 # One rank and four ranks resume the same checkpoint; four ranks also train from scratch.
 declare(1, "fsdp 1 from 2", _F, flags("hand", 1, "--resume", CKPT, "--results-dir", D / "one"))
 declare(4, "fsdp 4 from 2", _F, flags("torch", 1, "--resume", CKPT, "--results-dir", D / "four from two"))
@@ -133,13 +136,10 @@ def test_bad_inputs_are_one_sentence(two):
     assert "train.compile=true with launchers/fsdp.py" in two["fsdp compile"]
 
 
-def test_hand_written_fsdp_mechanics(tmp_path):
+def test_hand_written_fsdp_mechanics(two, jobs):
     """One step by hand equals one process and FSDP2's shards; what is gathered, when, and what it costs."""
     for n in (2, 4):
-        out = tmp_path / f"checks{n}.json"
-        r = torchrun("tests/fsdp_checks.py", [str(out)], nproc=n)
-        assert r.returncode == 0, r.stderr[-3000:]
-        c = json.loads(out.read_text())
+        (c,) = (two if n == 2 else jobs(4))["fsdp checks"]
         assert c["hand_vs_single"] <= 1e-6 and c["hand_shards_vs_fsdp2"] <= 1e-6
         psi, units = c["psi"], c["unit_padded"]
         assert sum(c["shard_params"]) * n == sum(units) and all(u % n == 0 and u - n < p * n <= u
