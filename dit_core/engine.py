@@ -253,7 +253,7 @@ class TorchEngine(Accumulating):
         state = read_training_state(folder)
         if writer_of(state) == "fsdp":
             # A sharded DCP checkpoint: this process reads every chunk of every weight and moment.
-            from .parallel.fsdp import load_into_plain
+            from .parallel.fsdp_checkpoint import load_into_plain
             load_into_plain(folder, unwrap(self.model), self.optimizer)
             self.scheduler.last_epoch = state["step"]
             apply_schedule(self.optimizer, self.scheduler, self.cfg, state["step"])

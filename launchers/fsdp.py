@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from dit_core.config import config_from_args, launcher_parser  # noqa: E402
 from dit_core.errors import run_main  # noqa: E402
 from dit_core.parallel.dist import finish, init_from_env  # noqa: E402
-from dit_core.parallel.fsdp import IMPLS, FSDPReport, FSDPStrategy  # noqa: E402
+from dit_core.parallel.fsdp_train import IMPLS, FSDPReport, FSDPStrategy  # noqa: E402
 from dit_core.train import train  # noqa: E402
 
 

@@ -155,9 +155,16 @@ cases = [(impl, acc) for acc in (1, 2) for impl in ("single", "hand", "torch", "
 DUMP = ["--set", "run.dump_grads_step=3"]      # every run also writes its step-3 gradients (section 4 compares them)
 single = run_here("launchers/single.py", [SMALL + DUMP + ["--grad-accum", str(acc), "--results-dir", f"/tmp/ch06/single{acc}",
                                                           "--dump-grads", f"/tmp/ch06/single{acc}.pt"] for acc in (1, 2)])
+# Section 4's broken runs go into the same job (one torchrun start-up for every 2-process run of the chapter).
+breaks = {"sum, not mean": ["--break", "average"],
+          "seeded by rank, broadcast on": ["--seed-by-rank"],
+          "seeded by rank, no broadcast": ["--break", "broadcast"]}
 ddp = run_launchers("launchers/ddp.py", [SMALL + DUMP + ["--grad-accum", str(acc), "--impl", impl, "--results-dir", f"/tmp/ch06/{impl}{acc}",
                                                          "--dump-grads", f"/tmp/ch06/{impl}{acc}.pt"]
-                                         for impl, acc in cases if impl != "single"], nproc=2)
+                                         for impl, acc in cases if impl != "single"]
+                    + [SMALL + DUMP + ["--impl", "hand", "--results-dir", f"/tmp/ch06/b{i}", "--dump-grads", f"/tmp/ch06/b{i}.pt"] + flags
+                       for i, flags in enumerate(breaks.values())], nproc=2)
+broken = dict(zip(breaks, ddp[-len(breaks):]))
 logs = iter(ddp)
 runs = {(impl, acc): single[acc - 1] if impl == "single" else next(logs) for impl, acc in cases}
 print(format_table(compare(runs[("single", 1)], runs[("hand", 1)])[:6], "single", "hand x2"))
@@ -205,12 +212,7 @@ parity_curves(runs[("single", 1)], runs[("hand", 1)], names=("single process", "
 # `--break broadcast` also skips the broadcast.
 
 # %%
-breaks = {"sum, not mean": ["--break", "average"],
-          "seeded by rank, broadcast on": ["--seed-by-rank"],
-          "seeded by rank, no broadcast": ["--break", "broadcast"]}
-broken = dict(zip(breaks, run_launchers("launchers/ddp.py", [SMALL + DUMP + ["--impl", "hand", "--results-dir", f"/tmp/ch06/b{i}",
-                                                                             "--dump-grads", f"/tmp/ch06/b{i}.pt"] + flags
-                                                             for i, flags in enumerate(breaks.values())], nproc=2)))
+# (`broken`: these three runs ran in section 3's job)
 ref = runs[("single", 1)]
 
 # %%

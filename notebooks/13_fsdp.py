@@ -20,7 +20,8 @@
 # | DDP (chapter 06) | 4Ψ | 4Ψ | 8Ψ | all-reduce: 2Ψ(N-1)/N elements |
 # | ZeRO-3 / FSDP | 4Ψ/N | 4Ψ/N | 8Ψ/N | all-gather ×2 + reduce-scatter: 3Ψ(N-1)/N |
 #
-# This chapter builds FSDP by hand (`dit_core/parallel/fsdp.py`, ~300 lines), runs FSDP2 on the same units as the
+# This chapter builds FSDP by hand (`dit_core/parallel/fsdp.py`, ~300 lines; `fsdp_train.py` plugs it and FSDP2 into
+# the training loop, `fsdp_checkpoint.py` reads and writes the sharded checkpoints), runs FSDP2 on the same units as the
 # reference (`launchers/fsdp.py --impl {hand,torch}`), proves both equal to one process, draws when each unit is
 # gathered and freed, measures what a rank holds and sends, explains why sharding sometimes saves nothing, and
 # reshards a checkpoint from 2 ranks to 4 and to one process.
@@ -32,6 +33,7 @@ import matplotlib.pyplot as plt
 from dit_core.config import load_config
 from dit_core.model import DiT
 from dit_core.parallel import fsdp as F
+from dit_core.parallel.fsdp_checkpoint import load_into_plain
 from dit_core.parity import run_launchers, run_here, compare, max_rel, format_table
 from dit_core.plots import parity_curves
 
@@ -161,7 +163,7 @@ parity_curves(single[1], two[("hand", 1)], names=("single", "FSDP hand x2"));
 # NBVAL_CHECK_OUTPUT
 def plain_weights(folder):
     m = DiT(load_config("configs/tiny.yaml", {"model.hidden_size": 32, "model.depth": 2, "model.num_heads": 4}).model)
-    F.load_into_plain(folder, m, None)
+    load_into_plain(folder, m, None)
     return dict(m.named_parameters())
 h, t = (plain_weights(f"/tmp/ch13/one-step-{impl}/checkpoint-1") for impl in ("hand", "torch"))
 worst = max((h[n] - t[n]).abs().max().item() for n in h)

@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))     # dist_checks, also
 
 from dist_checks import CFG, backward, model  # noqa: E402
 from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
-from dit_core.parallel.fsdp import FullyShardedDiT, TorchLayout, shard_with_fsdp2  # noqa: E402
+from dit_core.parallel.fsdp import FullyShardedDiT  # noqa: E402
+from dit_core.parallel.fsdp_train import TorchLayout, shard_with_fsdp2  # noqa: E402
 
 
 def adam(params):

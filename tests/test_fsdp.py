@@ -9,7 +9,7 @@ from conftest import PARITY_STEPS as STEPS
 from conftest import declare, job_dir, load_launcher, parity_flags
 from dit_core.checkpoint import CheckpointError, load_state_file, model_from_checkpoint
 from dit_core.config import ConfigError
-from dit_core.parallel.fsdp import convert_checkpoint
+from dit_core.parallel.fsdp_checkpoint import convert_checkpoint
 from dit_core.parity import compare, max_rel, read_jsonl
 
 D = job_dir() / "fsdp"
@@ -167,6 +167,6 @@ def test_fsdp_launcher_without_torchrun_is_one_sentence():
 
 
 def test_unknown_impl_is_one_sentence():
-    from dit_core.parallel.fsdp import FSDPStrategy
+    from dit_core.parallel.fsdp_train import FSDPStrategy
     with pytest.raises(ConfigError, match="--impl 'zero' is not one of hand, torch"):
         FSDPStrategy(None, "zero")

@@ -25,6 +25,12 @@ def test_log_has_the_contract_keys(micro_cfg, tmp_path):
     assert [p for p in os.listdir(tmp_path / "run") if p.startswith(".")] == [".lock"]
 
 
+def test_a_measurement_run_leaves_its_log_and_no_checkpoint(micro_cfg, tmp_path):
+    res = train(micro_cfg(train__max_steps=3, run__save_final=False), quiet=True)
+    assert res.last_checkpoint is None and len(read_jsonl(tmp_path / "run" / "log.jsonl")) == 3
+    assert not [p for p in os.listdir(tmp_path / "run") if "checkpoint" in p]
+
+
 def test_loss_goes_down(micro_cfg):
     res = train(micro_cfg(train__max_steps=60, train__lr=3e-3), quiet=True)
     first, last = sum(res.losses[:10]) / 10, sum(res.losses[-10:]) / 10

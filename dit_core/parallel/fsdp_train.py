@@ -1,0 +1,296 @@
+"""FSDP in the training loop: the hand-written FSDP (dit_core.parallel.fsdp) and PyTorch's FSDP2 behind one
+`Parallel` (the batch split and logged loss of DDP, the norm summed over shards) and one engine (a sharded EMA, DCP
+checkpoints), and `--report`: what a rank holds and sends in one step, measured.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..checkpoint import foreign, read_training_state
+from ..config import ConfigError
+from ..engine import EMA, TorchEngine, apply_schedule, clip_by_norm_, ema_decay, nonfinite_count
+from ..train import TrainHooks
+from .dist import DistParallel
+from .fsdp import FullyShardedDiT
+from .fsdp_checkpoint import chunks, load_moments, read_dcp
+
+IMPLS = ("hand", "torch")
+
+
+# ---------------------------------------------------------------- the two implementations behind one interface
+
+class HandLayout:
+    """What the engine needs from a sharded model, for the hand-written FSDP."""
+
+    def __init__(self, model, fsdp: FullyShardedDiT):
+        self.model, self.fsdp = model, fsdp
+        self.params = [u.shard for u in fsdp.units]
+
+    def local(self, p):
+        return p
+
+    def fqns(self) -> list[str]:
+        return [f for u in self.fsdp.units for f in u.fqns()]
+
+    def shapes(self) -> dict:
+        return {fqn: shape for u in self.fsdp.units for _, _, fqn, shape, _, _ in u.slots}
+
+    def full(self, locals_) -> dict:
+        return self.fsdp.full_tensors(locals_)
+
+    def shards(self, full: dict) -> list:
+        return self.fsdp.shards_of(full)
+
+    def no_sync(self):
+        return self.fsdp.no_sync()
+
+
+class TorchLayout:
+    """The same members over FSDP2's DTensor parameters (each rank holds a dim-0 chunk of every parameter)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.named = [(n, p) for n, p in model.named_parameters()]
+        self.params = [p for _, p in self.named]
+
+    def local(self, p):
+        return p.to_local()
+
+    def fqns(self) -> list[str]:
+        return [n for n, _ in self.named]
+
+    def shapes(self) -> dict:
+        return {n: p.shape for n, p in self.named}
+
+    def full(self, locals_) -> dict:
+        from torch.distributed.tensor import DTensor
+        return {n: DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+                for (n, p), t in zip(self.named, locals_)}
+
+    def shards(self, full: dict) -> list:
+        from torch.distributed.tensor import distribute_tensor
+        return [distribute_tensor(full[n].to(p.device, p.dtype), p.device_mesh, p.placements,
+                                  src_data_rank=None).to_local()
+                for n, p in self.named]
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+
+def shard_with_fsdp2(model: nn.Module, mesh, precision: str, reshard_root: bool = False):
+    """FSDP2: each block one `fully_shard` unit, the root the rest. bf16 compute through its
+    MixedPrecisionPolicy (parameters gathered in bf16, gradients reduced in fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16"
+          else MixedPrecisionPolicy())
+    for blk in model.blocks:
+        fully_shard(blk, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_root)
+    return model
+
+
+# ---------------------------------------------------------------- EMA, engine, strategy
+
+class ShardedFlatEMA(EMA):
+    """Each rank averages its own shards; whole (gathered) only when saved."""
+
+    def __init__(self, layout):
+        self.layout = layout
+        self.shadow = [layout.local(p).detach().float().clone() for p in layout.params]
+
+    @torch.no_grad()
+    def update(self, model, decay: float, num_updates: int) -> None:
+        d = ema_decay(decay, num_updates)
+        torch._foreach_lerp_(self.shadow, [self.layout.local(p).detach().float() for p in self.layout.params], 1 - d)
+
+    def state_dict(self) -> dict:
+        """A collective: the whole EMA weights under the single-process names, on every rank."""
+        return self.layout.full(self.shadow)
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.shadow = [s.float() for s in self.layout.shards(sd)]
+
+
+class FSDPEngine(TorchEngine):
+    """TorchEngine over shards: sharded clipping, a sharded EMA, and DCP checkpoints."""
+
+    name = "fsdp"
+    saves_on_every_rank = True
+    gradients_are_whole = False
+
+    def __init__(self, model, par: "FSDPStrategy", cfg, device, layout):
+        self.layout = layout
+        super().__init__(model, par, cfg, device)
+        self.params = list(layout.params)     # the optimizer's order (model.parameters()): root, block 0, ...
+
+    def micro_step(self, last: bool):
+        return contextlib.nullcontext() if last else self.layout.no_sync()
+
+    def make_ema(self):
+        return ShardedFlatEMA(self.layout)
+
+    def update_ema(self, ema, decay: float, num_updates: int) -> None:
+        ema.update(self.model, decay, num_updates)
+
+    def nonfinite(self) -> torch.Tensor:
+        return nonfinite_count([self.layout.local(p) for p in self.params])
+
+    def state_info(self) -> dict:
+        return {"fsdp_impl": self.par.impl, "world_size": self.par.world_size}
+
+    def _locals(self, key: str | None) -> list:
+        if key is None:
+            return [self.layout.local(p).detach() for p in self.params]
+        return [self.layout.local(self.optimizer.state[p][key]) for p in self.params]
+
+    def save(self, folder: Path) -> None:
+        """Every rank writes its chunk of every weight and moment into folder/dcp (one file per rank)."""
+        import torch.distributed.checkpoint as dcp
+        state = {"model": chunks(self.layout.full(self._locals(None)), self.par.mesh_1d)}
+        if self.optimizer.state:
+            state["optim"] = {k: chunks(self.layout.full(self._locals(k)), self.par.mesh_1d)
+                              for k in ("exp_avg", "exp_avg_sq")}
+            state["optim_step"] = self.optimizer.state[self.params[0]]["step"].detach().float().cpu().clone()
+        dcp.save(state, checkpoint_id=str(folder / "dcp"))
+
+    def load(self, folder: Path, device: torch.device) -> None:
+        state = read_training_state(folder)
+        if state.get("engine") != "fsdp":
+            raise foreign(folder, state, "launchers/fsdp.py")
+        full = read_dcp(folder, self.layout.shapes(), self.par.mesh_1d, self.layout.fqns())
+        with torch.no_grad():
+            for p, s in zip(self.params, self.layout.shards(full["model"])):
+                self.layout.local(p).copy_(s)
+        if "optim" in full:
+            moments = {k: self.layout.shards(v) for k, v in full["optim"].items()}
+            load_moments(self.optimizer, self.params, moments, full["optim_step"], self.layout.local)
+        self.scheduler.last_epoch = state["step"]
+        apply_schedule(self.optimizer, self.scheduler, self.cfg, state["step"])
+
+
+class FSDPStrategy(DistParallel):
+    """How `dit_core.train` runs under FSDP: the batch split and the logged loss as DDP's, the model
+    sharded before the optimizer is built, the gradient norm summed over the shards."""
+
+    def __init__(self, env, impl: str = "hand", prefetch: bool = True, unit: str = "block"):
+        if impl not in IMPLS:
+            raise ConfigError(f"--impl {impl!r} is not one of {', '.join(IMPLS)}.")
+        if unit not in ("block", "model"):
+            raise ConfigError(f"--unit {unit!r} is not block or model.")
+        if unit == "model" and impl == "torch":
+            raise ConfigError("--unit model is a hand-written FSDP comparison; use --impl hand with it.")
+        super().__init__(env)
+        self.impl, self.prefetch, self.unit = impl, prefetch, unit
+        self.fsdp = None
+        from torch.distributed.device_mesh import init_device_mesh
+        self.mesh_1d = init_device_mesh(env.device.type, (env.world_size,))
+
+    def make_engine(self, model, cfg, device):
+        self.psi = sum(p.numel() for p in model.parameters())
+        if cfg.train.compile:
+            raise ConfigError("train.compile=true with launchers/fsdp.py: the hand-written units swap weights in "
+                              "hooks that torch.compile would trace around; use --set train.compile=false.")
+        if self.impl == "hand":
+            self.fsdp = FullyShardedDiT(model, prefetch=self.prefetch, unit_per_block=self.unit == "block")
+            layout = HandLayout(model, self.fsdp)
+        else:
+            shard_with_fsdp2(model, self.mesh_1d, cfg.train.precision)
+            layout = TorchLayout(model)
+        return FSDPEngine(model, self, cfg, device, layout)
+
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        """The whole model's gradient norm from the shards: each rank's sum of squares, summed over the ranks
+        (padding contributes zeros). Every rank then scales its shards by the same factor."""
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params) if g is not None]
+        sq = torch.stack([g.float().square().sum() for g in grads]).sum() if grads else torch.zeros(())
+        dist.all_reduce(sq)
+        return clip_by_norm_(grads, sq.sqrt(), max_norm)
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / self.world_size
+
+
+# ---------------------------------------------------------------- what a rank holds and sends, measured
+
+def memory_ledger(engine: FSDPEngine) -> dict:
+    """Bytes this rank holds now, by category, from the tensors themselves (each storage counted once)."""
+    from .zero_report import _Tally
+    t, lay = _Tally(), engine.layout
+    for p in engine.params:
+        t.add("parameters", lay.local(p))
+        if p.grad is not None:
+            t.add("gradients", lay.local(p.grad))
+    fsdp = engine.par.fsdp
+    if fsdp is not None:
+        for u in fsdp.units:
+            t.add("gradients", u.grad_acc)             # the unsharded gradient kept across no_sync micro-steps
+    for st in engine.optimizer.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor) and v.numel() > 1:
+                t.add("optimizer", lay.local(v))
+    return t.bytes
+
+
+class FSDPReport(TrainHooks):
+    """`launchers/fsdp.py --report PATH`: one step (step 1: Adam's state exists) measured on every rank:
+    the model-state bytes after the first micro-batch's backward, every collective's bytes, the gathered peak
+    (hand); rank 0 writes them beside the formulas (16Ψ/N bytes of fp32 model states, 3Ψ(N-1)/N elements sent)."""
+
+    def __init__(self, path, cfg, strategy, step: int = 1):
+        self.path, self.cfg, self.strategy, self.step = Path(path), cfg, strategy, step
+        self.memory = self.counter = None
+
+    def step_begin(self, step, engine):
+        if step == self.step:
+            from .zero_report import CommCounter
+            fsdp = self.strategy.fsdp
+            if fsdp is not None:
+                fsdp.peak_live, fsdp.timeline = fsdp.live, []
+            if torch.cuda.is_available() and self.strategy.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            self.counter = CommCounter().__enter__()
+
+    def after_backward(self, step, micro, engine):
+        if step == self.step and micro == 0:
+            self.memory = memory_ledger(engine)
+
+    def step_end(self, step, engine):
+        if step != self.step:
+            return
+        from .zero_report import comm_formula, formula
+        self.counter.__exit__(None, None, None)
+        fsdp, world = self.strategy.fsdp, self.strategy.world_size
+        mine = {"rank": dist.get_rank(), "memory": self.memory, "comm_bytes": dict(self.counter.bytes),
+                "comm_calls": dict(self.counter.calls), "comm_ring_bytes": self.counter.ring_bytes(world),
+                "gathered_peak_bytes": fsdp.peak_live * 4 if fsdp is not None else None,
+                "cuda_peak_bytes": (torch.cuda.max_memory_allocated() if self.strategy.device.type == "cuda"
+                                    else None)}
+        ranks = [None] * world
+        dist.all_gather_object(ranks, mine)
+        if dist.get_rank() != 0:
+            return
+        psi = self.strategy.psi
+        report = {"impl": self.strategy.impl, "unit": self.strategy.unit, "prefetch": self.strategy.prefetch,
+                  "world_size": world, "psi": psi, "grad_accum": self.cfg.train.grad_accum,
+                  "precision": self.cfg.train.precision, "measured_at_step": self.step,
+                  "units": ([{"name": u.name, "numel": u.numel, "padded": u.padded, "shard": u.shard_numel}
+                             for u in fsdp.units] if fsdp is not None else None),
+                  "timeline": fsdp.timeline if fsdp is not None else None,
+                  "formula": formula(3, psi, world, self.cfg.train.precision),
+                  "comm_formula_bytes": comm_formula(3, psi, world, self.cfg.train.grad_accum) * 4,
+                  "ranks": ranks}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(report, indent=1))
