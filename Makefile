@@ -13,9 +13,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@# --no-compile: Python byte-compiles only what it imports, on first import (compiling all of torch at install
-	@# costs ~30 s)
-	$(PY) -m pip install --disable-pip-version-check -q --no-compile -e ".[test,deepspeed,accelerate,notebooks]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,deepspeed,accelerate,notebooks]"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
