@@ -119,16 +119,18 @@ import json
 from dit_core.scratch import scratch_dir           # a folder removed when the kernel exits
 ENV_NAMES = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
 folder = scratch_dir("ch00-torchrun-")
+# Each rank writes its own file: two processes printing to one pipe at the same moment can interleave their lines.
 (folder / "show_env.py").write_text(f"""import json, os, sys
 seen = {{k: os.environ.get(k) for k in {ENV_NAMES}}}
 seen["prefix"] = sys.prefix                           # which environment this rank runs
-print(json.dumps(seen), flush=True)
+with open(f"rank{{os.environ['RANK']}}.json", "w") as f:
+    json.dump(seen, f)
 """)
 run = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
                       "show_env.py"], cwd=folder, env=dict(os.environ, OMP_NUM_THREADS="1"),
                      capture_output=True, text=True, timeout=300)
 assert run.returncode == 0, run.stderr[-2000:]
-procs = sorted((json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")), key=lambda d: int(d["RANK"]))
+procs = sorted((json.loads(p.read_text()) for p in folder.glob("rank*.json")), key=lambda d: int(d["RANK"]))
 for d in procs:
     print(" ".join(f"{k}={d[k]}" for k in ENV_NAMES))
 
