@@ -158,6 +158,24 @@ def train_on_generated(model, diffusion, sample_cfg, n_per_class: int = 5000, de
     return acc
 
 
+_REFERENCE: dict = {}
+
+
+def reference_features(clf: MnistCNN, device, n_ref: int) -> np.ndarray:
+    """The classifier's features of the first n_ref training images, the FID reference. Computed once per process
+    for one classifier file (its path, size and modification time) and device: a chapter scores many sample sets."""
+    path = data_dir() / CLASSIFIER_FILE
+    st = path.stat() if path.exists() else None
+    key = (str(path), st.st_size if st else None, st.st_mtime_ns if st else None, str(device), n_ref)
+    if st is None or key not in _REFERENCE:
+        train = load_mnist("train", device, subset=n_ref)
+        feats = features(clf, train.gather(torch.arange(len(train)))[0])
+        if st is None:
+            return feats
+        _REFERENCE[key] = feats
+    return _REFERENCE[key]
+
+
 @torch.no_grad()
 def score_samples(images: torch.Tensor, labels: torch.Tensor, device="cpu", n_ref: int = 10000) -> dict:
     """Per-class accuracy and feature FID of generated images, with the real-vs-real floor."""
@@ -165,9 +183,8 @@ def score_samples(images: torch.Tensor, labels: torch.Tensor, device="cpu", n_re
     images, labels = images.to(device), labels.to(device)
     pred = torch.cat([clf(images[s]).argmax(1) for s in _batches(len(images), 1000)])
     per_class = {int(k): float((pred[labels == k] == k).float().mean()) for k in labels.unique().tolist()}
-    train = load_mnist("train", device, subset=n_ref)
+    ref = reference_features(clf, device, n_ref)
     test = load_mnist("test", device)
-    ref = features(clf, train.gather(torch.arange(len(train)))[0])
     n = len(images)
     gen_f = features(clf, images)
     real_f = features(clf, test.gather(torch.arange(min(n, len(test))))[0])

@@ -287,7 +287,7 @@ def dit(hidden):
     torch.manual_seed(0)
     return DiT(load_config("configs/bench.yaml", {"model.hidden_size": hidden, "model.num_heads": hidden // 64}).model)
 
-WIDTHS = (128, 384) if SMOKE else (128, 256, 384, 768, 1152)
+WIDTHS = (128, 256) if SMOKE else (128, 256, 384, 768, 1152)
 B, RANKS = 8, (1, 2, 4, 8)
 ledger = {}
 for h in WIDTHS:

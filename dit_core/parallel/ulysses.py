@@ -102,11 +102,12 @@ class SequenceParallelDiT(nn.Module):
     position embedding), replicated conditioning, every block on the local tokens with Ulysses
     attention, the final layer. Returns this rank's tokens of the predicted noise."""
 
-    def __init__(self, model: DiT, group):
+    def __init__(self, model: DiT, group, attention=None):
         super().__init__()
         self.module = model
         self.tokens = token_slice(model.num_tokens, dist.get_rank(group), dist.get_world_size(group))
-        model.set_attention(UlyssesAttention(group))
+        # Ulysses by default; context parallelism (dit_core.parallel.context) swaps in ring attention or USP
+        model.set_attention(attention or UlyssesAttention(group))
 
     def forward(self, x, t, y, drop=None):
         return self.module.forward_tokens(x, t, y, drop, self.tokens)     # (B, N/P, p*p*C)
@@ -144,15 +145,19 @@ class UlyssesStrategy(MeshStrategy):
 
     BROKEN = ("loss-norm", "grad-group")
 
-    def __init__(self, env: DistEnv, degree: int, broken: str | None = None):
+    def __init__(self, env: DistEnv, degree: int, broken: str | None = None, flag: str = "--sp-degree"):
         if broken not in (None, *self.BROKEN):
             raise ValueError(f"--break {broken!r} is not one of {', '.join(self.BROKEN)}.")
-        super().__init__(env, degree, "--sp-degree")
+        super().__init__(env, degree, flag)
         self.broken = broken
         self.sp_model: SequenceParallelDiT | None = None
 
+    def attention(self):
+        """The attention every block runs on its slice of the tokens (context parallelism overrides it)."""
+        return UlyssesAttention(self.mesh.inner_group)
+
     def wrap(self, model: nn.Module) -> nn.Module:
-        self.sp_model = SequenceParallelDiT(model, self.mesh.inner_group)
+        self.sp_model = SequenceParallelDiT(model, self.mesh.inner_group, self.attention())
         group = self.mesh.dp_group if self.broken == "grad-group" else None
         return DataParallel(self.sp_model, group=group, divisor=self.mesh.dp_size)
 
