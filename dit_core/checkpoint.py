@@ -198,6 +198,38 @@ def model_from_checkpoint(path: str | Path, device="cpu", ema: bool = True) -> t
 
 # ---------------------------------------------------------------- writing
 
+def write_plain(src: Path, dst: Path, state: dict, sd: dict) -> Path:
+    """A plain checkpoint folder converted from `src` (a sharded one): `sd` as model.pt, src's ema.pt, its training
+    state marked as converted. Written into a hidden folder and renamed, like every checkpoint."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(sd, tmp / "model.pt")
+    shutil.copy(src / "ema.pt", tmp / "ema.pt")
+    (tmp / "training_state.json").write_text(json.dumps({**state, "engine": "torch", "converted_from": str(src)},
+                                                        indent=1))
+    tmp.rename(dst)
+    return dst
+
+
+def convert_main(prog: str, what: str, convert, argv=None) -> int:
+    """`python -m <prog> convert SRC DST`: `convert(src, dst)` writes the plain checkpoint."""
+    from .config import parser
+    from .errors import run_main
+    p = parser(prog=prog)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help=f"{what} checkpoint folder -> plain checkpoint folder")
+    c.add_argument("src")
+    c.add_argument("dst")
+
+    def run(_):
+        args = p.parse_args(argv)
+        out = convert(args.src, args.dst)
+        print(f"wrote {out} (model.pt, ema.pt, training_state.json)")
+    run_main(run)
+    return 0
+
+
 def checkpoint_steps(folder: Path) -> list[int]:
     """Steps of the complete checkpoints in a results folder (hidden temporary folders are not)."""
     out = []

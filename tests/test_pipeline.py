@@ -41,7 +41,9 @@ D = job_dir() / "pp"
 TORCH = [(s, a) for s in ("gpipe", "1f1b") for a in (1, 2)]
 INTERLEAVED = [(4, 1, "hand"), (8, 1, "hand"), (4, 2, "hand"), (4, 1, "torch"), (4, 2, "torch")]   # (M, accum, impl)
 DEEP = {"model.depth": 4}
-FOUR = [(s, m, p) for s in ("gpipe", "1f1b") for m in (4, 8) for p in (4,)] + [("gpipe", 4, 2), ("1f1b", 4, 2)]
+# Four ranks (slow on 2 cores): PP 4 with each schedule once (GPipe at M = 4, 1F1B at M = 8; the 2-process job runs
+# both schedules at both M), and DP 2 x PP 2 with each schedule.
+FOUR = [("gpipe", 4, 4), ("1f1b", 8, 4), ("gpipe", 4, 2), ("1f1b", 4, 2)]
 _R = "launchers/pipeline.py"
 for s, m, a in TWO:
     declare(2, f"pp {s} {m} a{a}", _R, pp(s, m, a, "--pp-degree", "2", "--results-dir", D / f"{s}{m}a{a}"))

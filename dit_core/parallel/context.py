@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError, ModelConfig
 from .dist import DistEnv, check_degree
-from .ulysses import AllToAll, UlyssesStrategy
+from .ulysses import AllToAll, UlyssesStrategy, check_token_split
 
 
 def _merge(o, m, l, s, v):
@@ -190,11 +190,7 @@ def check_context_parallel(model: ModelConfig, ring: int, ulysses: int, world_si
         raise ConfigError(f"--cp-degree x --ulysses-degree = {degree} ranks share one image, but model.patch_size="
                           f"{model.patch_size} gives it only {tokens} tokens; use at most {tokens} ranks or a smaller "
                           f"patch size (more tokens).")
-    if tokens % degree:
-        ok = [f"{p} ({(model.image_size // p) ** 2} tokens)" for p in range(1, model.image_size + 1)
-              if model.image_size % p == 0 and (model.image_size // p) ** 2 % degree == 0][:3]
-        raise ConfigError(f"model.patch_size={model.patch_size} gives {tokens} tokens, not divisible by --cp-degree x "
-                          f"--ulysses-degree = {degree}; use model.patch_size {' or '.join(ok)}.")
+    check_token_split(model, degree, "--cp-degree x --ulysses-degree =")
 
 
 class ContextStrategy(UlyssesStrategy):

@@ -281,21 +281,9 @@ class FullyShardedDiT:
 
 
 def main(argv=None) -> int:
-    from ..config import parser
-    from ..errors import run_main
-    p = parser(prog="python -m dit_core.parallel.fsdp")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert", help="FSDP (DCP) checkpoint folder -> plain checkpoint folder")
-    c.add_argument("src")
-    c.add_argument("dst")
-
-    def run(_):
-        from .fsdp_checkpoint import convert_checkpoint
-        args = p.parse_args(argv)
-        out = convert_checkpoint(args.src, args.dst)
-        print(f"wrote {out} (model.pt, ema.pt, training_state.json)")
-    run_main(run)
-    return 0
+    from ..checkpoint import convert_main
+    from .fsdp_checkpoint import convert_checkpoint
+    return convert_main("python -m dit_core.parallel.fsdp", "FSDP (DCP)", convert_checkpoint, argv)
 
 
 if __name__ == "__main__":

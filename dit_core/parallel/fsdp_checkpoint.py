@@ -7,15 +7,13 @@ one plain process all resume the same folder. The EMA is written whole (`ema.pt`
 """
 from __future__ import annotations
 
-import json
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, check_files, read_training_state
+from ..checkpoint import CheckpointError, check_files, read_training_state, write_plain
 
 
 def chunks(full: dict, mesh) -> dict:
@@ -108,12 +106,4 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
         raise CheckpointError(f"'{dst}' already exists; pass a new folder to write the plain checkpoint into.")
     model, _ = model_from_checkpoint(src)            # the architecture (and the EMA weights, replaced below)
     load_into_plain(src, model, None)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp / "model.pt")
-    shutil.copy(src / "ema.pt", tmp / "ema.pt")
-    (tmp / "training_state.json").write_text(json.dumps({**state, "engine": "torch", "converted_from": str(src)},
-                                                        indent=1))
-    tmp.rename(dst)
-    return dst
+    return write_plain(src, dst, state, model.state_dict())

@@ -123,11 +123,16 @@ def check_sequence_parallel(model: ModelConfig, degree: int, world_size: int) ->
     if model.num_heads % degree:
         raise ConfigError(f"model.num_heads={model.num_heads} is not divisible by --sp-degree {degree}: Ulysses "
                           f"gives each rank whole attention heads; use a multiple of {degree} heads.")
+    check_token_split(model, degree, "--sp-degree")
+
+
+def check_token_split(model: ModelConfig, degree: int, flag: str) -> None:
+    """The tokens of an image must split evenly over `degree` ranks; the sentence names patch sizes that do."""
     tokens = (model.image_size // model.patch_size) ** 2
     if tokens % degree:
         ok = [f"{p} ({(model.image_size // p) ** 2} tokens)" for p in range(1, model.image_size + 1)
               if model.image_size % p == 0 and (model.image_size // p) ** 2 % degree == 0][:3]
-        raise ConfigError(f"model.patch_size={model.patch_size} gives {tokens} tokens, not divisible by --sp-degree "
+        raise ConfigError(f"model.patch_size={model.patch_size} gives {tokens} tokens, not divisible by {flag} "
                           f"{degree}; use model.patch_size {' or '.join(ok)}.")
 
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import Config, ConfigError
-from ..checkpoint import CheckpointError, foreign, read_training_state, torch_load
+from ..checkpoint import CheckpointError, foreign, read_training_state, torch_load, write_plain
 from ..engine import EMA, Accumulating, apply_schedule, build_scheduler, ema_decay, nonfinite_count
 from .dist import DistParallel
 
@@ -284,8 +284,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """A DeepSpeed checkpoint folder -> a plain one (model.pt, ema.pt, training_state.json)
     that `dit_core.evaluate` and sampling read. Stages 1-3 keep the fp32 weights in the
     optimizer partitions: DeepSpeed's own zero_to_fp32 merges them. Stage 0 stores the module."""
-    import shutil
-
     src, dst = Path(src), Path(dst)
     state = read_training_state(src)
     if state.get("engine") != "deepspeed" or not (src / "ds").is_dir():
@@ -297,33 +295,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         sd = get_fp32_state_dict_from_zero_checkpoint(str(src), tag="ds")
-    sd = {k: v.float().contiguous() for k, v in sd.items()}
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(sd, tmp / "model.pt")
-    shutil.copy(src / "ema.pt", tmp / "ema.pt")
-    (tmp / "training_state.json").write_text(json.dumps({**state, "engine": "torch", "converted_from": str(src)},
-                                                        indent=1))
-    tmp.rename(dst)
-    return dst
+    return write_plain(src, dst, state, {k: v.float().contiguous() for k, v in sd.items()})
 
 
 def main(argv=None) -> int:
-    from ..errors import run_main
-    from ..config import parser
-    p = parser(prog="python -m dit_core.parallel.zero")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert", help="DeepSpeed checkpoint folder -> plain checkpoint folder")
-    c.add_argument("src")
-    c.add_argument("dst")
-
-    def run(_):
-        args = p.parse_args(argv)
-        out = convert_checkpoint(args.src, args.dst)
-        print(f"wrote {out} (model.pt, ema.pt, training_state.json)")
-    run_main(run)
-    return 0
+    from ..checkpoint import convert_main
+    return convert_main("python -m dit_core.parallel.zero", "DeepSpeed", convert_checkpoint, argv)
 
 
 if __name__ == "__main__":
