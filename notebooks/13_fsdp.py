@@ -423,3 +423,19 @@ for name, r in rows.items():
 #    sends the fewest the same traffic as DDP?
 # 2. With gradient accumulation 4, how many bytes does one rank keep for gradients under `no_sync`, and how many if it
 #    reduce-scattered after every micro-batch instead? What does the second choice cost on the wire?
+# 3. **Break it.** Drop the `.div_(self.world)` at the end of `FullyShardedDiT.reduce_grad` (each shard then gets the
+#    *sum* of the ranks' gradients, not their mean). Predict the parity verdict of section 3 with clipping at 0.05
+#    (active at every step) and with clipping off (`--set train.grad_clip=0`), and what the logged gradient norm
+#    shows. Then run both against `launchers/single.py`.
+#
+# ## 中文要点
+#
+# 全分片数据并行（FSDP）与 ZeRO-3 是同一种切分：每个 rank 只保存权重、梯度和 Adam 状态的 1/N，用到某一块时才把它聚合完整。
+#
+# 模型被切成若干单元（每个 DiT block 一个，其余部分是根单元），单元内的参数拼成一个扁平向量；前向前 all-gather、用完即释放，反向时再 all-gather，梯度用 reduce-scatter 求和后除以 N。
+#
+# 预取：当前单元计算时，下一个单元的 all-gather 已在传输；代价是多占一个单元的显存。单元越大，峰值越高。
+#
+# 手写实现与 PyTorch 的 FSDP2（`fully_shard`）都与单进程损失一致（误差约 1e-7，仅求和顺序不同）；模型状态显存实测等于 16Ψ/N，通信约 3Ψ(N-1)/N。
+#
+# 小模型时激活值占大头，增加卡数几乎不省显存（DeepSpeed#4093 的现象）；DCP 分布式检查点可以在 2 卡保存、4 卡或单进程恢复。
