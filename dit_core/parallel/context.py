@@ -39,6 +39,10 @@ def _merge(o, m, l, s, v):
     return o * alpha.unsqueeze(-1) + p @ v, m_new, l * alpha + p.sum(-1)
 
 
+# Elements this process has sent round a ring (forward and backward), for measurements (tools/bench_context.py).
+SENT = {"elements": 0}
+
+
 class _Ring:
     """One round of the ring: send `x` to the next rank, receive the previous rank's into a new buffer."""
 
@@ -57,6 +61,7 @@ class _Ring:
         if self.size == 1:
             return [], x                                # a ring of one: the block stays
         buf = x.new_empty((*x.shape[:-2], recv_len, x.shape[-1]))
+        SENT["elements"] += x.numel()
         ops = [dist.P2POp(dist.isend, x, self.next, self.group, tag),
                dist.P2POp(dist.irecv, buf, self.prev, self.group, tag)]
         return dist.batch_isend_irecv(ops), buf
