@@ -164,15 +164,12 @@ _REFERENCE: dict = {}
 def reference_features(clf: MnistCNN, device, n_ref: int) -> np.ndarray:
     """The classifier's features of the first n_ref training images, the FID reference. Computed once per process
     for one classifier file (its path, size and modification time) and device: a chapter scores many sample sets."""
-    path = data_dir() / CLASSIFIER_FILE
-    st = path.stat() if path.exists() else None
-    key = (str(path), st.st_size if st else None, st.st_mtime_ns if st else None, str(device), n_ref)
-    if st is None or key not in _REFERENCE:
+    path = data_dir() / CLASSIFIER_FILE              # load_classifier wrote it if it was missing
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, str(device), n_ref)
+    if key not in _REFERENCE:
         train = load_mnist("train", device, subset=n_ref)
-        feats = features(clf, train.gather(torch.arange(len(train)))[0])
-        if st is None:
-            return feats
-        _REFERENCE[key] = feats
+        _REFERENCE[key] = features(clf, train.gather(torch.arange(len(train)))[0])
     return _REFERENCE[key]
 
 

@@ -90,9 +90,10 @@ class RingAttention(torch.autograd.Function):
     bf16 shows the error such merging accumulates over the P steps (ring-flash-attention#22)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, merge_dtype=None):
+    def forward(ctx, q, k, v, group, merge_dtype=None, equal=False):
         ring = _Ring(group)
-        lens = slice_lengths(k.shape[-2], group) if ring.size > 1 else [k.shape[-2]]
+        # equal: the caller knows every slice has this rank's length (the DiT's even token split), so no exchange
+        lens = [k.shape[-2]] * ring.size if equal or ring.size == 1 else slice_lengths(k.shape[-2], group)
         scale = 1.0 / math.sqrt(q.shape[-1])
         acc = torch.promote_types(q.dtype, torch.float32)   # statistics in fp32 at least (bf16 inputs), fp64 kept
         qf = q.to(acc)
@@ -140,16 +141,18 @@ class RingAttention(torch.autograd.Function):
             dkv = _Ring.finish(ring.start(dkv, nxt, tag=1))
             if send_kv is not None:
                 kv = _Ring.finish(send_kv)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, merge_dtype=None) -> torch.Tensor:
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, merge_dtype=None,
+                   equal: bool = False) -> torch.Tensor:
     """Attention over the whole sequence when each rank of `group` holds a contiguous slice of it.
 
     q, k, v: (batch, seq_local, heads, head_dim), the layout and contract of `ulysses_attention`; returns this
     rank's slice of full (non-causal) attention, same shape. The slices may differ in length (a sequence that is
-    not a multiple of P): each block is whole, nothing to pad or mask in non-causal attention."""
-    out = RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group, merge_dtype)
+    not a multiple of P): each block is whole, nothing to pad or mask in non-causal attention; the lengths are
+    exchanged once per call, unless `equal` says every slice is as long as this one."""
+    out = RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group, merge_dtype, equal)
     return out.transpose(1, 2)
 
 
@@ -161,7 +164,7 @@ def context_attention(q, k, v, ulysses_group, ring_group) -> torch.Tensor:
         raise ValueError(f"{H} attention heads are not divisible by the Ulysses degree {U}; use a multiple of {U} "
                          f"heads, or a larger ring degree instead.")
     qkv = AllToAll.apply(torch.stack([q, k, v]), 3, 2, ulysses_group)      # (3, B, U*S_local, H/U, D)
-    out = ring_attention(*qkv.unbind(0), group=ring_group)
+    out = ring_attention(*qkv.unbind(0), group=ring_group, equal=True)   # Ulysses needs equal slices anyway
     return AllToAll.apply(out, 1, 2, ulysses_group)                      # (B, S_local, H, D)
 
 
@@ -173,7 +176,7 @@ class ContextAttention:
 
     def __call__(self, q, k, v):
         if self.ulysses_group is None:
-            return ring_attention(q, k, v, self.ring_group)
+            return ring_attention(q, k, v, self.ring_group, equal=True)     # the DiT splits its tokens evenly
         return context_attention(q, k, v, self.ulysses_group, self.ring_group)
 
     def __deepcopy__(self, memo):

@@ -63,7 +63,7 @@ class FlatUnit:
         self.numel = offset
         self.shard_numel = math.ceil(offset / self.world)
         self.padded = self.shard_numel * self.world
-        ref = next(p for fqn, p in module.named_parameters() if not fqn.startswith(skip))
+        ref = getattr(self.slots[0][0], self.slots[0][1])
         flat = torch.zeros(self.padded, dtype=ref.dtype, device=ref.device)
         for owner, attr, _, _, off, n in self.slots:
             flat[off:off + n] = getattr(owner, attr).detach().reshape(-1)
@@ -268,10 +268,11 @@ class FullyShardedDiT:
             self._sync = prev
 
     # ------------------------------------------------------------ whole tensors, for checkpoints and the EMA
-    def full_tensors(self, locals_: list[torch.Tensor]) -> dict:
-        """Shard-shaped tensors, one per unit (weights, EMA, a moment) -> {full name: whole tensor}. A collective."""
+    def full_tensors(self, locals_: list[torch.Tensor], units: list | None = None) -> dict:
+        """Shard-shaped tensors, one per unit (weights, EMA, a moment) -> {full name: whole tensor}. A collective.
+        `units`: those units only (default: every unit, in order)."""
         out = {}
-        for unit, local in zip(self.units, locals_):
+        for unit, local in zip(units or self.units, locals_):
             out.update({k: v.clone() for k, v in unit.unflatten(unit.gather_flat(local)).items()})
         return out
 

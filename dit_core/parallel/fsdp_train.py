@@ -44,6 +44,13 @@ class HandLayout:
     def full(self, locals_) -> dict:
         return self.fsdp.full_tensors(locals_)
 
+    def chunked(self, locals_, mesh) -> dict:
+        """{full name: DTensor of this rank's dim-0 chunk}, the checkpoint layout: one unit whole at a time."""
+        out = {}
+        for unit, local in zip(self.fsdp.units, locals_):
+            out.update(chunks(self.fsdp.full_tensors([local], [unit]), mesh))
+        return out
+
     def shards(self, full: dict) -> list:
         return self.fsdp.shards_of(full)
 
@@ -71,6 +78,12 @@ class TorchLayout:
     def full(self, locals_) -> dict:
         from torch.distributed.tensor import DTensor
         return {n: DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+                for (n, p), t in zip(self.named, locals_)}
+
+    def chunked(self, locals_, mesh) -> dict:
+        """FSDP2 already holds every parameter (and moment) as a dim-0 chunk: the checkpoint layout, no gathering."""
+        from torch.distributed.tensor import DTensor
+        return {n: DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
                 for (n, p), t in zip(self.named, locals_)}
 
     def shards(self, full: dict) -> list:
@@ -157,10 +170,10 @@ class FSDPEngine(TorchEngine):
     def save(self, folder: Path) -> None:
         """Every rank writes its chunk of every weight and moment into folder/dcp (one file per rank)."""
         import torch.distributed.checkpoint as dcp
-        state = {"model": chunks(self.layout.full(self._locals(None)), self.par.mesh_1d)}
+        mesh = self.par.mesh_1d
+        state = {"model": self.layout.chunked(self._locals(None), mesh)}
         if self.optimizer.state:
-            state["optim"] = {k: chunks(self.layout.full(self._locals(k)), self.par.mesh_1d)
-                              for k in ("exp_avg", "exp_avg_sq")}
+            state["optim"] = {k: self.layout.chunked(self._locals(k), mesh) for k in ("exp_avg", "exp_avg_sq")}
             state["optim_step"] = self.optimizer.state[self.params[0]]["step"].detach().float().cpu().clone()
         dcp.save(state, checkpoint_id=str(folder / "dcp"))
 
