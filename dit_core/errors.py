@@ -60,8 +60,19 @@ def run_main(main, argv=None) -> None:
         _leave(f"error: {msg}", 1)
 
 
+def say(line: str, stream=None) -> None:
+    """Write one whole line in a single write: lines that several ranks print to one pipe stay whole.
+
+    `print` writes the text and its newline separately, so two ranks can interleave as
+    "error: A.error: A.\n\n" (seen in CI); one write of at most PIPE_BUF bytes to a pipe is atomic.
+    """
+    stream = sys.stderr if stream is None else stream
+    stream.write(line + "\n")
+    stream.flush()
+
+
 def _leave(line: str, code: int) -> None:
-    print(line, file=sys.stderr, flush=True)
+    say(line)
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         # A rank that stops early must not wait in interpreter teardown for peers that went on.

@@ -90,8 +90,9 @@ def watch_launcher(interval: float = 0.5) -> None:
         while True:
             time.sleep(interval)
             if os.getppid() != parent:
-                print(f"error: this rank's launcher (pid {parent}) is gone; rank "
-                      f"{os.environ.get('RANK', '?')} stops too.", file=sys.stderr, flush=True)
+                from ..errors import say
+                say(f"error: this rank's launcher (pid {parent}) is gone; rank "
+                    f"{os.environ.get('RANK', '?')} stops too.")
                 os._exit(1)
 
     threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
