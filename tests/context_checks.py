@@ -11,7 +11,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_core.model import sdpa_attention  # noqa: E402
-from dit_core.parallel.context import context_attention, ring_attention  # noqa: E402
+from dit_core.parallel.context import SENT, context_attention, ring_attention  # noqa: E402
 from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
 
 
@@ -65,6 +65,16 @@ def main(argv=None, standalone: bool = False) -> None:
     torch.manual_seed(0)
     q, k, v, g = (torch.randn(B, 16, H, D) for _ in range(4))
     c["usp 2x2 n=16"] = worst(compare(lambda *t: context_attention(*t, ug, rg), q, k, v, g, bounds(16, 4, r)), None)
+    # Elements one rank sends round a ring of 4, one call, against the formula (blk: one rank's K, or V, block).
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(B, 4, H, D, requires_grad=True) for _ in range(3))
+    SENT["elements"] = 0
+    o = ring_attention(q, k, v, equal=True)
+    c["ring sent forward"] = SENT["elements"]
+    o.sum().backward()
+    c["ring sent backward"] = SENT["elements"] - c["ring sent forward"]
+    blk, P = B * 4 * H * D, 4
+    c["ring formula forward"], c["ring formula backward"] = 2 * blk * (P - 1), 2 * blk * (P - 1) + 2 * blk * P
     # Merging in bf16 (ring-flash-attention#22): the running max, sum and output rounded at every one of P steps.
     torch.manual_seed(1)
     q, k, v = (torch.randn(B, 64, H, D, dtype=torch.float64) * 2 for _ in range(3))

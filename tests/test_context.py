@@ -40,13 +40,15 @@ def test_ring_attention_and_usp_equal_full_attention(jobs):
         for n in (12, 13):                  # 13 tokens: slices of unequal length, no padding needed
             assert c[f"ring P={P} n={n}"] <= 1e-6, (P, n, c)     # output and q, k, v gradients, relative
     assert c["usp 2x2 n=16"] <= 1e-6
+    # forward: K and V, P-1 times; backward: those again, and the partial dK, dV passed P times
+    assert (c["ring sent forward"], c["ring sent backward"]) == (c["ring formula forward"], c["ring formula backward"])
     # merging in fp32 is exact to float rounding; rounding the running statistics to bf16 at every step costs
     # several times what rounding the result once does
     assert c["merge fp32 error"] <= 1e-6 and c["merge bf16 error"] > 2 * c["bf16 output once error"]
 
 
 @pytest.mark.parametrize("over,ring,ulysses,world,expect", [
-    ({"model.patch_size": 28}, 2, 1, 2, "2 ranks share one image, but model.patch_size=28 gives it only 1 tokens"),
+    ({"model.patch_size": 28}, 2, 1, 2, "2 ranks share one image, but model.patch_size=28 gives it only 1 token;"),
     ({"model.num_heads": 2, "model.hidden_size": 32}, 2, 4, 8, "model.num_heads=2 is not divisible by --ulysses-degree 4"),
     ({}, 2, 2, 6, "world size 6 is not divisible by --cp-degree x --ulysses-degree 4"),
     ({"model.patch_size": 4}, 3, 1, 3, "model.patch_size=4 gives 49 tokens, not divisible by --cp-degree x "

@@ -196,7 +196,7 @@ def check_context_parallel(model: ModelConfig, ring: int, ulysses: int, world_si
     degree = ring * ulysses
     if degree > tokens:
         raise ConfigError(f"--cp-degree x --ulysses-degree = {degree} ranks share one image, but model.patch_size="
-                          f"{model.patch_size} gives it only {tokens} tokens; use at most {tokens} ranks or a smaller "
+                          f"{model.patch_size} gives it only {tokens} token{'s' if tokens > 1 else ''}; use at most {tokens} rank{'s' if tokens > 1 else ''} or a smaller "
                           f"patch size (more tokens).")
     check_token_split(model, degree, "--cp-degree x --ulysses-degree =")
 
