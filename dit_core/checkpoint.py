@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import Config
+from .config import Config, ModelConfig
 from .model import DiT
 
 
@@ -45,6 +45,7 @@ WRITERS = {
     "pipeline": "torchrun --nproc_per_node {world_size} launchers/pipeline.py --pp-degree {pp_degree}",
     "fsdp": "torchrun --nproc_per_node N launchers/fsdp.py (any N), python launchers/single.py or torchrun "
             "launchers/ddp.py",
+    "expert_parallel": "torchrun --nproc_per_node {world_size} launchers/moe.py --ep-degree {ep_degree}",
 }
 
 
@@ -57,11 +58,12 @@ def foreign(folder: Path, state: dict, reader: str) -> CheckpointError:
     """The one sentence for a checkpoint another launcher wrote: what it is and what reads it."""
     kind = writer(state)
     cmd = WRITERS.get(kind, kind).format(**{k: state.get(k, "?") for k in ("zero_stage", "world_size", "tp_degree",
-                                                                            "pp_degree")})
+                                                                            "pp_degree", "ep_degree")})
     extra = {"deepspeed": f"; python -m dit_core.parallel.zero convert {folder} {folder}-plain makes plain weights",
              "accelerate": "; its model.pt and ema.pt are plain weights that python -m dit_core.evaluate reads",
              "tensor_parallel": "; its model.pt and ema.pt are whole weights that python -m dit_core.evaluate reads",
              "pipeline": "; its model.pt and ema.pt are whole weights that python -m dit_core.evaluate reads",
+             "expert_parallel": "; its model.pt and ema.pt are whole weights that python -m dit_core.evaluate reads",
              "fsdp": f"; python -m dit_core.parallel.fsdp convert {folder} {folder}-plain writes plain weights",
              }.get(kind, "")
     who = {"fsdp": "an FSDP", "accelerate": "an accelerate"}.get(kind, f"a {kind.replace('_', '-')}")
@@ -131,7 +133,9 @@ def load_state_file(file: Path, map_location="cpu") -> dict:
 def check_model_config(state: dict, cfg: Config, path: Path) -> None:
     saved = state.get("config", {}).get("model", {})
     now = cfg.to_dict()["model"]
-    diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in now.items() if saved.get(k) != v]
+    default = ModelConfig()          # a field added after the checkpoint was written: it had the default
+    diff = [f"model.{k}: checkpoint {saved.get(k, getattr(default, k))!r} vs config {v!r}" for k, v in now.items()
+            if saved.get(k, getattr(default, k)) != v]
     if diff:
         raise CheckpointError(f"Checkpoint '{path}' was trained with a different model ({'; '.join(diff)}); "
                               f"use the config it was trained with.")

@@ -66,6 +66,16 @@ class ModelConfig:
     num_heads: int = F(4, at_least(1))
     mlp_ratio: float = F(4.0, at_least(0.0, strict=True))
     num_classes: int = F(10, at_least(1))            # the null (unconditional) class is index num_classes
+    # Mixture of experts (chapter 15): 0 = the dense MLP of every other chapter. Otherwise each block's MLP is
+    # num_experts expert MLPs of the same size behind a linear router; each token goes to its top_k experts
+    # (dropless: no capacity limit), weighted by its renormalised router probabilities.
+    num_experts: int = F(0, at_least(0))
+    top_k: int = F(2, at_least(1))
+    aux_loss_weight: float = F(0.01, at_least(0.0))  # load-balancing loss (Switch form) added to the diffusion loss
+    # The load-balancing loss is computed per group of this many images (a GShard "group"; 1 = per image, the
+    # sequence-wise form of DeepSeek-V3) and averaged: a group never straddles two ranks or micro-batches, so the
+    # loss is the same on one process and on any layout.
+    moe_aux_group: int = F(1, at_least(1))
 
 
 @dataclass
@@ -284,6 +294,9 @@ def validate(cfg: Config) -> None:
     _check(int(m.hidden_size * m.mlp_ratio) >= 1,
            f"model.mlp_ratio={m.mlp_ratio} leaves the MLP int({m.hidden_size} x {m.mlp_ratio}) = 0 hidden units; "
            f"use e.g. 4.0.")
+    _check(m.num_experts == 0 or m.top_k <= m.num_experts,
+           f"model.top_k={m.top_k} is larger than model.num_experts={m.num_experts}: a token cannot go to more "
+           f"experts than there are; use top_k <= {m.num_experts}.")
     _check(d.beta_start < d.beta_end,
            f"diffusion.beta_start={d.beta_start} and beta_end={d.beta_end} must satisfy start < end.")
     _check(t.global_batch_size % t.grad_accum == 0,

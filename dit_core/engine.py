@@ -27,6 +27,7 @@ class Parallel:
     rank: int = 0
     world_size: int = 1
     device: torch.device | None = None   # None: from run.device
+    trains_moe: bool = True              # one process: a mixture-of-experts DiT trains as any other
 
     @property
     def is_main(self) -> bool:

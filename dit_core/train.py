@@ -27,7 +27,7 @@ from .diffusion import Diffusion
 from .engine import (EMA, Parallel, TorchEngine, apply_schedule, autocast_ctx, build_optimizer,  # noqa: F401
                      build_scheduler, compiled, ema_decay, ema_update, lr_factor, resolve_device, unwrap)
 from .fast import DeviceBatches, fast_enabled
-from .model import DiT
+from .model import DiT, balance_loss, moe_layers
 from .parallel.dist import check_batch_split
 from .logs import JsonlLogger
 from .rundir import RunFolder
@@ -85,6 +85,58 @@ def check_data_fits(cfg: Config, data: MNIST) -> None:
         if want != have:
             raise ConfigError(f"model.{key}={have} does not fit the data (MNIST has {key.replace('_', ' ')} "
                               f"{want}); use {want}.")
+
+
+class MoEObjective:
+    """For a mixture-of-experts DiT: the loss trained is the diffusion loss plus model.aux_loss_weight x the
+    load-balancing loss (the mean over MoE layers of each layer's mean over routing groups). Each group lies
+    inside one micro-batch of one rank, so every rank's term is a mean over its own groups, and the mean over
+    ranks and micro-steps is the mean over every group of the global batch: the same on one process and on N,
+    with no collective. The log keeps both parts and the tokens each expert received."""
+
+    def __init__(self, model: nn.Module, cfg: Config):
+        self.layers, self.weight = moe_layers(model), cfg.model.aux_loss_weight
+        self.reset()
+
+    def reset(self) -> None:
+        self.aux = self.diffusion = self.counts = 0
+
+    def wrap(self, loss_fn):
+        def loss_with_balance(*args):
+            loss = loss_fn(*args)
+            aux = torch.stack([balance_loss(m) for m in self.layers]).mean()
+            self.aux, self.diffusion = self.aux + aux.detach(), self.diffusion + loss.detach()
+            self.counts = self.counts + torch.stack([m.stats[0].sum(0) for m in self.layers])
+            return loss + self.weight * aux
+        return loss_with_balance
+
+    def record(self, par, accum: int) -> dict:
+        """This step's share of the log: means over the global batch, tokens per expert summed over it."""
+        out = {"diffusion_loss": float(par.all_reduce_mean(self.diffusion / accum)),
+               "aux_loss": float(par.all_reduce_mean(self.aux / accum)),
+               "expert_tokens": par.all_reduce_sum(self.counts).long().tolist()}     # [layer][expert]
+        self.reset()
+        return out
+
+
+def check_moe(cfg: Config, par) -> None:
+    """A mixture-of-experts DiT needs a strategy that knows it, and routing groups that tile each micro-batch."""
+    m, t = cfg.model, cfg.train
+    if not m.num_experts:
+        return
+    if not getattr(par, "trains_moe", False):
+        raise ConfigError(f"model.num_experts={m.num_experts} (a mixture-of-experts DiT) trains with python "
+                          f"launchers/single.py or torchrun launchers/moe.py, not with {type(par).__name__}; use "
+                          f"one of those, or model.num_experts=0 for the dense DiT.")
+    micro = t.global_batch_size // (par.data_world_size * t.grad_accum)
+    if micro % m.moe_aux_group:
+        raise ConfigError(f"model.moe_aux_group={m.moe_aux_group} images per load-balancing group does not divide "
+                          f"a micro-batch of {micro} images (train.global_batch_size={t.global_batch_size} / "
+                          f"{par.data_world_size} ranks / train.grad_accum={t.grad_accum}); use a divisor of "
+                          f"{micro}, e.g. --set model.moe_aux_group=1.")
+    if t.fast == "on":
+        raise ConfigError("train.fast=on compiles the whole loss, but the mixture of experts routes a different "
+                          "number of tokens to each expert at every step; use --fast off (or auto).")
 
 
 # ---------------------------------------------------------------- the loop
@@ -178,7 +230,8 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
     if t.fast == "on" and not alone:
         raise ConfigError(f"train.fast=on is the one-process path, but this launcher runs "
                           f"{type(par).__name__}; use --fast off (or auto) with parallel launchers.")
-    fast = fast_enabled(t.fast, device, alone, t.precision)
+    check_moe(cfg, par)
+    fast = fast_enabled(t.fast, device, alone, t.precision) and not cfg.model.num_experts
 
     start, samples_seen, changes = 0, 0, []
     if run.resume:
@@ -239,6 +292,9 @@ def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, fo
     else:
         draw = functools.partial(_contract_batch, cfg, len(data), shape)
         loss_fn = functools.partial(par.loss, diffusion, engine.forward)
+    moe = MoEObjective(model, cfg) if cfg.model.num_experts else None
+    if moe is not None:
+        loss_fn = moe.wrap(loss_fn)
     read_every = t.log_every if fast else 1
 
     results = Path(run.results_dir)
@@ -311,7 +367,7 @@ def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, fo
             samples_seen += t.global_batch_size
             # The logged loss is the mean over the whole global batch (all ranks).
             pending.append({"step": step, "loss": par.all_reduce_mean(loss_sum / accum), "grad_norm": grad_norm,
-                            "lr": lr, "samples_seen": samples_seen})
+                            "lr": lr, "samples_seen": samples_seen, **(moe.record(par, accum) if moe else {})})
             done = step + 1
             if done % read_every == 0 or done == end:
                 read_back()

@@ -42,7 +42,7 @@ from dit_core.model import DiT  # noqa: E402
 from dit_core.parallel.dist import TIMEOUT, DistParallel, check_batch_split, exit_process, watch_launcher  # noqa: E402
 from dit_core.logs import JsonlLogger  # noqa: E402
 from dit_core.rundir import RunFolder  # noqa: E402
-from dit_core.train import DivergenceGuard, _first_error, check_data_fits  # noqa: E402
+from dit_core.train import DivergenceGuard, _first_error, check_data_fits, check_moe  # noqa: E402
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -169,6 +169,7 @@ def main(argv=None):
     if accelerator.num_processes > 1:
         watch_launcher()
     check_batch_split(t.global_batch_size, accelerator.num_processes, t.grad_accum)
+    check_moe(cfg, ranks)                   # a mixture-of-experts DiT: single.py or moe.py
     check_deepspeed_config(accelerator, cfg)
     folder = RunFolder(cfg)
     ranks.agree(_first_error(folder.lock) if ranks.is_main else None)

@@ -132,6 +132,8 @@ class DistParallel(Parallel):
     """Members every multi-process strategy shares: counts summed over all ranks, rank 0's verdict
     shared, a barrier of all ranks."""
 
+    trains_moe = False      # only expert parallelism (parallel/expert.py) knows where each expert lives
+
     def __init__(self, env: DistEnv):
         self.env = env
         self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
