@@ -176,7 +176,8 @@ class Diffusion:
         # Row i: every sample's timestep at step i; the last row (-1) follows the final step.
         timesteps = torch.tensor(ts + [-1], device=device).view(-1, 1).expand(-1, shape[0]).contiguous()
         z = None
-        if fast and device.type == "cuda":
+        if fast and device.type == "cuda" and not getattr(c, "num_experts", 0):
+            # (a mixture of experts routes a data-dependent number of rows to each expert: no graph for it)
             from .fast import GraphedStep
             z = torch.zeros_like(x)
             step_fn = GraphedStep(torch.compile(step_fn) if compile else step_fn, (x, timesteps[0], timesteps[1], z))

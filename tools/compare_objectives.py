@@ -5,6 +5,7 @@ the same steps and batches, then score each checkpoint's samples under several s
     python tools/compare_objectives.py --out R --device cuda --jobs 4           # a GPU: four trainings at once
     python tools/compare_objectives.py --out R --only eps,flow-ln --steps 6000  # a subset, shorter
     python tools/compare_objectives.py --out R --figure F.png                   # draw R's checkpoints: a row each
+    python tools/compare_objectives.py --out R --only dense,moe,moe-noaux        # chapter 15: dense vs MoE
 
 Each row: training seconds (from the run's own summary), then per sampling setting the sample accuracy (mean and
 worst class), the feature FID against its real-vs-real floor, and the seconds to draw and score 1000 digits.
@@ -39,6 +40,16 @@ VARIANTS = {
 # every variant names its objective, and the rest are the config's defaults (weighting none, schedule linear),
 # so the rows stay what they say whichever objective configs/tiny.yaml itself uses
 
+# Chapter 15 (issue 21): the dense tiny DiT against the mixture of experts at equal active parameters
+# (configs/moe.yaml: 4 experts of half the MLP width, top-2), with and without the load-balancing loss.
+# name -> (config, overrides)
+MOE_VARIANTS = {
+    "dense":     ("configs/tiny.yaml", {}),
+    "moe":       ("configs/moe.yaml", {}),
+    "moe-noaux": ("configs/moe.yaml", {"model.aux_loss_weight": 0.0}),
+}
+ALL = {**{n: ("configs/tiny.yaml", o) for n, o in VARIANTS.items()}, **MOE_VARIANTS}
+
 
 def samplings(name: str, wide: bool) -> list[dict]:
     flow = name.startswith("flow")
@@ -53,11 +64,12 @@ def samplings(name: str, wide: bool) -> list[dict]:
 
 def train_variant(name: str, args) -> dict:
     out = Path(args.out) / name
-    cmd = [sys.executable, str(ROOT / "launchers" / "single.py"), "--config", "configs/tiny.yaml", "--device",
+    config, overrides = ALL[name]
+    cmd = [sys.executable, str(ROOT / "launchers" / "single.py"), "--config", config, "--device",
            args.device, "--fast", "off", "--results-dir", str(out), "--overwrite", "--set", "train.tensorboard=false"]
     if args.steps:
         cmd += ["--max-steps", str(args.steps)]
-    for k, v in VARIANTS[name].items():
+    for k, v in overrides.items():
         cmd += ["--set", f"{k}={v}"]
     env = dict(os.environ, TQDM_DISABLE="1", **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     t0 = time.perf_counter()
@@ -65,7 +77,7 @@ def train_variant(name: str, args) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"{name}: training failed:\n{r.stderr[-2000:]}")
     m = re.search(r"trained to step (\d+) in ([\d.]+)s", r.stdout + r.stderr)
-    return {"name": name, "overrides": VARIANTS[name], "steps": int(m.group(1)), "train_s": float(m.group(2)),
+    return {"name": name, "config": config, "overrides": overrides, "steps": int(m.group(1)), "train_s": float(m.group(2)),
             "wall_s": time.perf_counter() - t0, "checkpoint": str(out / f"checkpoint-{m.group(1)}")}
 
 
@@ -125,7 +137,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--only", help="comma list of variants (default: all): " + ", ".join(VARIANTS))
+    p.add_argument("--only", help="comma list of variants (default: the objectives): " + ", ".join(ALL))
     p.add_argument("--steps", type=int, help="training steps (default: configs/tiny.yaml's)")
     p.add_argument("--jobs", type=int, default=1, help="trainings at once (a GPU; on a CPU keep 1 for fair times)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each training")
@@ -137,9 +149,9 @@ def main(argv=None):
     if args.figure:
         return figure(Path(args.out), args.figure, args.device)
     names = args.only.split(",") if args.only else list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in ALL]
     if unknown:
-        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ALL)}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         trained = list(pool.map(lambda n: train_variant(n, args), names))
