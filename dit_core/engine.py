@@ -283,6 +283,45 @@ class TorchEngine(Accumulating):
         return nonfinite_count(self.params)
 
 
+class RankFilesEngine(TorchEngine):
+    """The engine of strategies whose ranks hold different pieces of the model (tensor, pipeline and expert
+    parallelism): model.pt holds the whole weights under their single-process names (every rank takes part in
+    gathering them, rank 0 writes), and each rank its own optimizer file, so only the same layout resumes it.
+    A subclass says how to gather (`whole_state_dict`), how to take its piece back (`load_whole_state_dict`) and
+    which layouts it accepts (`check_layout`, one sentence naming the command that resumes the checkpoint)."""
+
+    saves_on_every_rank = True
+    gradients_are_whole = False      # each rank holds its own slices, stages or experts (no --dump-grads)
+
+    def whole_state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_whole_state_dict(self, sd: dict) -> None:
+        raise NotImplementedError
+
+    def check_layout(self, folder: Path, state: dict) -> None:
+        raise NotImplementedError
+
+    def save(self, folder: Path) -> None:
+        sd = self.whole_state_dict()
+        if self.par.is_main:
+            torch.save(sd, folder / "model.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / f"optimizer-rank{self.par.rank}.pt")
+
+    def load(self, folder: Path, device: torch.device) -> None:
+        from .checkpoint import load_state_file
+        state = read_training_state(folder)
+        self.check_layout(folder, state)
+        name = f"optimizer-rank{self.par.rank}.pt"
+        check_files(folder, ("model.pt", name))
+        self.load_whole_state_dict(load_state_file(folder / "model.pt", device))
+        opt = torch_load(folder / name, device)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        apply_schedule(self.optimizer, self.scheduler, self.cfg, state["step"])
+
+
 def clip_by_norm_(grads, norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     """Scale `grads` so that a whole-model gradient of norm `norm` would have at most `max_norm` (what
     clip_grad_norm_ does, for strategies that sum the norm's squares across ranks first); returns `norm`."""

@@ -358,7 +358,6 @@ plt.tight_layout()
 
 # %%
 def causal_work(P_, zigzag, n_per_chunk=64):
-    n = 2 * P_ * n_per_chunk
     chunks = [range(c * n_per_chunk, (c + 1) * n_per_chunk) for c in range(2 * P_)]
     owned = [(chunks[r], chunks[2 * P_ - 1 - r]) if zigzag else (chunks[2 * r], chunks[2 * r + 1]) for r in range(P_)]
     return [sum(i + 1 for part in parts for i in part) for parts in owned]   # query i attends keys 0..i

@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, check_files, foreign, read_training_state, torch_load
+from ..checkpoint import CheckpointError, foreign
 from ..config import ConfigError, ModelConfig
-from ..engine import EMA, TorchEngine, apply_schedule, clip_by_norm_
+from ..engine import EMA, RankFilesEngine, clip_by_norm_
 from ..model import MoEMlp, combine, moe_layers
 from .dist import DistEnv, DistParallel, check_degree
 
@@ -160,26 +160,22 @@ class ExpertParallelEMA(EMA):
         load_full_state_dict(self.module, sd, self.s.ep_rank, self.s.ep_size)
 
 
-class ExpertParallelEngine(TorchEngine):
-    """TorchEngine with whole (gathered) weights in model.pt and one optimizer file per rank (its experts'
-    moments): resumed by the same --ep-degree on the same number of processes."""
+class ExpertParallelEngine(RankFilesEngine):
+    """Whole (gathered) weights in model.pt and one optimizer file per rank (its experts' moments): resumed by the
+    same --ep-degree on the same number of processes."""
 
     name = "expert_parallel"
-    saves_on_every_rank = True
-    gradients_are_whole = False      # each rank holds its own experts (no --dump-grads)
 
     def make_ema(self):
         return ExpertParallelEMA(self.model, self.par)
 
-    def save(self, folder):
-        sd = gather_state_dict(self.model, self.par.ep_group)
-        if self.par.is_main:
-            torch.save(sd, folder / "model.pt")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   folder / f"optimizer-rank{self.par.rank}.pt")
+    def whole_state_dict(self):
+        return gather_state_dict(self.model, self.par.ep_group)
 
-    def load(self, folder, device):
-        state = read_training_state(folder)
+    def load_whole_state_dict(self, sd):
+        load_full_state_dict(self.model, sd, self.par.ep_rank, self.par.ep_size)
+
+    def check_layout(self, folder, state):
         if "ep_degree" not in state:
             raise foreign(folder, state, "launchers/moe.py")
         want = self.state_info()
@@ -191,13 +187,6 @@ class ExpertParallelEngine(TorchEngine):
                 f"expert per rank: resume with torchrun --nproc_per_node {have['world_size']} launchers/moe.py "
                 f"--ep-degree {have['ep_degree']} (its model.pt and ema.pt are whole weights that python -m "
                 f"dit_core.evaluate reads).")
-        name = f"optimizer-rank{self.par.rank}.pt"
-        check_files(folder, ("model.pt", name))
-        load_full_state_dict(self.model, torch_load(folder / "model.pt", device), self.par.ep_rank, self.par.ep_size)
-        opt = torch_load(folder / name, device)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        apply_schedule(self.optimizer, self.scheduler, self.cfg, state["step"])
 
     def state_info(self) -> dict:
         return {"ep_degree": self.par.ep_size, "world_size": self.par.world_size}

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, check_files, foreign, load_state_file, read_training_state, torch_load
+from ..checkpoint import CheckpointError, foreign
 from ..config import Config, ConfigError
-from ..engine import EMA, TorchEngine, apply_schedule, autocast_ctx, clip_by_norm_
+from ..engine import EMA, RankFilesEngine, autocast_ctx, clip_by_norm_
 from ..model import DiT, sdpa_attention
 from .dist import DistEnv, DistParallel, build_mesh, check_degree
 from .schedules import (BUILDERS, Action, bubble_formula, gpipe, interleaved_1f1b, one_f_one_b, schedule,  # noqa: F401
@@ -320,13 +320,11 @@ class PipelineEMA(EMA):
         self.module.load_state_dict(self.module.local_state(sd))
 
 
-class PipelineEngine(TorchEngine):
-    """TorchEngine whose step runs a pipeline schedule over every micro-batch of the step at once."""
-
-    gradients_are_whole = False      # each rank holds its own slices / stages (no --dump-grads)
+class PipelineEngine(RankFilesEngine):
+    """TorchEngine whose step runs a pipeline schedule over every micro-batch of the step at once; whole weights
+    in model.pt, one optimizer file per stage."""
 
     name = "pipeline"
-    saves_on_every_rank = True
 
     def __init__(self, model, par: "PipelineStrategy", cfg: Config, device):
         from ..diffusion import Diffusion
@@ -363,15 +361,13 @@ class PipelineEngine(TorchEngine):
             hooks.after_backward(step, a, self)
         return total
 
-    def save(self, folder):
-        sd = self.par.gather(self.stage)
-        if self.par.is_main:
-            torch.save(sd, folder / "model.pt")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   folder / f"optimizer-rank{self.par.rank}.pt")
+    def whole_state_dict(self):
+        return self.par.gather(self.stage)
 
-    def load(self, folder, device):
-        state = read_training_state(folder)
+    def load_whole_state_dict(self, sd):
+        self.stage.load_state_dict(self.stage.local_state(sd))
+
+    def check_layout(self, folder, state):
         if state.get("engine") != "pipeline":
             raise foreign(folder, state, "launchers/pipeline.py")
         want = self.state_info()
@@ -389,13 +385,6 @@ class PipelineEngine(TorchEngine):
                    else "")
                 + " (its model.pt and ema.pt are whole weights: launchers/single.py and python -m dit_core.evaluate "
                   "read them).")
-        name = f"optimizer-rank{self.par.rank}.pt"
-        check_files(folder, ("model.pt", name))
-        self.stage.load_state_dict(self.stage.local_state(load_state_file(folder / "model.pt", device)))
-        opt = torch_load(folder / name, device)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        apply_schedule(self.optimizer, self.scheduler, self.cfg, state["step"])
 
     def make_ema(self):
         return PipelineEMA(self.stage, self.par)

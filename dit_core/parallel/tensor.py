@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
 from ..model import DiT
-from ..checkpoint import CheckpointError, check_files, foreign, load_state_file, read_training_state, torch_load
-from ..engine import EMA, TorchEngine, apply_schedule, clip_by_norm_
+from ..checkpoint import CheckpointError, foreign
+from ..engine import EMA, RankFilesEngine, clip_by_norm_
 from .ddp import DataParallel, MeshStrategy
 from .dist import DistEnv, check_degree
 
@@ -227,32 +227,20 @@ def check_tp_layout(folder, state: dict, want: dict) -> None:
             f"{have['tp_degree']}.")
 
 
-class TensorParallelEngine(TorchEngine):
-    """TorchEngine with gathered weights in model.pt and one optimizer file per rank."""
-
-    gradients_are_whole = False      # each rank holds its own slices / stages (no --dump-grads)
-
-    saves_on_every_rank = True
+class TensorParallelEngine(RankFilesEngine):
+    """Whole (gathered) weights in model.pt, one optimizer file per rank (its slices' moments)."""
 
     def make_ema(self):
         return TensorParallelEMA(self.model, self.par.mesh.inner_group)
 
-    def save(self, folder):
-        sd = gather_state_dict(self.model, self.par.mesh.inner_group)
-        if self.par.is_main:
-            torch.save(sd, folder / "model.pt")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   folder / f"optimizer-rank{self.par.rank}.pt")
+    def whole_state_dict(self):
+        return gather_state_dict(self.model, self.par.mesh.inner_group)
 
-    def load(self, folder, device):
-        check_tp_layout(folder, read_training_state(folder), self.state_info())
-        name = f"optimizer-rank{self.par.rank}.pt"
-        check_files(folder, ("model.pt", name))
-        load_full_state_dict(self.model, load_state_file(folder / "model.pt", device))
-        state = torch_load(folder / name, device)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        apply_schedule(self.optimizer, self.scheduler, self.cfg, read_training_state(folder)["step"])
+    def load_whole_state_dict(self, sd):
+        load_full_state_dict(self.model, sd)
+
+    def check_layout(self, folder, state):
+        check_tp_layout(folder, state, self.state_info())
 
     def state_info(self) -> dict:
         return {"tp_degree": self.par.mesh.inner_size, "world_size": self.par.world_size}
