@@ -341,7 +341,8 @@ def launcher_parser(description: str):
                    help="one-GPU fast path (train.fast); off: batches from the determinism contract, for parity")
     p.add_argument("--results-dir", help="checkpoints, TensorBoard and the default log go here (one run per folder)")
     p.add_argument("--log-jsonl", help="rank 0 writes one JSON object per optimizer step here")
-    p.add_argument("--resume", help="a checkpoint-<step> folder to continue from exactly")
+    p.add_argument("--resume", help="a checkpoint-<step> folder to continue from exactly, or auto: this "
+                   "--results-dir's latest checkpoint if it has one, else start (for restarts: torchrun --max-restarts)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="discard another run's log and checkpoints found in --results-dir (run.overwrite)")
     p.add_argument("--dump-grads", metavar="PATH",
@@ -365,4 +366,26 @@ def config_from_args(args) -> Config:
         v = getattr(args, attr, None)
         if v is not None:
             overrides[key] = v
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if cfg.run.resume == "auto":
+        resolve_auto_resume(cfg)
+    return cfg
+
+
+def resolve_auto_resume(cfg: Config) -> None:
+    """--resume auto: continue this results folder's run from its latest complete checkpoint, or start it when it
+    has none (an earlier attempt that never reached a checkpoint starts over). What an elastic restart needs:
+    torchrun starts the workers again with the same arguments, and they must pick up where the last checkpoint is."""
+    import os
+    from .checkpoint import checkpoint_steps
+    from .errors import say
+    folder = Path(cfg.run.results_dir)
+    steps = checkpoint_steps(folder) if folder.is_dir() else []
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if steps:
+        cfg.run.resume = str(folder / f"checkpoint-{steps[-1]}")
+    else:
+        cfg.run.resume, cfg.run.overwrite = "", True
+    if os.environ.get("RANK", "0") == "0":
+        say(f"[resume auto] {'from ' + cfg.run.resume if steps else 'no checkpoint in ' + str(folder) + ': from step 0'}"
+            f" (torchrun restart {restart})")

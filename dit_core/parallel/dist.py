@@ -72,7 +72,7 @@ def init_from_env(device: str = "auto", launcher: str = "torchrun --nproc_per_no
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout),
-                                **({"device_id": dev} if backend == "nccl" else {}))
+                                **({"device_id": dev} if backend == "nccl" else {}), **_restart_store(rank, world, timeout))
     TIMEOUT["seconds"] = timeout
     watch_launcher()
     return DistEnv(rank, world, local, dev, backend, timeout=timeout)
@@ -96,6 +96,21 @@ def watch_launcher(interval: float = 0.5) -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
+
+
+def _restart_store(rank: int, world: int, timeout: float) -> dict:
+    """After a torchrun restart (--max-restarts): the group's store under a prefix of its own attempt.
+
+    Without it the restarted ranks met in the store the keys of the attempt that failed: gloo read a dead rank's
+    address from it and failed with "Connection refused" (3 of 5 restarts on the 2-core CPU), or waited. With a
+    prefix per attempt every key is the new attempt's."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or "MASTER_ADDR" not in os.environ:
+        return {}
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent and rank == 0, timeout=datetime.timedelta(seconds=timeout))
+    return {"store": dist.PrefixStore(f"dit-attempt-{attempt}", store)}
 
 
 def stop_local_peers() -> list[int]:

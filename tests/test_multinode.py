@@ -1,0 +1,108 @@
+"""Two "machines" on one host: each launcher started twice, node ranks 0 and 1, over 127.0.0.1 (gloo, CPU), against
+the single-process run; a machine that never comes ends the job within the rendezvous timeout."""
+import pytest
+
+from conftest import PARITY_STEPS as STEPS
+from conftest import parity_flags
+from dit_core.multinode import run_nodes
+from dit_core.parity import compare, max_rel, read_jsonl
+
+CASES = {"torchrun-c10d": ("launchers/ddp.py", []), "torchrun-static": ("launchers/ddp.py", []),
+         "deepspeed": ("launchers/zero.py", ["--stage", "2"]), "accelerate": ("launchers/accelerate.py", [])}
+
+
+@pytest.mark.parametrize("launcher", list(CASES))
+def test_two_machines_train_the_single_process_curve(launcher, reference, tmp_path):
+    script, extra = CASES[launcher]
+    log = tmp_path / "log.jsonl"
+    res = run_nodes(launcher, script, parity_flags() + extra + ["--results-dir", tmp_path / "r", "--log-jsonl", log],
+                    workdir=tmp_path)
+    assert all(rc == 0 for rc, _, _ in res), [err[-1500:] for _, _, err in res]
+    rows = read_jsonl(log)
+    assert len(rows) == STEPS and max_rel(compare(reference(1)[0], rows)) <= 1e-5
+
+
+def test_a_machine_that_never_comes_ends_the_job_within_the_join_timeout(tmp_path):
+    # only node 0 of 2 starts; the c10d rendezvous waits join_timeout seconds for the other, then gives up
+    ((rc, seconds, err),) = run_nodes("torchrun-c10d", "launchers/ddp.py", parity_flags(2) + ["--results-dir",
+                                      tmp_path / "r"], start=[0], join_timeout=5, timeout=120)
+    assert rc != 0 and seconds < 60, (rc, seconds)
+    assert "RendezvousTimeoutError" in err, err[-1500:]
+    assert not (tmp_path / "r").exists()                 # nothing started, nothing written
+
+
+def test_a_missing_first_machine_ends_a_static_launch_naming_its_address(tmp_path):
+    # only node 1 starts: it dials node 0's store at 127.0.0.1 until the rendezvous timeout, then says where
+    ((rc, seconds, err),) = run_nodes("torchrun-static", "launchers/ddp.py", parity_flags(2) + ["--results-dir",
+                                      tmp_path / "r"], start=[1], join_timeout=5, timeout=120)
+    assert rc != 0 and seconds < 60, (rc, seconds)
+    assert "timed out after 5000ms while trying to connect to (127.0.0.1" in err, err[-1500:]
+
+
+def test_the_slurm_script_starts_one_torchrun_agent_per_node():
+    import os
+    import subprocess
+    env = dict(os.environ, DRY_RUN="1", SLURM_JOB_NUM_NODES="2", GPUS_PER_NODE="8", SLURM_JOB_ID="42")
+    r = subprocess.run(["bash", "launchers/slurm/train.sbatch"], capture_output=True, text=True, env=env,
+                       cwd=str(__import__("conftest").ROOT))
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout
+    for part in ("srun python -m torch.distributed.run", "--nnodes 2", "--nproc-per-node 8", "--rdzv-backend c10d",
+                 ":29500", "--rdzv-id 42", "join_timeout=600", "launchers/ddp.py"):
+        assert part in cmd, (part, cmd)
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def _start_and_kill(tmp_path, restarts: int, kill_after_step: int):
+    """torchrun (2 workers, --resume auto, a checkpoint every 5 steps); kill -9 one worker once the log reaches
+    `kill_after_step`. Returns (exit code, seconds from the kill to the end, the log rows seen at the kill)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    log = tmp_path / "r" / "log.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           f"--max-restarts={restarts}", str(ROOT / "launchers" / "ddp.py"),
+           *parity_flags(**{"train.ckpt_every": 5}), "--results-dir", str(tmp_path / "r"), "--resume", "auto"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(read_jsonl(log)) > kill_after_step):
+        time.sleep(0.05)
+    seen = read_jsonl(log)
+    workers = _children(p.pid)
+    assert workers, "no worker found to kill"
+    os.kill(workers[-1], signal.SIGKILL)
+    t_kill = time.time()
+    _, err = p.communicate(timeout=180)
+    return p.returncode, time.time() - t_kill, seen, err
+
+
+def test_an_elastic_restart_resumes_from_the_last_checkpoint_and_logs_the_same_curve(reference, tmp_path):
+    rc, _, seen, err = _start_and_kill(tmp_path, restarts=1, kill_after_step=7)
+    assert rc == 0, err[-2000:]
+    assert "[resume auto] from" in err and "restart 1" in err, err[-2000:]
+    rows = read_jsonl(tmp_path / "r" / "log.jsonl")
+    assert [r["step"] for r in rows] == list(range(STEPS))            # one row per step, merged
+    assert max_rel(compare(reference(1)[0], rows)) <= 1e-5
+    # the steps the first attempt logged, run again after the restart: bitwise the same
+    assert [r["loss"] for r in seen] == [r["loss"] for r in rows[:len(seen)]]
+
+
+def test_a_killed_worker_without_restarts_ends_the_job(tmp_path):
+    rc, after_kill, _, _ = _start_and_kill(tmp_path, restarts=0, kill_after_step=3)
+    assert rc != 0 and after_kill < 30, (rc, after_kill)
