@@ -39,6 +39,19 @@ def test_a_missing_first_machine_ends_a_static_launch_naming_its_address(tmp_pat
     assert "timed out after 5000ms while trying to connect to (127.0.0.1" in err, err[-1500:]
 
 
+def test_two_machines_claiming_node_rank_0_both_stop_within_the_timeout(tmp_path, monkeypatch):
+    # a static launch where machine 1 was also given --node-rank 0: on one host the second store cannot bind the
+    # port (EADDRINUSE); the first waits for a second client that never joins, then stops
+    import dit_core.multinode as mn
+    real = mn.command
+    monkeypatch.setattr(mn, "command", lambda launcher, script, node, *a, **k: real(launcher, script, 0, *a, **k))
+    res = run_nodes("torchrun-static", "launchers/ddp.py", parity_flags(2) + ["--results-dir", tmp_path / "r"],
+                    join_timeout=5, timeout=120)
+    assert all(rc != 0 and seconds < 60 for rc, seconds, _ in res), [(rc, s) for rc, s, _ in res]
+    errs = "".join(err for _, _, err in res)
+    assert "address already in use" in errs and "waiting for clients. 1/2 clients joined" in errs, errs[-2000:]
+
+
 def test_the_slurm_script_starts_one_torchrun_agent_per_node():
     import os
     import subprocess
