@@ -1,7 +1,6 @@
 """Checks of ring attention and USP that need real processes: a row of the suite's 4-process job (dit_core.many calls
 main(argv) with --log-jsonl OUT); by hand: torchrun --standalone --nproc_per_node 4 tests/context_checks.py OUT.
 Rings of P = 2, 3 and 4 run on subgroups of the 4 ranks. Rank 0 writes {check: value} as one JSON line to OUT."""
-import json
 import sys
 from pathlib import Path
 
@@ -9,10 +8,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # dist_checks, also when dit_core.many loads this file
 
 from dit_core.model import sdpa_attention  # noqa: E402
 from dit_core.parallel.context import SENT, context_attention, ring_attention  # noqa: E402
-from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
+from dist_checks import out_path, rel, report, worst  # noqa: E402
+from dit_core.parallel.dist import init_from_env  # noqa: E402
 
 
 def bounds(n: int, P: int, r: int) -> slice:
@@ -20,10 +21,6 @@ def bounds(n: int, P: int, r: int) -> slice:
     base, extra = divmod(n, P)
     lo = r * base + min(r, extra)
     return slice(lo, lo + base + (r < extra))
-
-
-def rel(a, b) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def compare(attn, q, k, v, g, sl):
@@ -37,15 +34,9 @@ def compare(attn, q, k, v, g, sl):
     return max([rel(out, ref[:, sl])] + [rel(m.grad, f.grad[:, sl]) for m, f in zip(mine, full)])
 
 
-def worst(x: float, group) -> float:
-    t = torch.tensor(x)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.item()
-
-
 def main(argv=None, standalone: bool = False) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    out = argv[argv.index("--log-jsonl") + 1] if "--log-jsonl" in argv else argv[0]
+    out = out_path(argv)
     env = init_from_env("cpu")
     r = env.rank
     groups = {P: dist.new_group(list(range(P))) for P in (2, 3)}
@@ -86,11 +77,7 @@ def main(argv=None, standalone: bool = False) -> None:
             c[f"merge {name} error"] = worst(rel(ring_attention(*mine, merge_dtype=dt).double(), ref), None)
         # the same output rounded to bf16 once, at the end: what bf16 storage alone costs
         c["bf16 output once error"] = worst(rel(exact.to(torch.bfloat16).double(), ref), None)
-    if r == 0:
-        Path(out).write_text(json.dumps(c) + "\n")
-    if standalone:
-        teardown()
-        exit_process(0)
+    report(c, out, r, standalone)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,33 @@ def model(seed):
     return m
 
 
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max relative difference of a to b (b all zeros: the absolute difference)."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+def worst(x: float, group=None) -> float:
+    """The largest value of x over the ranks of `group`."""
+    t = torch.tensor(float(x))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item()
+
+
+def out_path(argv: list) -> str:
+    """Where a checks script writes: --log-jsonl OUT as a row of a dit_core.many job, else its first argument."""
+    return argv[argv.index("--log-jsonl") + 1] if "--log-jsonl" in argv else argv[0]
+
+
+def report(checks: dict, out: str, rank: int, standalone: bool) -> None:
+    """Rank 0 writes the checks as one JSON line; a standalone job (torchrun ... OUT) then ends, while a row of a
+    dit_core.many job leaves the process group to the job's other rows."""
+    if rank == 0:
+        Path(out).write_text(json.dumps(checks) + "\n")
+    if standalone:
+        teardown()
+        exit_process(0)
+
+
 def spread(x: torch.Tensor) -> float:
     """max over ranks minus min over ranks of a tensor (0 = identical everywhere)."""
     hi, lo = x.detach().clone(), x.detach().clone()

@@ -2,7 +2,6 @@
 main(argv) with --log-jsonl OUT); by hand: torchrun --standalone --nproc_per_node 4 tests/expert_checks.py OUT.
 EP groups of P = 2 (ranks 0-1) and P = 4 run on the 4 ranks. Rank 0 writes {check: value} as one JSON line to OUT."""
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -10,16 +9,14 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # dist_checks, also when dit_core.many loads this file
 
 from dit_core.model import MoEMlp  # noqa: E402
 from dit_core.parallel import expert  # noqa: E402
-from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
+from dist_checks import out_path, rel, report, worst  # noqa: E402
+from dit_core.parallel.dist import init_from_env  # noqa: E402
 
 E, K, H, M, T = 4, 2, 8, 12, 10          # experts, top-k, hidden, expert width, tokens per rank
-
-
-def rel(a, b) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
 
 def layer(seed=0):
@@ -66,15 +63,9 @@ def compare(P, group, routing=None):
     return max(errs)
 
 
-def worst(x: float, group=None) -> float:
-    t = torch.tensor(x)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.item()
-
-
 def main(argv=None, standalone: bool = False) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    out = argv[argv.index("--log-jsonl") + 1] if "--log-jsonl" in argv else argv[0]
+    out = out_path(argv)
     env = init_from_env("cpu")
     r = env.rank
     groups = {2: [dist.new_group([0, 1]), dist.new_group([2, 3])][r // 2], 4: None}
@@ -109,11 +100,7 @@ def main(argv=None, standalone: bool = False) -> None:
     ok = fwd == (remote_out + remote_in) * H and expert.SENT["elements"] - fwd == fwd
     c["sent == counts, every rank"] = bool(worst(float(not ok)) == 0)
     c["sent forward, rank 0"], c["uniform formula, rank 0"] = fwd, expert.dispatch_elements(T, K, H, 4)
-    if r == 0:
-        Path(out).write_text(json.dumps(c) + "\n")
-    if standalone:
-        teardown()
-        exit_process(0)
+    report(c, out, r, standalone)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 4-process jobs (dit_core.many calls main(argv) with --log-jsonl OUT); by hand:
     torchrun --standalone --nproc_per_node N tests/fsdp_checks.py OUT.json
 Rank 0 writes {check: value} as one JSON line to OUT; the test asserts on it."""
-import json
 import sys
 from pathlib import Path
 
@@ -13,8 +12,8 @@ from torch.distributed.device_mesh import init_device_mesh
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))     # dist_checks, also when dit_core.many loads this file
 
-from dist_checks import CFG, backward, model  # noqa: E402
-from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
+from dist_checks import CFG, backward, model, out_path, report  # noqa: E402
+from dit_core.parallel.dist import init_from_env  # noqa: E402
 from dit_core.parallel.fsdp import FullyShardedDiT  # noqa: E402
 from dit_core.parallel.fsdp_train import TorchLayout, shard_with_fsdp2  # noqa: E402
 
@@ -27,7 +26,7 @@ def main(argv=None, standalone: bool = False) -> None:
     """`standalone`: this process is the whole job (torchrun ... fsdp_checks.py OUT); as a row of dit_core.many the
     job's other rows still need the process group."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    out = argv[argv.index("--log-jsonl") + 1] if "--log-jsonl" in argv else argv[0]
+    out = out_path(argv)
     env = init_from_env("cpu")
     r, N = env.rank, env.world_size
     c = {}
@@ -106,11 +105,7 @@ def main(argv=None, standalone: bool = False) -> None:
         hand_model(torch.randn(2, 1, 28, 28), torch.tensor([1, 2]), torch.tensor([3, 4]))
     c["live_after_no_grad_forward"] = fsdp.live
     c["config_depth"] = CFG.model.depth
-    if r == 0:
-        Path(out).write_text(json.dumps(c) + "\n")
-    if standalone:
-        teardown()
-        exit_process(0)
+    report(c, out, r, standalone)
 
 
 if __name__ == "__main__":

@@ -72,15 +72,15 @@ class ExpertDispatch:
         # sizes: rank j receives the counts of its own experts from every rank, a (P, E/P) table
         got = torch.empty_like(counts)
         dist.all_to_all_single(got, counts, group=self.group)
-        got = got.view(P, local)
-        send, recv = counts.view(P, local).sum(1).tolist(), got.sum(1).tolist()
+        mine, theirs = counts.view(P, local).tolist(), got.view(P, local).tolist()   # the host's only two waits
+        send, recv = [sum(r) for r in mine], [sum(r) for r in theirs]
         rows = AllToAll.apply(x[order // k], send, recv, self.group)   # dispatch: (sum(recv), h)
-        # rows arrive by source rank, then expert; the experts want them by expert: regroup, compute, undo
-        starts = torch.cat([got.new_zeros(1), got.flatten().cumsum(0)[:-1]]).view(P, local)
-        by_expert = torch.cat([torch.arange(int(starts[s, j]), int(starts[s, j] + got[s, j]))
-                               for j in range(local) for s in range(P)]).to(x.device) if sum(recv) else \
-            torch.zeros(0, dtype=torch.long, device=x.device)
-        out = moe.experts(rows[by_expert], got.sum(0).tolist())
+        # rows arrive by source rank, then expert; the experts want them by expert: a stable sort on the key
+        # (expert, source) of each row's segment regroups them, its inverse puts the results back
+        seg = torch.arange(P * local, device=x.device).view(P, local)          # segment (s, j), arrival order
+        key = torch.repeat_interleave((seg % local) * P + seg // local, got.flatten().to(x.device))
+        by_expert = key.argsort(stable=True)
+        out = moe.experts(rows[by_expert], [sum(theirs[s][j] for s in range(P)) for j in range(local)])
         out = out[torch.argsort(by_expert)]                           # back to arrival order
         back = AllToAll.apply(out, recv, send, self.group)             # combine: each row to the rank it came from
         return combine(back, order, w)
@@ -109,21 +109,18 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group) -> None:
         moe.dispatch = ExpertDispatch(group, ep_rank, ep_size)
 
 
-def is_expert(name: str, model: nn.Module) -> bool:
-    return name.rsplit(".", 1)[-1] in EXPERT_PARAMS and name.rsplit(".", 1)[0] in _moe_names(model)
-
-
-def _moe_names(model: nn.Module) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(m, MoEMlp)}
+def expert_names(model: nn.Module) -> set[str]:
+    """The state-dict names of every MoE layer's expert tensors (the ones expert parallelism slices)."""
+    return {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, MoEMlp) for p in EXPERT_PARAMS}
 
 
 @torch.no_grad()
 def gather_state_dict(model: nn.Module, group) -> dict:
     """The single-process state dict: every expert tensor all-gathered along dim 0 over the EP group."""
     P = dist.get_world_size(group)
-    out = {}
+    out, experts = {}, expert_names(model)
     for name, t in model.state_dict().items():
-        if is_expert(name, model):
+        if name in experts:
             parts = [torch.empty_like(t) for _ in range(P)]
             dist.all_gather(parts, t.contiguous(), group=group)
             out[name] = torch.cat(parts)
@@ -134,11 +131,12 @@ def gather_state_dict(model: nn.Module, group) -> dict:
 
 @torch.no_grad()
 def load_full_state_dict(model: nn.Module, sd: dict, ep_rank: int, ep_size: int) -> None:
+    experts = expert_names(model)
     for name, t in model.state_dict().items():
         if name not in sd:
             raise CheckpointError(f"the checkpoint has no '{name}'; use the config it was trained with.")
         src = sd[name]
-        if is_expert(name, model):
+        if name in experts:
             src = src[ep_rank * t.shape[0]:(ep_rank + 1) * t.shape[0]]
         if src.shape != t.shape:
             raise CheckpointError(f"'{name}' has shape {tuple(src.shape)} in the checkpoint, {tuple(t.shape)} here; "
