@@ -46,6 +46,7 @@ WRITERS = {
     "fsdp": "torchrun --nproc_per_node N launchers/fsdp.py (any N), python launchers/single.py or torchrun "
             "launchers/ddp.py",
     "expert_parallel": "torchrun --nproc_per_node {world_size} launchers/moe.py --ep-degree {ep_degree}",
+    "nd": "torchrun --nproc_per_node {world_size} launchers/nd.py {nd_flags}",
 }
 
 
@@ -58,12 +59,13 @@ def foreign(folder: Path, state: dict, reader: str) -> CheckpointError:
     """The one sentence for a checkpoint another launcher wrote: what it is and what reads it."""
     kind = writer(state)
     cmd = WRITERS.get(kind, kind).format(**{k: state.get(k, "?") for k in ("zero_stage", "world_size", "tp_degree",
-                                                                            "pp_degree", "ep_degree")})
+                                                                            "pp_degree", "ep_degree", "nd_flags")})
     extra = {"deepspeed": f"; python -m dit_core.parallel.zero convert {folder} {folder}-plain makes plain weights",
              "accelerate": "; its model.pt and ema.pt are plain weights that python -m dit_core.evaluate reads",
              "tensor_parallel": "; its model.pt and ema.pt are whole weights that python -m dit_core.evaluate reads",
              "pipeline": "; its model.pt and ema.pt are whole weights that python -m dit_core.evaluate reads",
              "expert_parallel": "; its model.pt and ema.pt are whole weights that python -m dit_core.evaluate reads",
+             "nd": "; its model.pt and ema.pt are whole weights that python -m dit_core.evaluate reads",
              "fsdp": f"; python -m dit_core.parallel.fsdp convert {folder} {folder}-plain writes plain weights",
              }.get(kind, "")
     who = {"fsdp": "an FSDP", "accelerate": "an accelerate"}.get(kind, f"a {kind.replace('_', '-')}")

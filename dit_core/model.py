@@ -228,6 +228,15 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+def patch_tokens(img: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, tokens, p*p*C), patches of p x p in the final layer's layout (DiT.unpatchify's inverse;
+    a pipeline's last stage under context parallelism holds the model's pieces, not a DiT, and needs it too)."""
+    B, C, H, _ = img.shape
+    g = H // p
+    x = img.reshape(B, C, g, p, g, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, g * g, p * p * C)
+
+
 class DiT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -286,9 +295,7 @@ class DiT(nn.Module):
 
     def patch_tokens(self, img: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, tokens, p*p*C) in the final layer's layout: unpatchify's inverse."""
-        p, C, g = self.cfg.patch_size, self.cfg.in_channels, self.grid
-        x = img.reshape(img.shape[0], C, g, p, g, p)
-        return torch.einsum("bchpwq->bhwpqc", x).reshape(img.shape[0], g * g, p * p * C)
+        return patch_tokens(img, self.cfg.patch_size)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, tokens, p*p*C) -> (B, C, H, W)."""

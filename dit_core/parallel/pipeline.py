@@ -35,10 +35,10 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 # ---------------------------------------------------------------- splitting the model
 
-def split_blocks(depth: int, stages: int) -> list[tuple[int, int]]:
+def split_blocks(depth: int, stages: int, flags: str = "--pp-degree x --virtual-stages") -> list[tuple[int, int]]:
     """[lo, hi) of the blocks of every stage: as even as possible, the first stages take one more."""
     if stages > depth:
-        raise ConfigError(f"{stages} pipeline stages (--pp-degree x --virtual-stages) is more than model.depth={depth} "
+        raise ConfigError(f"{stages} pipeline stages ({flags}) is more than model.depth={depth} "
                           f"blocks; every stage needs a block: use fewer stages or a deeper model.")
     base, extra = divmod(depth, stages)
     out, lo = [], 0
@@ -63,9 +63,12 @@ def describe_split(depth: int, stages: int, chunks: int = 1) -> str:
 class Stage(nn.Module):
     """Stage s of P: what of the DiT it holds, and its forward on one micro-batch."""
 
-    def __init__(self, model: DiT, stage: int, stages: int, free_rest: bool = True):
+    def __init__(self, model: DiT, stage: int, stages: int, free_rest: bool = True, tokens: slice = slice(None)):
         super().__init__()
         self.stage, self.stages = stage, stages
+        # `tokens`: the contiguous range of every image's tokens this rank holds (context parallelism in
+        # dit_core.parallel.nd); then the last stage returns its tokens of the prediction, not an image
+        self.tokens, self.whole = tokens, tokens == slice(None)
         self.first, self.last = stage == 0, stage == stages - 1
         self.lo, self.hi = split_blocks(len(model.blocks), stages)[stage]
         self.cfg, self.grid = model.cfg, model.grid
@@ -92,15 +95,15 @@ class Stage(nn.Module):
 
     def packed_width(self) -> int:
         h = self.cfg.hidden_size
-        return self.grid * self.grid * h + h
+        return len(range(self.grid * self.grid)[self.tokens]) * h + h
 
     def forward(self, x):
         """First stage: x = (x_t, t, y, drop); later stages: the packed (B, T*H + H) activations.
         Returns the packed activations, or on the last stage the prediction (B, C, H, W)."""
         if self.first:
             x_t, t, y, drop = x
-            h = self.x_embedder(x_t).flatten(2).transpose(1, 2)
-            h = h + self.pos_embed.to(h.dtype)
+            h = self.x_embedder(x_t).flatten(2).transpose(1, 2)[:, self.tokens]
+            h = h + self.pos_embed[:, self.tokens].to(h.dtype)
             c = self.t_embedder(t) + self.y_embedder(y, drop)
         else:
             H = self.cfg.hidden_size
@@ -108,21 +111,23 @@ class Stage(nn.Module):
         for blk in self.blocks:
             h = blk(h, c)
         if self.last:
-            return self.unpatchify(self.final_layer(h, c))
+            out = self.final_layer(h, c)
+            return self.unpatchify(out) if self.whole else out
         # c goes on unchanged: every later block reads it, and its gradient comes back with dh
         return torch.cat([h.flatten(1).float(), c.float()], dim=1)
 
 
 def check_pipeline(cfg: Config, stages: int, world_size: int, microbatches: int, name: str, dp: int,
-                   chunks: int = 1) -> None:
-    """Every bad layout is one sentence, before any process waits on another."""
-    check_degree(world_size, stages, "--pp-degree")
+                   chunks: int = 1, flag: str = "--pp-degree") -> None:
+    """Every bad layout is one sentence, before any process waits on another. (`flag`: how the launcher
+    names the number of stages; the N-D launcher calls it --pp.)"""
+    check_degree(world_size, stages, flag)
     if name not in SCHEDULES:
         raise ConfigError(f"--schedule {name} is not one of {', '.join(SCHEDULES)}.")
     if chunks < 1 or (chunks > 1) != (name == "interleaved"):
         raise ConfigError(f"--virtual-stages {chunks} goes with --schedule interleaved (2 or more chunks per rank) "
                           f"and only with it; use --schedule interleaved --virtual-stages 2, or --virtual-stages 1.")
-    split_blocks(cfg.model.depth, stages * chunks)
+    split_blocks(cfg.model.depth, stages * chunks, f"{flag} x --virtual-stages" if flag == "--pp-degree" else flag)
     if microbatches < 1:
         raise ConfigError(f"--microbatches {microbatches} must be at least 1.")
     per = cfg.train.global_batch_size // dp // cfg.train.grad_accum
@@ -134,11 +139,11 @@ def check_pipeline(cfg: Config, stages: int, world_size: int, microbatches: int,
             f"{dp * cfg.train.grad_accum * microbatches}.")
     if name in ("1f1b", "interleaved") and microbatches < stages:
         raise ConfigError(f"--schedule {name} needs at least as many micro-batches as stages (--microbatches "
-                          f"{microbatches} < --pp-degree {stages}): its warm-up alone holds {stages - 1}; use "
+                          f"{microbatches} < {flag} {stages}): its warm-up alone holds {stages - 1}; use "
                           f"--microbatches {stages} or more, or --schedule gpipe.")
     if name == "interleaved" and (stages < 2 or microbatches % stages):
         raise ConfigError(f"--schedule interleaved sends micro-batches round the {stages} ranks in groups of "
-                          f"--pp-degree: it needs 2 or more ranks and --microbatches a multiple of {stages} (not "
+                          f"{flag}: it needs 2 or more ranks and --microbatches a multiple of {stages} (not "
                           f"{microbatches}).")
 
 
@@ -153,10 +158,10 @@ def free_all_but(model: DiT, *keep: nn.Module) -> None:
 class RankStages(nn.Module):
     """What one rank holds: chunk j of it is global stage j·P + s of P·v (v = 1: just stage s)."""
 
-    def __init__(self, model: DiT, stage: int, stages: int, chunks: int = 1):
+    def __init__(self, model: DiT, stage: int, stages: int, chunks: int = 1, tokens: slice = slice(None)):
         super().__init__()
         self.stage, self.P, self.v = stage, stages, chunks
-        self.chunks = nn.ModuleList([Stage(model, j * stages + stage, stages * chunks, free_rest=False)
+        self.chunks = nn.ModuleList([Stage(model, j * stages + stage, stages * chunks, free_rest=False, tokens=tokens)
                                      for j in range(chunks)])
         free_all_but(model, self)
 
@@ -330,10 +335,10 @@ class PipelineEngine(RankFilesEngine):
         from ..diffusion import Diffusion
         self.stage = par.make_stage(model)
         super().__init__(self.stage, par, cfg, device)
-        self.executor = Executor(self.stage, par.mesh.inner_group, par.pp_ranks, device, timeline=par.timeline)
+        self.executor = Executor(self.stage, par.pp_group, par.pp_ranks, device, timeline=par.timeline)
         self.actions = schedule(par.schedule, par.stages, par.microbatches, par.chunks)[par.stage_index]
         self.diffusion = Diffusion(cfg.diffusion, device)
-        dist.barrier(group=par.mesh.inner_group)     # NCCL: every stage's communicator exists before any send
+        dist.barrier(group=par.pp_group)     # NCCL: every stage's communicator exists before any send
 
     def run_step(self, step, micro_batches, loss_fn, hooks):
         """Each accumulation piece is one pass of the schedule over M micro-batches (contiguous slices of the
@@ -347,7 +352,7 @@ class PipelineEngine(RankFilesEngine):
             inputs = [(diffusion.q_sample(x0[c], b.t[c], b.noise[c]), b.t[c], y[c], b.drop[c]) for c in cut]
 
             def forward_last(m, pred, x0=x0, b=b, cut=cut):
-                return diffusion.error(pred, x0[cut[m]], b.t[cut[m]], b.noise[cut[m]])
+                return self.micro_loss(pred, x0[cut[m]], b.t[cut[m]], b.noise[cut[m]])
 
             # the mean over the step's M x A micro-batches; the broken variant rescales after each piece instead
             scale = 1.0 / (A if par.broken == "rescale-grads" else M * A)
@@ -360,6 +365,10 @@ class PipelineEngine(RankFilesEngine):
                 total = total + torch.stack(losses).sum() / M
             hooks.after_backward(step, a, self)
         return total
+
+    def micro_loss(self, pred, x0, t, noise) -> torch.Tensor:
+        """The last stage's loss of one micro-batch: the mean error over it."""
+        return self.diffusion.error(pred, x0, t, noise)
 
     def whole_state_dict(self):
         return self.par.gather(self.stage)
@@ -411,6 +420,7 @@ class PipelineStrategy(DistParallel):
         d = self.mesh.dp_rank
         self.pp_ranks = [d * stages + s for s in range(stages)]
         self.stage_index = self.mesh.inner_rank
+        self.pp_group = self.mesh.inner_group     # the stages of this rank's pipeline
 
     @property
     def data_rank(self) -> int:
@@ -449,7 +459,7 @@ class PipelineStrategy(DistParallel):
         are summed over the pipeline's stages; every stage then clips by the same factor."""
         grads = [p.grad for p in params if p.grad is not None]
         sq = sum((g.float().square().sum() for g in grads), torch.zeros((), device=self.device))
-        dist.all_reduce(sq, group=self.mesh.inner_group)
+        dist.all_reduce(sq, group=self.pp_group)
         return clip_by_norm_(grads, sq.sqrt(), max_norm)
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
@@ -461,9 +471,14 @@ class PipelineStrategy(DistParallel):
     def gather(self, module: RankStages) -> dict:
         """A stage's weights under the single-process names, gathered from the pipeline's stages (off the hot
         path: a checkpoint). Every rank calls it; the first pipeline's rank 0 gets the whole state dict."""
-        mine = {module.global_name(k): v.detach().cpu() for k, v in module.state_dict().items()}
+        return self.gather_stages(module, module.state_dict())
+
+    def gather_stages(self, module: RankStages, local: dict) -> dict:
+        """`local` (this stage's state dict, under its own names) from every stage of the pipeline, renamed to the
+        single-process DiT's names and merged."""
+        mine = {module.global_name(k): v.detach().cpu() for k, v in local.items()}
         parts = [None] * self.stages
-        dist.all_gather_object(parts, mine, group=self.mesh.inner_group)
+        dist.all_gather_object(parts, mine, group=self.pp_group)
         out = {}
         for p in parts:
             out.update(p)
@@ -500,7 +515,7 @@ class TorchPipelineEngine(PipelineEngine):
         super().__init__(model, par, cfg, device)
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
         C = par.stages * par.chunks
-        self.pstages = [PipelineStage(_TorchStageModule(chunk), chunk.stage, C, device, group=par.mesh.inner_group)
+        self.pstages = [PipelineStage(_TorchStageModule(chunk), chunk.stage, C, device, group=par.pp_group)
                         for chunk in self.stage.chunks]
         self.schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
                              "interleaved": ScheduleInterleaved1F1B}[par.schedule]

@@ -117,15 +117,15 @@ def block_slice(n: int, rank: int, degree: int) -> torch.Tensor:
     return torch.arange(rank * n // degree, (rank + 1) * n // degree)
 
 
-def check_tensor_parallel(model: ModelConfig, degree: int, world_size: int) -> None:
-    check_degree(world_size, degree, "--tp-degree")
+def check_tensor_parallel(model: ModelConfig, degree: int, world_size: int, flag: str = "--tp-degree") -> None:
+    check_degree(world_size, degree, flag)
     if model.num_heads % degree:
-        raise ConfigError(f"model.num_heads={model.num_heads} is not divisible by --tp-degree {degree}: each rank "
+        raise ConfigError(f"model.num_heads={model.num_heads} is not divisible by {flag} {degree}: each rank "
                           f"holds whole attention heads; use a multiple of {degree} heads.")
     mlp = int(model.hidden_size * model.mlp_ratio)
     if mlp % degree:
         raise ConfigError(f"the MLP's hidden width {mlp} (model.hidden_size x model.mlp_ratio) is not divisible by "
-                          f"--tp-degree {degree}; choose a hidden size or mlp_ratio that makes it a multiple of {degree}.")
+                          f"{flag} {degree}; choose a hidden size or mlp_ratio that makes it a multiple of {degree}.")
 
 
 def parallelize(model: DiT, group) -> DiT:

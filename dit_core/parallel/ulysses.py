@@ -136,6 +136,19 @@ def check_token_split(model: ModelConfig, degree: int, flag: str) -> None:
                           f"{degree}; use model.patch_size {' or '.join(ok)}.")
 
 
+def token_loss(diffusion, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, count: int) -> torch.Tensor:
+    """This rank's share of one micro-batch's loss when it holds only some of every image's tokens (sequence and
+    context parallelism): its tokens' errors (min-SNR weighted per sample, as on one process), summed and divided
+    by `count`, the element count of the *whole* micro-batch (all N tokens). The shares of the ranks that split the
+    images then add up to the mean loss (the mean of the per-sample means: every sample has as many elements), and
+    their gradients to its gradient."""
+    err = F.mse_loss if diffusion.cfg.loss == "mse" else F.l1_loss
+    e = err(pred.float(), target, reduction="none")
+    if diffusion.cfg.weighting != "none":
+        e = e * diffusion.loss_weight.index_select(0, t.to(e.device)).view(-1, *[1] * (e.dim() - 1))
+    return e.sum() / count
+
+
 class UlyssesStrategy(MeshStrategy):
     """DP x SP for `dit_core.train`: ranks [d*P, (d+1)*P) form sequence-parallel group d and train on
     data-parallel slice d of the global batch. One all-reduce over all ranks, divided by the number
@@ -170,15 +183,8 @@ class UlyssesStrategy(MeshStrategy):
         pred = model(diffusion.q_sample(x0, t, noise), t, y, drop).float()    # this rank's tokens only
         # The objective's target (noise, x0, v or a velocity: diffusion.objective), this rank's tokens of it.
         target = self.sp_model.local_target(noise if diffusion.plain else diffusion.target(x0, t, noise))
-        err = F.mse_loss if diffusion.cfg.loss == "mse" else F.l1_loss
-        e = err(pred, target, reduction="none")
-        if diffusion.cfg.weighting != "none":          # min-SNR: each sample's error times its weight, as on one process
-            e = e * diffusion.loss_weight.index_select(0, t.to(e.device)).view(-1, *[1] * (e.dim() - 1))
-        # Divide by the element count of the *whole* micro-batch (all N tokens): the P partial losses
-        # of a group then add up to its mean loss (the mean of the per-sample means: every sample has as
-        # many elements), and their gradients to its gradient.
-        count = target.numel() if self.broken == "loss-norm" else noise.numel()
-        return e.sum() / count
+        # the broken variant divides by this rank's own element count instead of the whole micro-batch's
+        return token_loss(diffusion, pred, target, t, target.numel() if self.broken == "loss-norm" else noise.numel())
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().clone()
