@@ -13,7 +13,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,deepspeed,accelerate,notebooks]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,deepspeed,accelerate,notebooks,onnx]"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)

@@ -76,6 +76,10 @@ class ModelConfig:
     # sequence-wise form of DeepSeek-V3) and averaged: a group never straddles two ranks or micro-batches, so the
     # loss is the same on one process and on any layout.
     moe_aux_group: int = F(1, at_least(1))
+    # Where positions enter: sincos adds the fixed 2-D sin-cos embedding to the tokens (DiT's choice); rope2d rotates
+    # every head's queries and keys by the token's row (half the channel pairs) and column (the other half): attention
+    # scores then depend on the offset between two tokens only (chapter 17). Token-splitting strategies need sincos.
+    pos_embed: str = F("sincos", one_of("sincos", "rope2d"))
 
 
 @dataclass
@@ -121,6 +125,11 @@ class TrainConfig:
     ckpt_every: int = F(0, at_least(0))            # 0: only the final checkpoint
     tensorboard: bool = F(True, ANY)
     train_subset: int = F(0, at_least(0))          # >0: train on the first N images only (tests)
+    # Activation checkpointing (recomputation, 重计算): full keeps only each block's input and recomputes the block in
+    # backward; attention recomputes only the attention core (scores, softmax, weighted sum: Korthikanti et al.'s
+    # selective recomputation). recompute_blocks: how many blocks, from the first, do it (0 = all).
+    recompute: str = F("none", one_of("none", "full", "attention"))
+    recompute_blocks: int = F(0, at_least(0))
 
 
 @dataclass
@@ -291,6 +300,13 @@ def validate(cfg: Config) -> None:
     _check((m.hidden_size // m.num_heads) % 2 == 0 and m.hidden_size % 4 == 0,
            f"model.hidden_size={m.hidden_size} must be a multiple of 4 with an even head size "
            f"(2-D sin-cos position embedding); use e.g. 64, 96, 128.")
+    _check(m.pos_embed != "rope2d" or (m.hidden_size // m.num_heads) % 4 == 0,
+           f"model.pos_embed=rope2d rotates pairs of channels by the row and by the column, so the head size "
+           f"{m.hidden_size // m.num_heads} (model.hidden_size / model.num_heads) must be a multiple of 4; change "
+           f"the heads or the hidden size.")
+    _check(t.recompute_blocks <= m.depth,
+           f"train.recompute_blocks={t.recompute_blocks} is more than model.depth={m.depth} blocks; use at most "
+           f"{m.depth} (0 = all).")
     _check(int(m.hidden_size * m.mlp_ratio) >= 1,
            f"model.mlp_ratio={m.mlp_ratio} leaves the MLP int({m.hidden_size} x {m.mlp_ratio}) = 0 hidden units; "
            f"use e.g. 4.0.")

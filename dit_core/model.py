@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
@@ -42,6 +43,30 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
     rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
     emb = np.concatenate([one_axis(dim // 2, rows.reshape(-1)), one_axis(dim // 2, cols.reshape(-1))], axis=1)
     return torch.from_numpy(emb).float()
+
+
+# Called with the inputs a recomputed region keeps alive (torch.utils.checkpoint holds them itself, outside
+# autograd's saved-tensor hooks): dit_core.memory counts them. Empty, and free, otherwise.
+CHECKPOINT_INPUT_HOOKS: list = []
+
+
+def rope_2d_tables(head_dim: int, grid: int, base: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (grid*grid, head_dim/2) of 2-D rotary position embedding (RoPE, Su et al. 2021, made axial as in
+    Heo et al. 2024): channel pair i of the first half turns by row·θ_i, of the second half by column·θ_i, with
+    θ_i = base^(-i / (head_dim/4)). (Base 100 rather than text's 10,000: on a grid of at most 14 positions
+    per axis the slowest pair should still turn noticeably.)"""
+    quarter = head_dim // 4
+    theta = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    ang = torch.cat([rows.reshape(-1, 1) * theta, cols.reshape(-1, 1) * theta], dim=1)   # (S, head_dim/2)
+    return torch.cos(ang).float(), torch.sin(ang).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x (B, S, H, D) by the angles of each token (cos, sin: (S, D/2))."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    c, s = cos.to(x.dtype)[None, :, None, :], sin.to(x.dtype)[None, :, None, :]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
 
 
 class TimestepEmbedder(nn.Module):
@@ -81,12 +106,18 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, num_heads: int):
+    def __init__(self, hidden: int, num_heads: int, rope_grid: int = 0):
         super().__init__()
         self.head_dim = hidden // num_heads
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
         self.attn_fn = sdpa_attention
+        self.recompute = False          # True: the attention core is recomputed in backward (train.recompute)
+        self.rope = rope_grid > 0
+        if self.rope:                   # model.pos_embed=rope2d: not saved (computed from the config)
+            cos, sin = rope_2d_tables(self.head_dim, rope_grid)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
@@ -94,7 +125,14 @@ class Attention(nn.Module):
         # a slice of the heads works unchanged.
         qkv = self.qkv(x).view(B, S, 3, -1, self.head_dim)
         q, k, v = qkv.unbind(2)                                  # each (B, S, H, D)
-        out = self.attn_fn(q, k, v)                              # (B, S, H, D)
+        if self.rope:
+            q, k = apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
+        if self.recompute and torch.is_grad_enabled():
+            for hook in CHECKPOINT_INPUT_HOOKS:                  # memory accounting (dit_core.memory)
+                hook(q, k, v)
+            out = checkpoint(self.attn_fn, q, k, v, use_reentrant=False)
+        else:
+            out = self.attn_fn(q, k, v)                          # (B, S, H, D)
         return self.proj(out.reshape(B, S, -1))
 
 
@@ -201,15 +239,23 @@ class DiTBlock(nn.Module):
     each block starts as the identity and the network begins as a shallow one.
     """
 
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, moe: dict | None = None):
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, moe: dict | None = None, rope_grid: int = 0):
         super().__init__()
+        self.recompute = False          # True: only the input is kept; the block runs again in backward
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden, num_heads)
+        self.attn = Attention(hidden, num_heads, rope_grid)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = MoEMlp(hidden, int(hidden * mlp_ratio), **moe) if moe else Mlp(hidden, int(hidden * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            for hook in CHECKPOINT_INPUT_HOOKS:
+                hook(x, c)
+            return checkpoint(self._forward, x, c, use_reentrant=False)
+        return self._forward(x, c)
+
+    def _forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -245,12 +291,16 @@ class DiT(nn.Module):
         self.grid = cfg.image_size // p
         # Patchify = a conv whose kernel and stride are the patch: one linear map per patch.
         self.x_embedder = nn.Conv2d(C, h, kernel_size=p, stride=p)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(h, self.grid).unsqueeze(0), persistent=False)
+        # rope2d: the additive embedding is zero (kept, so that every strategy's patchify stays as it is) and the
+        # positions enter every attention layer instead
+        pos = sincos_pos_embed_2d(h, self.grid) if cfg.pos_embed == "sincos" else torch.zeros(self.grid ** 2, h)
+        self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
         self.t_embedder = TimestepEmbedder(h)
         self.y_embedder = LabelEmbedder(cfg.num_classes, h)
         moe = (dict(num_experts=cfg.num_experts, top_k=cfg.top_k, group=cfg.moe_aux_group)
                if cfg.num_experts else None)
-        self.blocks = nn.ModuleList([DiTBlock(h, cfg.num_heads, cfg.mlp_ratio, moe) for _ in range(cfg.depth)])
+        rope = self.grid if cfg.pos_embed == "rope2d" else 0
+        self.blocks = nn.ModuleList([DiTBlock(h, cfg.num_heads, cfg.mlp_ratio, moe, rope) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(h, p, C)
         self.initialize_weights()
 
@@ -281,6 +331,14 @@ class DiT(nn.Module):
         for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+
+    def set_recompute(self, mode: str, blocks: int = 0) -> None:
+        """train.recompute: none, full (each block keeps only its input and runs again in backward) or attention
+        (only the attention core is recomputed), for the first `blocks` blocks (0 = all)."""
+        for i, blk in enumerate(self.blocks):
+            on = blocks == 0 or i < blocks
+            blk.recompute = on and mode == "full"
+            blk.attn.recompute = on and mode == "attention"
 
     def set_attention(self, fn) -> None:
         """Swap the attention callable of every block (Ulysses, tensor parallel, ...)."""

@@ -267,6 +267,8 @@ def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, fo
     accum, W = t.grad_accum, par.data_world_size
     torch.manual_seed(t.seed)  # same initial weights on every rank and every run
     model = (model_fn or DiT)(cfg.model).to(device)
+    if t.recompute != "none":
+        model.set_recompute(t.recompute, t.recompute_blocks)
     diffusion = Diffusion(cfg.diffusion, device)
     data = data.to(device)
     engine = par.make_engine(model, cfg, device)

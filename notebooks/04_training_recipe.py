@@ -177,6 +177,18 @@ print("some gradient elements fall below fp16's normal range, none below bf16's:
 # fp16's normal range and would lose digits or become 0 without the loss scaler, and a scaled value above 65504
 # overflows (the scaler then skips the step). bf16 needs neither. That is why the recipe (section 9) picks bf16 on
 # GPUs: its precision is enough for the curve rung, and its range is fp32's, so in practice nothing overflows.
+#
+# **Before `torch.amp`: NVIDIA Apex.** Older training scripts (Megatron-LM's first versions, many 2019-2021 repos)
+# import `apex`, NVIDIA's extension library, for three things PyTorch did not have then. `apex.amp` offered mixed
+# precision as "opt levels": O1 patched functions to cast to fp16 where safe (what autocast does now), O2 cast the
+# model to fp16 and kept fp32 master weights in the optimizer, and O3 was pure fp16; each came with dynamic loss
+# scaling. `apex.optimizers` had fused Adam and LAMB (one kernel for the whole update instead of several per tensor),
+# and `apex.normalization.FusedLayerNorm` a fused LayerNorm kernel. PyTorch has since absorbed each: `torch.amp`
+# (autocast plus `GradScaler`, from 1.6, 2020) replaced apex.amp, which NVIDIA has deprecated; `torch.optim.AdamW(...,
+# fused=True)` and `foreach=True` replaced the fused optimizers; and `torch.compile` fuses LayerNorm with its
+# neighbours, while `nn.LayerNorm` has its own fused CUDA kernel. This workbook needs no Apex: chapter 11's loop
+# uses `torch.amp`, fused AdamW and `torch.compile`. Apex's O2 idea lives on in DeepSpeed and FSDP's mixed precision
+# (16-bit weights for compute, fp32 master weights in the optimizer), and its fused kernels in Transformer Engine.
 
 # %% [markdown]
 # ## 3. Gradient clipping

@@ -63,6 +63,21 @@ def parity_flags(steps: int = PARITY_STEPS, **over) -> list[str]:
     return launcher_flags(steps, **{**PARITY, **over})
 
 
+def perturbed_dit(cfg):
+    """The DiT's initial weights plus small noise: at adaLN-Zero's init most gradients (and every output) are exactly
+    zero, which would let a wrong pipeline or export pass a comparison."""
+    import torch
+
+    from dit_core.model import DiT
+    torch.manual_seed(0)
+    model = DiT(cfg.model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return model
+
+
 def load_launcher(name: str):
     """A launcher script as a module, to call its main(argv) in this process."""
     import importlib.util

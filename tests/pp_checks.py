@@ -11,12 +11,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import PARITY, launcher_flags  # noqa: E402
+from conftest import PARITY, launcher_flags, perturbed_dit  # noqa: E402
 from dit_core.batch import global_batch, shard  # noqa: E402
 from dit_core.config import config_from_args, launcher_parser  # noqa: E402
 from dit_core.data import load_mnist  # noqa: E402
 from dit_core.diffusion import Diffusion  # noqa: E402
-from dit_core.model import DiT  # noqa: E402
 from dit_core.parallel.dist import finish, init_from_env  # noqa: E402
 from dit_core.parallel.pipeline import PipelineEngine, PipelineStrategy, TorchPipelineEngine  # noqa: E402
 from dit_core.train import TrainHooks  # noqa: E402
@@ -24,16 +23,7 @@ from dit_core.train import TrainHooks  # noqa: E402
 M = 4
 
 
-def perturbed(cfg) -> DiT:
-    """The DiT's initial weights plus small noise: at adaLN-Zero's init most gradients are exactly zero,
-    which would let a wrong pipeline pass a one-step comparison."""
-    torch.manual_seed(0)
-    model = DiT(cfg.model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
-    return model
+perturbed = perturbed_dit
 
 
 def grads_of(engine) -> dict:

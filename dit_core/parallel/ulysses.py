@@ -128,6 +128,10 @@ def check_sequence_parallel(model: ModelConfig, degree: int, world_size: int) ->
 
 def check_token_split(model: ModelConfig, degree: int, flag: str) -> None:
     """The tokens of an image must split evenly over `degree` ranks; the sentence names patch sizes that do."""
+    if degree > 1 and model.pos_embed == "rope2d":
+        raise ConfigError(f"model.pos_embed=rope2d rotates queries and keys by each token's position, and {flag} "
+                          f"{degree} gives every rank a slice of the tokens whose positions it does not pass on; use "
+                          f"model.pos_embed=sincos with token-splitting parallelism.")
     tokens = (model.image_size // model.patch_size) ** 2
     if tokens % degree:
         ok = [f"{p} ({(model.image_size // p) ** 2} tokens)" for p in range(1, model.image_size + 1)

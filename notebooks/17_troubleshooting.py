@@ -1,0 +1,615 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 17 · Memory, recomputation, RoPE, ONNX, and troubleshooting (故障排查)
+#
+# **The idea.** The fundamentals the course notes teach beside the strategies: where a training step's GPU memory
+# (显存) goes, and when; how **activation recomputation** (激活重计算, also "activation checkpointing") and
+# **offload** (卸载) trade time for it; a **rotary position embedding** (旋转位置编码, RoPE) for the DiT; running the
+# trained denoiser without PyTorch through **ONNX**; and, at the end, **scaling laws** (缩放定律) in miniature. Then the symptoms every learner meets, each one reproduced on
+# purpose and fixed: a loss that becomes NaN, a loss that does not fall, out of memory, a distributed job that
+# hangs, ranks that disagree, and what TF32 does to fp32.
+#
+# The code: `dit_core/memory.py` (counting and measuring memory), `train.recompute` / `train.recompute_blocks`
+# (activation checkpointing in the training loop), `model.pos_embed=rope2d` (in `dit_core/model.py`),
+# `dit_core/export.py` (ONNX), `tools/hang_demo.py`, `tools/tf32.py`. The GPU figures come from one H200,
+# measured with the project's own tools: `docs/measurements/1xh200-2026-12-03/` (`tools/gpu_fundamentals.sh`).
+
+# %%
+import os, json, math, subprocess, sys
+import numpy as np
+import torch
+import torch.nn.functional as F
+import matplotlib.pyplot as plt
+from dit_core.config import load_config
+from dit_core.model import DiT, apply_rope, rope_2d_tables
+from dit_core.memory import state_bytes, saved_activation_bytes, block_activation_elements
+from dit_core.parity import run_here, compare, max_rel
+from dit_core.plots import sample_grid
+
+SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
+os.chdir("..")  # launchers are run from the repository root
+GPU = "docs/measurements/1xh200-2026-12-03"
+MIB = 2 ** 20
+SMALL = ["--config", "configs/tiny.yaml", "--device", "cpu", "--global-batch-size", "16",
+         "--set", "model.hidden_size=32", "--set", "model.depth=2", "--set", "model.num_heads=4",
+         "--set", "train.train_subset=2048", "--set", "train.warmup_steps=5", "--set", "train.tensorboard=false",
+         "--set", "run.save_final=false", "--overwrite"]
+
+# %% [markdown]
+# ## 1. Where a training step's memory goes
+#
+# Two kinds of memory. **Model states** are there all the time: fp32 parameters (4 bytes each), their gradients
+# (4) and AdamW's two moments (8), 16 bytes per parameter (chapter 07). **Activations** exist between a forward and
+# its backward: every tensor autograd saves to compute a gradient later. They grow with batch x tokens x hidden x
+# depth, and at any realistic batch they are the larger part. On a CPU there is no allocator to ask, so the
+# activations are *counted*: a `saved_tensors_hooks` pack hook sees every tensor autograd saves, and
+# `memory.saved_activation_bytes` adds each storage once, weights excluded. Beside the count, the formula for one
+# block (`memory.block_activation_elements`), read off the block's operations: the LayerNorm inputs, the modulated
+# inputs, q, k, v and the attention output, the projections' inputs, the gated branches, fc1's input and GELU's and
+# fc2's 4h-wide inputs, which is S·h·(12 + 2·4) = 20·S·h per sample, plus small per-token and per-sample terms.
+
+# %%
+cfg = load_config("configs/tiny.yaml", {})
+m = cfg.model
+counted = {}
+for depth in (1, 2, 4):
+    c = load_config("configs/tiny.yaml", {"model.depth": depth})
+    torch.manual_seed(0)
+    counted[depth] = saved_activation_bytes(DiT(c.model), c, batch=8)
+tokens = (m.image_size // m.patch_size) ** 2
+per_block = block_activation_elements(tokens, m.hidden_size, m.num_heads, m.mlp_ratio) * 4 * 8
+torch.manual_seed(0)
+states = state_bytes(DiT(cfg.model))
+print(f"tiny DiT (hidden {m.hidden_size}, {tokens} tokens), batch 8, fp32:")
+print(f"  model states: parameters {states['parameters'] / MIB:.2f} MiB, gradients {states['gradients'] / MIB:.2f} MiB, "
+      f"AdamW moments {states['optimizer'] / MIB:.2f} MiB")
+print(f"  activations counted, depth 1 / 2 / 4: {', '.join(f'{counted[d] / MIB:.3f}' for d in (1, 2, 4))} MiB")
+print(f"  one block, counted (depth 2 - depth 1): {counted[2] - counted[1]:,} bytes; formula: {per_block:,} bytes")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("one block's activations: formula == count, exactly:", counted[2] - counted[1] == per_block,
+      "| linear in depth:", counted[4] - counted[2] == 2 * per_block)
+
+# %% [markdown]
+# On one H200 the allocator can be asked. `python -m dit_core.memory --config configs/bench.yaml --batch 256` trains
+# the benchmark DiT (hidden 384, depth 12, 196 tokens) in fp32 and reads `torch.cuda.memory_allocated` after every
+# block's forward and backward (`step_timeline`). It also writes torch's memory snapshot of that step
+# (`snapshot.pickle` in the measurements folder: drop it on https://pytorch.org/memory_viz to see every
+# allocation with its stack):
+
+# %%
+mem = json.load(open(f"{GPU}/memory.json"))
+tl = mem["timeline"]
+steps_ = [e for e in tl if e["what"] != "peak of the step"]
+peak = next(e["allocated"] for e in tl if e["what"] == "peak of the step")
+fwd = [e["allocated"] for e in steps_ if e["what"].startswith("forward block")]
+gpu_block = float(np.median(np.diff(fwd)))
+fig, ax = plt.subplots(figsize=(10, 3.4))
+ax.plot(range(len(steps_)), [e["allocated"] / 2 ** 30 for e in steps_], "o-", ms=3)
+ax.axhline(peak / 2 ** 30, color="C3", ls=":", label=f"peak {peak / 2 ** 30:.1f} GiB")
+ticks = [i for i, e in enumerate(steps_) if not e["what"].startswith(("forward block", "backward block"))
+         or e["what"].endswith(" 0") or e["what"].endswith(" 11")]
+ax.set_xticks(ticks, [steps_[i]["what"].split(" (")[0] for i in ticks], rotation=30, ha="right", fontsize=7)
+ax.set_ylabel("GiB allocated"); ax.legend(); ax.set_title("one training step, bench DiT, batch 256, fp32, one H200")
+plt.tight_layout()
+print(f"states at the start: {steps_[0]['allocated'] / MIB:.0f} MiB (weights + AdamW moments; gradients freed)")
+print(f"each block's forward adds {gpu_block / MIB:.1f} MiB; the formula says "
+      f"{mem['block_formula_bytes'] / MIB:.1f} MiB ({gpu_block / mem['block_formula_bytes'] - 1:+.1%})")
+print(f"peak {peak / MIB:.0f} MiB, at the turn from forward to backward; after backward {steps_[-3]['allocated'] / MIB:.0f} MiB")
+
+# %% [markdown]
+# **What to notice.** Memory climbs by the same step for each block's forward and falls by it in each block's
+# backward: the peak sits at the turn from forward to backward, when every block's activations are alive and the
+# first gradients are being made. The model states (446 MiB) are 2% of the peak (18.3 GiB). Sharding them (ZeRO,
+# FSDP) would save little here, which is what chapter 07 measured on two GPUs (every stage's peak 5.1 GiB). The
+# counted formula is within 0.3% of the GPU's per-block step. The rest is the CUDA attention kernel saving slightly
+# different tensors than the CPU one.
+#
+# ## 2. Recomputation and offload, on the DiT itself
+#
+# `train.recompute=full` wraps each block in `torch.utils.checkpoint` (non-reentrant): forward keeps only the
+# block's input, and backward runs the block again to get what it needs. `train.recompute_blocks=N` does it for the
+# first N blocks only. `train.recompute=attention` recomputes only the attention core, which is Korthikanti et al.'s
+# (2022) *selective* recomputation: it targets the S² attention scores, the largest activations when attention is
+# computed as matmul-softmax-matmul. Recomputation runs the same operations on the same inputs again, so on the CPU
+# the loss curve must be **bitwise** the same:
+
+# %%
+STEPS = 6 if SMOKE else 30
+modes = {"keep everything": [], "full, every block": ["--set", "train.recompute=full"],
+         "full, first block only": ["--set", "train.recompute=full", "--set", "train.recompute_blocks=1"],
+         "attention core": ["--set", "train.recompute=attention"]}
+logs = dict(zip(modes, run_here("launchers/single.py", [SMALL + ["--max-steps", str(STEPS), "--results-dir",
+                                                                 f"/tmp/ch17/rc{i}"] + f
+                                                        for i, f in enumerate(modes.values())])))
+ref = logs["keep everything"]
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for name, log in logs.items():
+    same = [(r["loss"], r["grad_norm"]) for r in log] == [(r["loss"], r["grad_norm"]) for r in ref]
+    print(f"{name:24s}: loss and gradient norm bitwise equal to keeping every activation: {same}")
+
+# %%
+rows = mem["rows"]
+full = [r for r in rows if r["recompute"] in ("none", "full") and not r["save_on_cpu"]]
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.2))
+a1.plot([r["blocks"] for r in full], [r["peak"] / 2 ** 30 for r in full], "o-")
+a1.set_xlabel("blocks recomputed (of 12)"); a1.set_ylabel("peak GiB")
+a2.plot([r["blocks"] for r in full], [r["step_s"] * 1e3 for r in full], "o-", color="C1")
+a2.set_xlabel("blocks recomputed (of 12)"); a2.set_ylabel("step ms")
+plt.suptitle("bench DiT, batch 256, fp32, one H200 (python -m dit_core.memory)", fontsize=9); plt.tight_layout()
+base = rows[0]
+print(f"{'variant':34s} {'peak MiB':>9s} {'step ms':>8s}")
+for r in rows:
+    name = ("save_on_cpu (pinned)" if r["save_on_cpu"] else
+            f"recompute {r['recompute']}" + (f", {r['blocks']} blocks" if r["recompute"] == "full" else ""))
+    if r["recompute"] == "full" and r["blocks"] not in (1, 6, 12):
+        continue
+    print(f"{name:34s} {r['peak'] / MIB:9.0f} {r['step_s'] * 1e3:8.1f}   "
+          f"({r['peak'] / base['peak']:.2f}x memory, {r['step_s'] / base['step_s']:.2f}x time)")
+
+# %% [markdown]
+# **What to notice.** Each recomputed block gives back its 1.4 GiB at about 5.7 ms, or 2.7% of the step: recomputing
+# all 12 takes the peak from 18.3 to 3.0 GiB for 33% more time, about one extra forward (a forward is roughly a
+# third of a step). The line is straight in both panels, so `recompute_blocks` buys exactly as much memory as needed
+# and no more. Selective recomputation of the attention core saves almost nothing here: this DiT's attention runs in
+# a fused kernel (FlashAttention-style on the GPU, a fused CPU kernel here) that never stores the S x S scores, so
+# the term selective recomputation was designed for is already gone. `save_on_cpu(pin_memory=True)` moves every
+# saved activation to pinned host memory (peak 1.5 GiB, below full recomputation) but costs 4.7x the time: the
+# copies over PCIe are not overlapped with compute. ZeRO-Offload (DeepSpeed's `offload_optimizer: cpu`) moves the
+# optimizer states and step to the CPU. It was not measured here: it needs DeepSpeed's CPU Adam kernel, compiled on
+# the machine, and with these model states at 2% of the peak it would have nothing to save.
+#
+# ## 3. A 2-D rotary position embedding
+#
+# DiT adds a fixed sin-cos embedding to the tokens once. RoPE (Su et al., 2021, "RoFormer") instead *rotates*
+# every head's query and key vectors, channel pair by channel pair, by an angle proportional to the token's
+# position. A rotation by angle mθ applied to q at position m and nθ applied to k at position n leaves
+# q·k = |q||k|cos(... + (m - n)θ), so the score depends only on the **offset** m - n. `model.pos_embed=rope2d` makes
+# it 2-D the axial way (Heo et al., 2024, "Rotary Position Embedding for Vision Transformer"): half the channel
+# pairs turn with the token's row, half with its column. The check: give every position the same query content and
+# the same key content, and every score of one offset must be the same number:
+
+# %%
+g, D = 4, 16
+cos, sin = rope_2d_tables(D, g)
+torch.manual_seed(0)
+q = torch.randn(1, 1, 1, D).expand(1, g * g, 1, D)
+k = torch.randn(1, 1, 1, D).expand(1, g * g, 1, D)
+scores = (apply_rope(q, cos, sin)[0, :, 0] @ apply_rope(k, cos, sin)[0, :, 0].T)
+pos = [(i // g, i % g) for i in range(g * g)]
+groups = {}
+for a_ in range(g * g):
+    for b_ in range(g * g):
+        groups.setdefault((pos[a_][0] - pos[b_][0], pos[a_][1] - pos[b_][1]), []).append(float(scores[a_, b_]))
+spread = max(max(v) - min(v) for v in groups.values())
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+a1.imshow(scores, cmap="RdBu"); a1.set_title("scores, token m (row) vs token n (col)", fontsize=9)
+off = np.zeros((2 * g - 1, 2 * g - 1))
+for (dr, dc), v in groups.items():
+    off[dr + g - 1, dc + g - 1] = v[0]
+a2.imshow(off, cmap="RdBu", extent=(-g + 0.5, g - 0.5, g - 0.5, -g + 0.5))
+a2.set_xlabel("column offset"); a2.set_ylabel("row offset"); a2.set_title("one number per offset", fontsize=9)
+plt.tight_layout()
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"{len(groups)} offsets on a {g}x{g} grid; every score of one offset equal (spread <= 1e-5):", spread <= 1e-5)
+print("without the rotation every score is equal (position is invisible):",
+      float((q[0, :, 0] @ k[0, :, 0].T).std()) < 1e-6)
+
+# %% [markdown]
+# Trained at `configs/mnist.yaml` for 1,500 steps on one H200 with each embedding (`tools/time_to_quality.py`, the
+# same seed, batches and steps; 1,000 guided samples scored by the workbook's classifier and feature FID):
+
+# %%
+for pos_ in ("sincos", "rope2d"):
+    qj = json.load(open(f"{GPU}/rope_{pos_}.json"))
+    last = qj["points"][-1]
+    print(f"{pos_:7s}: step {last['step']}, loss {last['loss']:.4f}, sample accuracy {last['accuracy']:.1%} "
+          f"(worst class {last['min_class_accuracy']:.0%}), FID {last['fid']:.1f} (floor {last['fid_floor']:.1f}); "
+          f"snapshots at steps {[p['step'] for p in qj['points']]}")
+
+# %% [markdown]
+# At equal steps the two are close: 100.0% and 99.9% sample accuracy, FID 34.6 and 38.9, one run each. On a fixed
+# 4 x 4 grid of a 28 x 28 image, sin-cos has nothing to lose: every image has the same size, so absolute positions
+# are as good as offsets. RoPE's strengths lie elsewhere: images of other sizes than the training one, and long
+# sequences. For text, 1-D RoPE turns each pair by the token's index (RoFormer; LLaMA and most current LLMs use it).
+# T5 (Raffel et al., 2020) instead adds a learned scalar bias to each attention score, indexed by the offset m - n
+# put into logarithmic buckets (exact for small offsets, coarser for far ones), shared across layers. The
+# token-splitting strategies (Ulysses, context parallelism) refuse `rope2d` in one sentence: their ranks would have
+# to pass on the positions of their token slices, which this workbook does not do yet.
+#
+# ## 4. The denoiser without PyTorch: ONNX
+#
+# `torch.onnx.export` (the `torch.export`-based exporter) turns the DiT's forward (x_t, t, y) into an ONNX graph with
+# a dynamic batch, and onnxruntime runs it. `export.OnnxDenoiser` gives the session the two members the samplers
+# use, `cfg` and the DiT's own `forward_with_cfg`, so `Diffusion.sample` runs the exported graph unchanged.
+# (Needs the `onnx` extra: `pip install -e ".[onnx]"`.) A tiny DiT trained briefly on this CPU, exported, checked
+# and sampled:
+
+# %%
+from dit_core.checkpoint import model_from_checkpoint
+from dit_core.diffusion import Diffusion
+from dit_core.export import OnnxDenoiser, export_onnx, max_difference
+
+ONNX_STEPS = 20 if SMOKE else 1500
+run_here("launchers/single.py", [["--config", "configs/tiny.yaml", "--device", "cpu", "--max-steps", str(ONNX_STEPS),
+                                  "--set", "train.tensorboard=false", "--results-dir", "/tmp/ch17/onnx", "--overwrite"]])
+from pathlib import Path
+model, mcfg = model_from_checkpoint(Path(f"/tmp/ch17/onnx/checkpoint-{ONNX_STEPS}"))
+model.eval()
+session = OnnxDenoiser(export_onnx(model, "/tmp/ch17/dit.onnx"), mcfg.model)
+diff = max_difference(model, session, batch=16)
+d = Diffusion(mcfg.diffusion)
+labels = torch.arange(10).repeat_interleave(4)
+a_img = d.sample(model, labels, cfg_scale=3.0, steps=25, seed=0)
+b_img = d.sample(session, labels, cfg_scale=3.0, steps=25, seed=0)
+print(f"{os.path.getsize('/tmp/ch17/dit.onnx') / MIB:.2f} MiB of ONNX; max |PyTorch - onnxruntime| over 16 inputs: "
+      f"{diff:.1e}; over 40 sampled images: {(a_img - b_img).abs().max():.1e}")
+sample_grid(b_img, nrow=10, title=f"sampled with onnxruntime (tiny DiT, {ONNX_STEPS} CPU steps)");
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("onnxruntime == PyTorch, outputs (<= 1e-5) and sampled images (<= 1e-4):", diff <= 1e-5,
+      float((a_img - b_img).abs().max()) <= 1e-4)
+
+# %% [markdown]
+# ## 5. The loss is NaN
+#
+# Two usual causes. **fp16 without a loss scaler**: fp16's largest number is 65504 and its smallest normal one
+# 6.1e-5 (chapter 04), so a large activation overflows to inf, inf - inf is NaN, and small gradients round to 0.
+# **A learning rate too high**: the weights jump out of the region where the loss is smooth, activations grow each
+# step, and the loss overflows even in fp32. Both, small:
+
+# %%
+x = torch.tensor([300.0, 1e-8], dtype=torch.float16)
+print("fp16: 300² =", (x[0] * x[0]).item(), "| 300² - 300² =", (x[0] * x[0] - x[0] * x[0]).item(),
+      "| a gradient of 1e-8 becomes", x[1].item(), "| scaled by 2^16 first it is",
+      f"{torch.tensor(1e-8 * 2 ** 16).half().item():.3e}", "in fp16, unscaled in fp32:",
+      f"{torch.tensor(1e-8 * 2 ** 16).half().float().item() / 2 ** 16:.3e}")
+verdicts = {}
+for name, extra in (("fp16, lr 1000", ["--precision", "fp16", "--set", "train.lr=1e3", "--set", "train.warmup_steps=0"]),
+                    ("fp32, lr 1000", ["--set", "train.lr=1e3", "--set", "train.warmup_steps=0"])):
+    try:
+        run_here("launchers/single.py", [SMALL + ["--max-steps", "40", "--results-dir", "/tmp/ch17/nan"] + extra])
+        verdicts[name] = None
+    except Exception as e:
+        verdicts[name] = str(e)
+    print(f"{name}: {verdicts[name]}")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("fp16: the loss scaler skips the overflowing steps, then the run stops in one sentence:",
+      "loss scaler skipped" in (verdicts["fp16, lr 1000"] or ""))
+print("fp32: the first non-finite loss stops the run, naming the rate:",
+      "the rate at that step was" in (verdicts["fp32, lr 1000"] or ""))
+
+# %% [markdown]
+# The training loop checks every step: in fp16 the `GradScaler` halves its scale and skips a step whose gradients
+# overflowed (a few skips are the scaler working), and `train.max_nonfinite_steps` skips in a row stop the run with
+# the sentence above. In fp32 the first non-finite loss stops it. No checkpoint with non-finite weights is written
+# (`tests/test_faults.py`). Remedies: lower `train.lr` or lengthen `train.warmup_steps`, keep `train.grad_clip`,
+# and prefer bf16 to fp16 (fp32's range, no scaler needed).
+#
+# ## 6. The loss does not fall
+#
+# Two bugs that run without an error. A **forgotten `zero_grad`**: `.grad` accumulates (chapter 01), so each step
+# follows the sum of every gradient so far. A **target that does not belong to the input**: here the noise drawn a
+# second time with `randn_like` after the noisy image was made, so the model is asked to predict noise it never saw.
+# A hand-written loop, with each bug and without:
+
+# %%
+from dit_core.data import load_mnist
+
+tiny = load_config("configs/tiny.yaml", {"model.hidden_size": 32, "model.depth": 2, "diffusion.objective": "eps"})
+data = load_mnist("train", "cpu", 2048)
+diff_ = Diffusion(tiny.diffusion)
+LOOP = 40 if SMOKE else 150
+
+
+def hand_loop(zero_grad=True, fresh_noise=False):
+    torch.manual_seed(0)
+    net = DiT(tiny.model)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for step in range(LOOP):
+        idx = torch.randint(0, len(data), (32,), generator=g)
+        x0, y = data.gather(idx)
+        t = torch.randint(0, 1000, (32,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = diff_.q_sample(x0, t, noise)
+        target = torch.randn_like(noise) if fresh_noise else noise      # the bug: a second, unrelated draw
+        loss = F.mse_loss(net(x_t, t, y), target)
+        if zero_grad:
+            opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return out
+
+
+curves = {"correct": hand_loop(), "no zero_grad": hand_loop(zero_grad=False),
+          "target drawn again": hand_loop(fresh_noise=True)}
+fig, ax = plt.subplots(figsize=(6.5, 3))
+for k_, v in curves.items():
+    ax.plot(np.convolve(v, np.ones(5) / 5, mode="valid"), label=k_)
+ax.set_xlabel("step"); ax.set_ylabel("loss (5-step mean)"); ax.legend(); plt.tight_layout()
+tail = {k_: float(np.mean(v[-10:])) for k_, v in curves.items()}
+print({k_: round(v, 3) for k_, v in tail.items()})
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("correct loop: the loss falls from 1 to below 0.8:", tail["correct"] < 0.8)
+print("target drawn again: the loss stays near 1 (the variance of noise it cannot know):", tail["target drawn again"] > 0.9)
+print("no zero_grad: worse than the correct loop:", tail["no zero_grad"] > tail["correct"])
+
+# %% [markdown]
+# The unrelated target is the easy one to recognise: an eps-prediction loss that stays at 1.0 (the noise's
+# variance) means the model predicts zero, the best it can do against noise it cannot see. The forgotten
+# `zero_grad` is sneakier: the loss still falls for a while, because AdamW normalises the ever-growing sum, but the
+# update points along the *history* of the gradients, not the current one. Checks that catch both early: the loss of
+# an untrained model (1.0 for eps), overfitting one small batch (the loss must approach 0), and the gradient norm
+# (here it grows step after step).
+#
+# ## 7. Out of memory: the order of remedies
+#
+# From section 2's measurements (bench DiT, fp32, batch 256 on one H200, peak 18.3 GiB, 2% of it model states),
+# what each remedy costs and saves, cheapest first:
+
+# %%
+none = rows[0]
+act = none["peak"] - none["start"]
+full12 = next(r for r in rows if r["recompute"] == "full" and r["blocks"] == 12)
+print(f"{'remedy':58s} {'peak GiB':>9s}  cost")
+print(f"{'as measured (batch 256)':58s} {none['peak'] / 2 ** 30:9.1f}")
+print(f"{'1. halve the micro-batch, accumulate 2 (same global batch)':58s} {(none['start'] + act / 2) / 2 ** 30:9.1f}"
+      "  (estimate) the same result, more, smaller steps")
+print(f"{'2. recompute all 12 blocks (measured)':58s} {full12['peak'] / 2 ** 30:9.1f}"
+      f"  {full12['step_s'] / none['step_s'] - 1:+.0%} time")
+print(f"{'3. bf16 autocast (activations in 16 bits)':58s} {(none['start'] + act / 2) / 2 ** 30:9.1f}"
+      "  (estimate) faster on a GPU, a looser tolerance")
+print(f"{'4. ZeRO-3 / FSDP over 8 GPUs (model states / 8)':58s} {(none['peak'] - none['start'] * 7 / 8) / 2 ** 30:9.1f}"
+      "  (estimate) communication; here it saves 0.4 GiB")
+
+# %% [markdown]
+# Batch and accumulation come first because they change nothing about the result (chapter 04 proved accumulation
+# equals the large batch). Recomputation changes only the time, bf16 changes the numerics within the curve
+# tolerance, and sharding (ZeRO, FSDP, chapters 07 and 13) changes the program. It pays when model states, not
+# activations, fill the GPU, which is not the case here. For a large model it is the other way round (chapter 16's
+# planning table). Also check for memory held by mistake: a loss accumulated with its graph (`total += loss`
+# instead of `loss.item()`), or a list of outputs kept across steps.
+#
+# ## 8. A distributed job that hangs
+#
+# A collective returns only when every rank of its group has called it. A rank that skips one (a branch on its
+# rank, an uneven last batch, an exception swallowed on one rank) leaves the others waiting. The process group's
+# timeout (`run.dist_timeout`, 300 s in this workbook; torch's default is 10 minutes for NCCL and 30 for gloo) turns
+# the wait into an error. `tools/hang_demo.py` reproduces it with a timeout of 5 s, then a subtler bug: the ranks
+# call the same collective with different shapes. `TORCH_DISTRIBUTED_DEBUG=DETAIL` makes torch compare every
+# collective's signature across ranks before running it:
+
+# %%
+def demo(mode, debug="OFF"):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISTRIBUTED_DEBUG=debug, PYTHONPATH=os.getcwd())
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "tools/hang_demo.py", mode], capture_output=True, text=True, env=env, timeout=120)
+    return sorted(line[:170] for line in r.stdout.splitlines() if line.startswith("[rank"))
+
+
+hang = {("skip", "OFF"): demo("skip"), ("mismatch", "OFF"): demo("mismatch"),
+        ("mismatch", "DETAIL"): demo("mismatch", "DETAIL")}
+for (mode, dbg), lines in hang.items():
+    print(f"--- {mode}, TORCH_DISTRIBUTED_DEBUG={dbg}")
+    for line in lines:
+        print("  " + line)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("a skipped collective ends rank 0 with a timeout error after ~5 s, not a hang:",
+      any("Timed out" in line and "after 5." in line for line in hang["skip", "OFF"]))
+print("DETAIL names the mismatch (the collective's shape on each side):",
+      any("Detected mismatch between collectives" in line for line in hang["mismatch", "DETAIL"]))
+
+# %% [markdown]
+# Without `DETAIL` the mismatched shapes end in a crash on one rank and "Connection reset by peer" on the other,
+# which names neither the bug nor its place. What to reach for, in order: the timeout (so nothing hangs forever;
+# `docs/faults.md`), `TORCH_DISTRIBUTED_DEBUG=DETAIL` (collective signatures checked, at a cost: use it to debug, not
+# to train), `NCCL_DEBUG=INFO` on GPUs (NCCL prints its rings, transports and errors; `NCCL_DEBUG_SUBSYS=COLL` every
+# collective), and `py-spy dump --pid PID` on a stuck rank (`pip install py-spy`): the Python stack of every thread,
+# which shows the line each rank waits in. Ranks that wait in *different* collectives are the bug.
+#
+# ## 9. Ranks that disagree
+#
+# Data parallelism assumes every rank holds the same weights and a different slice of the batch. Three ways that
+# fails silently: **seeds** (each rank initialises its own model; without a common seed or the initial broadcast,
+# chapter 06's `--break broadcast`, the replicas start apart and stay apart, since averaged gradients keep the
+# difference), **the sampler** (every rank reading the same batch, which is one rank's work done W times), and
+# **randomness in the forward** (dropout, or here the classifier-free guidance label drop, drawn per rank). This
+# workbook draws everything random from the global batch (the determinism contract, `dit_core.batch`), so a rank's
+# slice is fixed by its rank alone. A cheap check for any job: gather a checksum of the weights from every rank.
+
+# %%
+from dit_core.batch import global_batch, shard
+
+gb = global_batch(0, 0, 16, len(data), 1000, 0.1)
+mine = [shard(gb, r, 2).indices for r in range(2)]
+wrong = [shard(gb, 0, 2).indices for r in range(2)]                  # both ranks think they are rank 0
+checksums = {}
+for seed_of in (lambda r: 0, lambda r: r):
+    sums = []
+    for r in range(2):
+        torch.manual_seed(seed_of(r))
+        sums.append(float(sum(p.detach().double().sum() for p in DiT(tiny.model).parameters())))
+    checksums["same seed" if seed_of(1) == 0 else "seed = rank"] = sums
+print("indices of step 0, rank 0 / rank 1:", mine[0].tolist(), mine[1].tolist())
+print("weight checksums per rank:", {k_: [f"{s:.6f}" for s in v] for k_, v in checksums.items()})
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("the contract's shards are disjoint and cover the batch:", set(mine[0].tolist()).isdisjoint(mine[1].tolist())
+      and sorted(mine[0].tolist() + mine[1].tolist()) == sorted(gb.indices.tolist()))
+print("a wrong rank reads the same images twice:", wrong[0].tolist() == wrong[1].tolist())
+print("same seed: equal checksums; seed = rank: different:", checksums["same seed"][0] == checksums["same seed"][1],
+      checksums["seed = rank"][0] != checksums["seed = rank"][1])
+
+# %% [markdown]
+# ## 10. TF32: what Meta's DiT `train.py` switches on
+#
+# Meta's DiT training script sets `torch.backends.cuda.matmul.allow_tf32 = True` and `torch.backends.cudnn.allow_tf32
+# = True`. TF32 is a tensor-core mode for fp32 matrix products: the inputs are rounded to 10 mantissa bits (fp16's
+# precision, fp32's range) and the products accumulated in fp32. PyTorch leaves it off for matmuls by default.
+# `tools/tf32.py` on one H200, both ways in one process:
+
+# %%
+tf = json.load(open(f"{GPU}/tf32.json"))
+for r in tf["matmul"]:
+    print(f"8192² matmul, TF32 {'on ' if r['tf32'] else 'off'}: {r['tflops']:.0f} TFLOP/s, relative error vs fp64 "
+          f"{r['rel_error_vs_fp64']:.1e}")
+f32, t32 = tf["train"]["fp32"], tf["train"]["tf32"]
+print(f"300 steps of configs/mnist.yaml in fp32: {f32['seconds']:.1f} s without TF32, {t32['seconds']:.1f} s with; "
+      f"final loss {tf['final_loss']['fp32']:.4f} vs {tf['final_loss']['tf32']:.4f}; largest relative difference "
+      f"of one step's loss {tf['max_rel_loss_diff']:.1%}")
+fig, ax = plt.subplots(figsize=(6.5, 3))
+ax.plot(f32["loss"], label="fp32"); ax.plot(t32["loss"], "--", label="fp32 with TF32 matmuls")
+ax.set_yscale("log"); ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend(); plt.tight_layout()
+
+# %% [markdown]
+# **What to notice.** TF32 makes the big matmul 7.6x faster (49 to 374 TFLOP/s) and 180x less exact (1.6e-6 to
+# 2.9e-4 relative error, fp16-like). For training it is a different rounding, not a worse result: the two curves
+# follow each other, individual steps differ by up to 6% (two runs of noisy mini-batch steps drift apart, as fp32 vs
+# bf16 did in chapter 04), and the final losses agree within 1.4%. The whole run was only 1.3x faster, because this
+# small model is not dominated by large matmuls. For training, TF32 is free speed. For a parity test against another
+# process it is a tolerance to state: the workbook's GPU parity runs keep PyTorch's default (off).
+
+# %% [markdown]
+# ## 11. Scaling laws in miniature
+#
+# Kaplan et al. (2020, "Scaling Laws for Neural Language Models") found that a language model's test loss falls as
+# a power of its parameter count N, of the data D and of the compute C ≈ 6·N·D, each over many orders of magnitude:
+# L(N) ∝ N^-0.076, L(C_min) ∝ C^-0.050. Hoffmann et al. (2022, "Chinchilla") fitted L = E + A/N^α + B/D^β with an
+# irreducible loss E (α ≈ 0.34, β ≈ 0.28) and concluded that compute-optimal training grows N and D about equally
+# (N_opt ∝ C^0.5, about 20 tokens per parameter). The same experiment in miniature: DiTs of several widths (depth 4),
+# one recipe, the learning rate constant after warm-up (so that the loss at step s of one run stands for a run of s
+# steps), the loss against N and against C. First on this CPU (three widths, 150 steps of 32 images):
+
+# %%
+sc_cpu = "/tmp/ch17/scaling_cpu.json"
+subprocess.run([sys.executable, "tools/scaling.py", "--out", sc_cpu, "--device", "cpu", "--widths", "16", "32", "64",
+                "--steps", "150", "--batch", "32"], check=True, capture_output=True,
+               env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd()))
+cpu_runs = json.load(open(sc_cpu))["runs"]
+gpu_sc = json.load(open(f"{GPU}/scaling.json"))
+
+
+def window_mean(loss, s, w=50):
+    return float(np.mean(loss[max(0, s - w):s]))
+
+
+def power_fit(x, y):
+    """log y = a log x + b: the exponent a and the prefactor e^b."""
+    a_, b_ = np.polyfit(np.log(x), np.log(y), 1)
+    return a_, math.exp(b_)
+
+
+def frontier(runs, every):
+    """Compute-optimal points: the lowest loss reached by any model at each compute C = 6 N D."""
+    pts = sorted((6 * r["params"] * r["tokens_per_step"] * s, window_mean(r["loss"], s), r["hidden"])
+                 for r in runs for s in range(every, len(r["loss"]) + 1, every))
+    best, out = float("inf"), []
+    for C, L, h in pts:
+        if L < best:
+            best = L
+            out.append((C, L, h))
+    return out
+
+
+for name, runs in (("CPU", cpu_runs), ("H200", gpu_sc["runs"])):
+    N = np.array([r["params"] for r in runs], float)
+    L = np.array([window_mean(r["loss"], len(r["loss"])) for r in runs])
+    aN, _ = power_fit(N, L)
+    print(f"{name}: widths {[r['hidden'] for r in runs]}, N = {[f'{n:,.0f}' for n in N]}, final loss "
+          f"{[round(float(v), 4) for v in L]}; L(N) ∝ N^{aN:.3f}")
+
+N = np.array([r["params"] for r in gpu_sc["runs"]], float)
+L = np.array([window_mean(r["loss"], len(r["loss"])) for r in gpu_sc["runs"]])
+E_grid = np.linspace(0.0, 0.999 * L.min(), 2000)
+res = [np.sum((np.log(L - E) - np.polyval(np.polyfit(np.log(N), np.log(L - E), 1), np.log(N))) ** 2) for E in E_grid]
+E_fit = float(E_grid[int(np.argmin(res))])
+aE, AE = power_fit(N, L - E_fit)
+front = frontier(gpu_sc["runs"], 100)
+aC, AC = power_fit([p[0] for p in front], [p[1] for p in front])
+print(f"H200, with an irreducible loss E: L = {E_fit:.4f} + {AE:.3f}·N^{aE:.2f} (5 points, 3 parameters)")
+print(f"H200, compute-optimal frontier ({len(front)} points): L ∝ C^{aC:.3f}; the frontier's models by compute: "
+      f"{sorted(set(p[2] for p in front), key=[p[2] for p in front].index)}")
+
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
+a1.loglog(N, L, "o", label="final loss (H200, 3000 steps)")
+nn_ = np.logspace(np.log10(N.min()) - 0.2, np.log10(N.max()) + 0.3, 50)
+a1.loglog(nn_, power_fit(N, L)[1] * nn_ ** power_fit(N, L)[0], "--", label=f"pure power law N^{power_fit(N, L)[0]:.3f}")
+a1.loglog(nn_, E_fit + AE * nn_ ** aE, ":", label=f"E + A·N^{aE:.2f}")
+a1.set_xlabel("parameters N"); a1.set_ylabel("training loss"); a1.legend(fontsize=7)
+for r in gpu_sc["runs"]:
+    Cs = [6 * r["params"] * r["tokens_per_step"] * s for s in range(100, len(r["loss"]) + 1, 100)]
+    a2.loglog(Cs, [window_mean(r["loss"], s) for s in range(100, len(r["loss"]) + 1, 100)], lw=1,
+              label=f"hidden {r['hidden']}")
+cc = np.array([p[0] for p in front])
+a2.loglog(cc, AC * cc ** aC, "k--", lw=1.5, label=f"frontier fit C^{aC:.3f}")
+a2.set_xlabel("compute C = 6·N·D (FLOPs)"); a2.set_ylabel("training loss"); a2.legend(fontsize=7)
+plt.tight_layout()
+
+# %%
+# NBVAL_CHECK_OUTPUT
+cpu_L = [window_mean(r["loss"], len(r["loss"])) for r in cpu_runs]
+print("CPU, 150 steps: each wider model ends lower:", all(b < a for a, b in zip(cpu_L, cpu_L[1:])))
+print("H200, 3000 steps: each wider model ends lower, and the frontier's loss falls with compute:",
+      all(b < a for a, b in zip(L, L[1:])), aC < 0)
+
+# %% [markdown]
+# **What it shows, and what it does not.** The ordering holds: at equal steps a wider model ends lower, and the
+# compute-optimal frontier moves to wider models as compute grows (hidden 32 first, 384 last), the shape of Kaplan's
+# and Chinchilla's plots. The numbers do not transfer. A pure power law fits L(N) with an exponent near -0.035, but the
+# points bend: the diffusion loss has a large irreducible part (the noise no model can predict), and with E ≈ 0.12
+# subtracted the exponent is about -0.5. That is a fit of 3 parameters to 5 points, so it is a description and not a
+# measurement. The frontier bends the same way: it flattens as it nears the irreducible loss, falling faster than
+# the straight fit (C^-0.074) at small compute and slower at large. The loss is a training loss at one learning rate, a constant rate favours no budget, and MNIST
+# at 16 tokens saturates early. Kaplan's exponents come from cross-entropy on text over seven orders of magnitude,
+# tuned per size. To turn this into a real study: a held-out loss, a learning-rate sweep per width, a decaying
+# schedule with one run per budget (as Chinchilla did), and more than one decade of N.
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **Predict.** How many bytes of activations does one block of `configs/mnist.yaml` (hidden 128, 16 tokens)
+#    save per sample in fp32? Check with `memory.block_activation_elements`.
+# 2. **Measure.** With the measured 1.4 GiB and 5.7 ms per recomputed block of section 2, how many blocks must you
+#    recompute to train the bench DiT at batch 512 in 24 GiB, and what does the step cost then?
+# 3. **Break it.** In section 6, also forget `zero_grad` *and* lower the learning rate 10x. Does the loss still end
+#    worse than the correct loop? Why does AdamW hide part of the bug?
+#
+# Solutions: [docs/solutions.md](../docs/solutions.md#chapter-17).
+
+# %% [markdown]
+# ## 中文要点
+#
+# 显存：模型状态（参数、梯度、AdamW 两个动量，fp32 共 16 字节/参数）常驻；激活在前向与反向之间存在，随批量×token×隐藏维度×层数增长，峰值出现在前向结束、反向开始之时。单个 block 的激活公式与计数完全一致。
+#
+# 激活重计算：`train.recompute=full` 每个 block 只保存输入，反向时重算；损失曲线逐位不变。H200 上重算 12 个 block 把峰值从 18.3 GiB 降到 3.0 GiB，时间多 33%。只重算注意力核心几乎不省显存（融合注意力本就不保存 S×S 分数）。`save_on_cpu` 更省显存但慢 4.7 倍。
+#
+# 旋转位置编码（RoPE）：旋转 q、k 使注意力分数只依赖相对位移；二维 RoPE 一半通道按行、一半按列旋转。在固定 4×4 网格上与 sin-cos 相当。
+#
+# ONNX：导出去噪网络，onnxruntime 的输出与 PyTorch 一致（≤1e-5），可以直接用于采样。
+#
+# 缩放定律（迷你版）：更宽的模型在相同步数下损失更低，计算最优前沿随算力移向更大的模型；但扩散损失有很大的不可约部分，指数不能直接与 Kaplan / Chinchilla 的语言模型结果比较。
+#
+# 故障排查：NaN（fp16 无缩放、学习率过大）、损失不降（忘记 zero_grad、目标与输入无关）、显存不足（先减批量加梯度累积，再重算、bf16，最后 ZeRO/FSDP）、分布式卡住（超时、TORCH_DISTRIBUTED_DEBUG=DETAIL、NCCL_DEBUG=INFO、py-spy）、各 rank 不一致（种子、采样器、随机性）；TF32 让 fp32 矩阵乘快 7.6 倍，误差接近 fp16。
