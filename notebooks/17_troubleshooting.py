@@ -364,6 +364,27 @@ print("no zero_grad: worse than the correct loop:", tail["no zero_grad"] > tail[
 #
 # ## 7. Out of memory: the order of remedies
 #
+# Reproduced on this CPU: `tools/oom_demo.py` caps its own memory at 2 GiB (`RLIMIT_DATA`: the heap and anonymous
+# mappings, where the CPU allocator puts every tensor) and runs one training step of the tiny DiT at a batch of
+# 8192, whose block activations (2.6 GiB by the formula of section 1) do not fit. Then the same step with every block
+# recomputed. On a GPU the error is `torch.cuda.OutOfMemoryError`, and its message also gives the memory allocated
+# and reserved by PyTorch.
+
+# %%
+oom = {}
+for r_ in ("none", "full"):
+    res_ = subprocess.run([sys.executable, "tools/oom_demo.py", "--limit-mib", "2048", "--batch", "8192", "--recompute", r_],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=os.getcwd()))
+    oom[r_] = res_.stdout.strip()
+    print(oom[r_])
+print(f"formula: {block_activation_elements(16, 64, 4) * 4 * 8192 * 4 / 2 ** 30:.2f} GiB of block activations at batch 8192")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("batch 8192 in 2 GiB: the step runs out of memory:", "can't allocate memory" in oom["none"],
+      "| with train.recompute=full it fits:", ": ok," in oom["full"])
+
+# %% [markdown]
 # From section 2's measurements (bench DiT, fp32, batch 256 on one H200, peak 18.3 GiB, 2% of it model states),
 # what each remedy costs and saves, cheapest first:
 

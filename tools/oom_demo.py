@@ -1,11 +1,17 @@
-"""Out of memory on purpose, then fixed (chapter 17): one training step of the bench DiT at a batch too large for the
-GPU, then the same batch with each block recomputed, and with half the batch twice (accumulation).
+"""Out of memory on purpose, then fixed (chapter 17), on any Linux machine: one training step of the tiny DiT at a
+batch whose activations do not fit a memory limit this process sets on itself (RLIMIT_DATA, which caps the heap and
+anonymous mappings, so every tensor the CPU allocator makes), with and without activation recomputation.
 
-    python tools/oom_demo.py --out oom.json [--batch 4096]
+    python tools/oom_demo.py --limit-mib 2048 --batch 8192 --recompute none     # fails: can't allocate memory
+    python tools/oom_demo.py --limit-mib 2048 --batch 8192 --recompute full     # the same step fits
+
+Prints one line: ok with the step's time, or the allocator's error. (On a GPU the same error is
+torch.cuda.OutOfMemoryError, with the sizes of what was allocated and reserved.)
 """
 import argparse
-import json
+import resource
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -13,30 +19,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from dit_core.config import load_config  # noqa: E402
-from dit_core.memory import step_memory  # noqa: E402
-
-
-def attempt(cfg, batch, recompute="none", blocks=0):
-    try:
-        r = step_memory(cfg, batch, recompute, blocks, steps=1)
-        return {"batch": batch, "recompute": recompute, "ok": True, "peak": r["peak"], "step_s": r["step_s"]}
-    except torch.cuda.OutOfMemoryError as e:
-        return {"batch": batch, "recompute": recompute, "ok": False, "error": " ".join(str(e).split())[:400]}
-    finally:
-        torch.cuda.empty_cache()
+from dit_core.diffusion import Diffusion  # noqa: E402
+from dit_core.model import DiT  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
-    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--limit-mib", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=8192)
+    p.add_argument("--recompute", choices=("none", "full", "attention"), default="none")
     a = p.parse_args()
-    cfg = load_config("configs/bench.yaml", {})
-    rows = [attempt(cfg, a.batch), attempt(cfg, a.batch, "full", 0), attempt(cfg, a.batch // 4)]
-    for r in rows:
-        print(r, flush=True)
-    Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "total_memory":
-                                       torch.cuda.get_device_properties(0).total_memory, "rows": rows}, indent=1))
+    cfg = load_config("configs/tiny.yaml", {})
+    torch.manual_seed(0)
+    model = DiT(cfg.model)
+    model.set_recompute(a.recompute)
+    d = Diffusion(cfg.diffusion)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(a.batch, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (a.batch,), generator=g)
+    t = torch.randint(0, 1000, (a.batch,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    resource.setrlimit(resource.RLIMIT_DATA, (a.limit_mib * 2 ** 20,) * 2)     # from here on, at most this much
+    t0 = time.perf_counter()
+    try:
+        d.loss(model, x0, y, t, noise, None).backward()
+        print(f"recompute={a.recompute}, batch {a.batch}, limit {a.limit_mib} MiB: ok, one step in "
+              f"{time.perf_counter() - t0:.1f} s")
+    except RuntimeError as e:
+        print(f"recompute={a.recompute}, batch {a.batch}, limit {a.limit_mib} MiB: RuntimeError: "
+              f"{' '.join(str(e).split())[:160]}")
 
 
 if __name__ == "__main__":
