@@ -165,9 +165,12 @@ for r in rows:
 # a fused kernel (FlashAttention-style on the GPU, a fused CPU kernel here) that never stores the S x S scores, so
 # the term selective recomputation was designed for is already gone. `save_on_cpu(pin_memory=True)` moves every
 # saved activation to pinned host memory (peak 1.5 GiB, below full recomputation) but costs 4.7x the time: the
-# copies over PCIe are not overlapped with compute. ZeRO-Offload (DeepSpeed's `offload_optimizer: cpu`) moves the
-# optimizer states and step to the CPU. It was not measured here: it needs DeepSpeed's CPU Adam kernel, compiled on
-# the machine, and with these model states at 2% of the peak it would have nothing to save.
+# copies over PCIe are not overlapped with compute. ZeRO-Offload (DeepSpeed's `offload_optimizer: cpu`,
+# `configs/ds_zero2_offload.json`) keeps the fp32 master weights, AdamW's moments and the optimizer step in CPU
+# memory. DeepSpeed refuses the project's AdamW there unless `zero_force_ds_cpu_optimizer` is false (it wants its
+# compiled `DeepSpeedCPUAdam`); with that flag, ZeRO-2 with offload matches the single process on 2 CPU processes
+# (1.6e-7 over 20 steps, `tests/test_zero.py`). Its memory was not measured: on a CPU the "offload" moves nothing,
+# and no GPU was available for the second call. With these model states at 2% of the peak it would save little.
 #
 # ## 3. A 2-D rotary position embedding
 #
