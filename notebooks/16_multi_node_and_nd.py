@@ -57,8 +57,8 @@ os.makedirs("/tmp/ch16", exist_ok=True)
 # On each machine one **agent** (the `torchrun` process) starts that machine's workers (one per GPU). There are two
 # ways the agents meet:
 #
-# * **Elastic, `--rdzv-backend c10d --rdzv-endpoint HOST:PORT`.** The same command on every machine. The first agent
-#   to reach HOST:PORT hosts the store; every agent registers there and **waits until `--nnodes` agents have
+# * **Elastic, `--rdzv-backend c10d --rdzv-endpoint HOST:PORT`.** The same command on every machine. The agent on the
+#   machine named HOST hosts the store (the others connect to it); every agent registers there and **waits until `--nnodes` agents have
 #   joined**, or `join_timeout` seconds have passed (600 by default). Then the rendezvous numbers the machines (their
 #   *group rank*: you do not choose it), each agent computes its workers' global ranks, exports `RANK`, `WORLD_SIZE`,
 #   `MASTER_ADDR`, `MASTER_PORT` and starts them.
@@ -68,8 +68,9 @@ os.makedirs("/tmp/ch16", exist_ok=True)
 #
 # Then the workers meet again, inside `init_process_group`. Every rank writes its own address into the store
 # (for gloo: the address and port its pairs listen on; for NCCL: rank 0 writes a unique id that the others read), and
-# waits until it can read every other rank's. After that the store is only used for the occasional barrier or
-# `all_gather_object`. The data never passes through it. `launchers/rendezvous.py` is a check to run before a real
+# waits until it can read every other rank's. After that the store is used when new groups are created (each
+# `new_group` meets there) and by the agents; collectives, `all_gather_object` included, go through gloo or NCCL,
+# never through the store. `launchers/rendezvous.py` is a check to run before a real
 # job. Each rank reports where it runs, one all-reduce of ones proves that every rank answers, and rank 0 lists the
 # store's keys. Here it runs as two "machines" on this host (two torchrun agents over 127.0.0.1), with two workers
 # each, once per rendezvous kind:
@@ -199,8 +200,9 @@ parity_curves(single, machines["torchrun-c10d"], names=("one process", "two mach
 # next. Its ring passes K and V once per attention layer and can overlap with the attention it feeds (chapter 14).
 # The **pipeline** follows. It sends one activation per micro-batch and stage boundary, point to point (chapter 12),
 # so its stages may sit on different machines. **Data parallelism** is outermost: one all-reduce of the gradients
-# per step, overlapped with backward (chapter 06). Megatron-LM orders its grid the same way (tensor parallelism
-# inside a node, pipeline and data parallelism across nodes), and so do picotron and torchtitan.
+# per step, overlapped with backward (chapter 06). picotron uses this very order (dp, pp, cp, tp);
+# Megatron-LM and torchtitan also keep tensor parallelism innermost, inside a node, but put the pipeline outermost
+# (data parallelism inside it), so that pipeline stages rather than replicas span the slowest links.
 #
 # Each rank takes part in one group along each axis: the ranks that differ from it only in that coordinate.
 # `Layout.lines` computes them (a permute and a reshape of the grid), and every rank creates every group in the
@@ -321,13 +323,15 @@ plt.tight_layout()
 # gradient norm. `cp-average` is the instructive failure. Its gradient norm is exactly half from the first step, yet
 # its loss curve is *indistinguishable* from the right one for as long as every step is clipped: a clipped gradient,
 # g·0.05/|g|, does not depend on a constant factor in g. In the full 30-step run the one-process norm falls to 0.098
-# at step 20, the halved one to 0.049, below the clip threshold. That step's update is not clipped, it is half the
-# right one, and from step 21 on the curves part (up to 6e-4). In the short CI run that step never comes: the bug
+# at step 20, the halved one to 0.049, below the clip threshold. The right run's gradient is clipped to norm 0.05,
+# the broken one enters AdamW unclipped at 0.049 (2% smaller, and pointing the same way), and from step 21 on the
+# curves part slightly (up to 6e-4). In the short CI run that step never comes: the bug
 # would pass a loss-only test. (AdamW would hide most of it even unclipped, since m/√v does not change when every
 # gradient is scaled, up to ε; exercise 2.) That is why every parity test of this workbook also compares the logged
 # gradient norm. `norm-every-tp-rank` counts the replicated parameters' squares on both tp ranks. They hold most of
-# this small model's gradient (adaLN, embeddings, the final layer), so the logged norm is about √2 too large, every
-# step is clipped harder, and the loss curve leaves the single process.
+# this small model's gradient (adaLN, embeddings, the final layer), so the logged norm is about √2 too large at the first
+# step (0.41 above the right one; the later maximum of 0.5 comes after the curves have parted), every step is clipped
+# harder, and the loss curve leaves the single process.
 #
 # The same proof with every CPU test: `pytest tests/test_nd.py` (also the DeviceMesh coordinates, a checkpoint that
 # loads as one plain DiT, an exact resume, another layout's checkpoint refused in one sentence, and each bad layout
@@ -342,28 +346,32 @@ plt.tight_layout()
 #    per parameter of mixed-precision Adam (Rajbhandari et al., 2020) do not fit. torchtitan starts every layout
 #    from FSDP.
 # 2. **Tensor parallelism inside a machine**, never across it (Narayanan et al., 2021). Only when a block computes
-#    for longer than its all-reduces take. The project measured the counter-case: on 2 x H200 the hidden-256 DiT ran
-#    slower with TP 2 than on one GPU (`docs/results.md`, tensor parallelism; `../shared/measurements/2xh200-2026-11-24/tp.log`,
-#    commit 406e6c2). It is also added when ZeRO-3's gathers across machines would take longer than the step computes.
-# 3. **Context parallelism for long sequences.** Its ring traffic grows with the tokens, attention with their square.
-#    On 2 x H200 Ulysses was 0.52x one GPU at 196 tokens and 1.42x at 3136 (same measurements, `ulysses.log`).
+#    for longer than its all-reduces take. The project measured the counter-case: on 2 x H200 `configs/bench.yaml`
+#    (hidden 384, 196 tokens) ran slower with TP 2 than on one GPU, 8.6 s against 7.3 s for 100 steps
+#    (`docs/results.md`, tensor parallelism; `docs/measurements/2xh200-2026-11-24/tp.log`, commit 406e6c2). It is also added when ZeRO-3's gathers across machines would take longer than the step computes.
+# 3. **Context parallelism for long sequences.** Its traffic grows with the tokens, attention with their square. On
+#    2 x H200 Ulysses (all-to-all; hidden 384) was 0.52x one GPU at 196 tokens and 1.42x at 3136 (same measurements,
+#    `ulysses.log`). The planner models the ring (`ring_attention_elements`), which sends twice Ulysses' bytes.
 # 4. **Pipeline parallelism across machines** when the states still do not fit. It sends the least of all (one
 #    activation per micro-batch and boundary) at the price of the bubble (P - 1)/(M + P - 1).
 #
 # Memory per GPU: states / (tp·pp, and ·dp under ZeRO-3) + activations of one sample, 34 bytes per token per hidden
-# unit per layer with flash attention (Korthikanti et al., 2022), / (tp·cp). The byte counts per layer are the
+# unit per layer with flash attention (Korthikanti et al., 2022), / (tp·cp). The division by tp assumes Megatron's
+# sequence parallelism beside TP (LayerNorms and dropout on token slices), which this workbook's chapter 10 does not
+# implement: with plain TP the activations are s·h·(10 + 24/t) bytes per layer, and the 80 GB plan below would not fit. The byte counts per layer are the
 # project's formulas that its tests check against counted bytes (`tp_allreduce_elements`,
 # `ring_attention_elements`); the bandwidths are 297 GB/s inside a machine (measured all-reduce bus bandwidth on
 # 2 x H200, chapter 05) and 50 GB/s per GPU across machines (one 400 Gb/s InfiniBand link, a specification), with
 # H200's 989 dense bf16 TFLOPS at 50% utilisation.
 
 # %%
-jobs = [Job("this DiT, configs/mnist.yaml", 1.28e6, 4, 128, 4, 16, 141, 2, 1, 4096),
-        Job("DiT-XL/2, 256 px (256 tokens)", 675e6, 28, 1152, 16, 256, 141, 8, 1, 256),
-        Job("DiT-XL/2, 512 px (1024 tokens)", 675e6, 28, 1152, 16, 1024, 141, 8, 1, 256),
-        Job("70B, 4k tokens, 8 x 8 H200", 70e9, 80, 8192, 64, 4096, 141, 8, 8, 1024),
-        Job("70B, 4k tokens, 8 x 8 GPUs of 80 GB", 70e9, 80, 8192, 64, 4096, 80, 8, 8, 1024),
-        Job("13B video DiT, 256k tokens, 4 x 8 H200", 13e9, 40, 5120, 40, 262144, 141, 8, 4, 32)]
+H200, GB80 = 141e9 / 2 ** 30, 80e9 / 2 ** 30          # 141 GB and 80 GB, in GiB (the planner's unit)
+jobs = [Job("this DiT, configs/mnist.yaml", 1.28e6, 4, 128, 4, 16, H200, 2, 1, 4096),
+        Job("DiT-XL/2, 256 px (256 tokens)", 675e6, 28, 1152, 16, 256, H200, 8, 1, 256),
+        Job("DiT-XL/2, 512 px (1024 tokens)", 675e6, 28, 1152, 16, 1024, H200, 8, 1, 256),
+        Job("70B, 4k tokens, 8 x 8 H200", 70e9, 80, 8192, 64, 4096, H200, 8, 8, 1024),
+        Job("70B, 4k tokens, 8 x 8 GPUs of 80 GB", 70e9, 80, 8192, 64, 4096, GB80, 8, 8, 1024),
+        Job("13B video DiT, 256k tokens, 4 x 8 H200", 13e9, 40, 5120, 40, 262144, H200, 8, 4, 32)]
 plans = [plan(j) for j in jobs]
 print(f"{'job':40s} | {'layout':34s} | states | activ. | ZeRO-3 s / compute s per step | why")
 for p in plans:
@@ -375,8 +383,9 @@ for p in plans:
 # NBVAL_CHECK_OUTPUT
 print("every plan fits 90% of its GPU's memory:", all(p.memory_gib() <= 0.9 * p.job.gpu_gib for p in plans))
 print("tensor parallelism never leaves a machine:", all(p.tp <= p.job.gpus_per_node for p in plans))
-print("the hidden-256 DiT's block computes for less time than its TP 2 all-reduces take (as measured on 2 x H200):",
-      block_seconds(Job("bench", 5e6, 4, 256, 4, 16, 141, 2, 1), 2) < tp_seconds(Job("bench", 5e6, 4, 256, 4, 16, 141, 2, 1), 2))
+bench = Job("configs/bench.yaml", 32.5e6, 12, 384, 6, 196, H200, 2, 1)
+print("configs/bench.yaml under TP 2: compute / all-reduce time below 1.5 (marginal; measured, TP 2 lost):",
+      block_seconds(bench, 2) / tp_seconds(bench, 2) < 1.5)
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
@@ -397,15 +406,16 @@ axes[1].axhline(1, color="k", lw=0.8); axes[1].set_xlabel("tokens per sample"); 
 axes[1].legend(fontsize=6, ncol=2); plt.tight_layout()
 
 # %% [markdown]
-# **What to notice.** Left: the workbook's own DiT and DiT-XL/2 are pure data parallelism. Their states take a few
-# GiB, and the planner adds an axis only when memory or the slow link forces one. The 70B model shards its states
+# **What to notice.** Left: the workbook's own DiT and DiT-XL/2 are pure data parallelism. Their states take 10 GiB or
+# less, and the planner adds an axis only when memory or the slow link forces one. The 70B model shards its states
 # first and takes TP inside the machine only when 80 GB GPUs leave no room for a sample's activations. The
 # 256k-token video DiT needs all of tensor parallelism inside the machine, and context parallelism across machines
-# on top. Right: tensor parallelism's ratio grows with the hidden size and is flat in the sequence length while the
+# on top (CP 4 x TP 8 with one replica). Right: tensor parallelism's ratio grows with the hidden size and is flat in the sequence length while the
 # linear layers dominate (their compute and the all-reduced bytes both grow with the tokens). It rises only where
 # attention's quadratic term takes over. Context parallelism's ratio grows with the tokens (attention is quadratic,
-# the ring linear). This is arithmetic, an upper bound, not a measurement. It says hidden 256 breaks even near a few
-# hundred tokens, yet on 2 x H200 Ulysses paid only at 3136 tokens (1.42x) and lost at 196 (0.52x): at small shapes
+# the ring linear). This is arithmetic, an upper bound, not a measurement. At hidden 384 it gives TP 2 a ratio of
+# 1.1 at 196 tokens and the ring more, yet on 2 x H200 TP 2 lost and Ulysses paid only at 3136 tokens (1.42x) and
+# lost at 196 (0.52x): at small shapes
 # kernels run far below 50% of peak and each message's latency, not its bytes, sets its time. That is why the planner
 # adds an axis only when memory forces it, and why the GPU measurements are its check. torchtitan and the Hugging
 # Face "Ultra-Scale Playbook" (2025) give the same order of decisions in more detail.

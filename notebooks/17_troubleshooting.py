@@ -22,7 +22,7 @@
 # measured with the project's own tools: `docs/measurements/1xh200-2026-12-03/` (`tools/gpu_fundamentals.sh`).
 
 # %%
-import os, json, math, subprocess, sys
+import os, json, math, re, subprocess, sys
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -100,7 +100,8 @@ ticks = [i for i, e in enumerate(steps_) if not e["what"].startswith(("forward b
 ax.set_xticks(ticks, [steps_[i]["what"].split(" (")[0] for i in ticks], rotation=30, ha="right", fontsize=7)
 ax.set_ylabel("GiB allocated"); ax.legend(); ax.set_title("one training step, bench DiT, batch 256, fp32, one H200")
 plt.tight_layout()
-print(f"states at the start: {steps_[0]['allocated'] / MIB:.0f} MiB (weights + AdamW moments; gradients freed)")
+print(f"allocated at the start: {steps_[0]['allocated'] / MIB:.0f} MiB, of which weights and AdamW moments "
+      f"{(mem['rows'][0]['states']['parameters'] + mem['rows'][0]['states']['optimizer']) / MIB:.0f} MiB")
 print(f"each block's forward adds {gpu_block / MIB:.1f} MiB; the formula says "
       f"{mem['block_formula_bytes'] / MIB:.1f} MiB ({gpu_block / mem['block_formula_bytes'] - 1:+.1%})")
 print(f"peak {peak / MIB:.0f} MiB, at the turn from forward to backward; after backward {steps_[-3]['allocated'] / MIB:.0f} MiB")
@@ -108,8 +109,9 @@ print(f"peak {peak / MIB:.0f} MiB, at the turn from forward to backward; after b
 # %% [markdown]
 # **What to notice.** Memory climbs by the same step for each block's forward and falls by it in each block's
 # backward: the peak sits at the turn from forward to backward, when every block's activations are alive and the
-# first gradients are being made. The model states (446 MiB) are 2% of the peak (18.3 GiB). Sharding them (ZeRO,
-# FSDP) would save little here, which is what chapter 07 measured on two GPUs (every stage's peak 5.1 GiB). The
+# first gradients are being made. What is allocated at the start of a step (446 MiB: the fp32 weights and AdamW's
+# moments, 372 MiB, plus the batch and small buffers) is 2% of the peak (18.3 GiB). Sharding them (ZeRO,
+# FSDP) would save little here, which is what chapter 07 measured on two GPUs (every stage's peak 5.1-5.2 GiB). The
 # counted formula is within 0.3% of the GPU's per-block step. The rest is the CUDA attention kernel saving slightly
 # different tensors than the CPU one.
 #
@@ -158,19 +160,24 @@ for r in rows:
           f"({r['peak'] / base['peak']:.2f}x memory, {r['step_s'] / base['step_s']:.2f}x time)")
 
 # %% [markdown]
-# **What to notice.** Each recomputed block gives back its 1.4 GiB at about 5.7 ms, or 2.7% of the step: recomputing
-# all 12 takes the peak from 18.3 to 3.0 GiB for 33% more time, about one extra forward (a forward is roughly a
-# third of a step). The line is straight in both panels, so `recompute_blocks` buys exactly as much memory as needed
-# and no more. Selective recomputation of the attention core saves almost nothing here: this DiT's attention runs in
-# a fused kernel (FlashAttention-style on the GPU, a fused CPU kernel here) that never stores the S x S scores, so
+# **What to notice.** Each recomputed block gives back its 1.4 GiB at about 5.7 ms, or 2.7% of the step, up to
+# the 11th: recomputing all 12 takes the peak from 18.3 to 3.0 GiB for 33% more time, about one extra forward (a
+# forward is roughly a third of a step). The memory line is straight up to 11 blocks and flattens at the last (132 MiB):
+# with everything recomputed, the peak is no longer at the end of forward (1.5 GiB then) but inside backward, where
+# one block's activations are rebuilt beside the gradients. So `recompute_blocks` buys memory block by block, down to
+# that floor. Selective recomputation of the attention core saves almost nothing here: this DiT's attention runs in
+# a fused kernel (in fp32 on the GPU the memory-efficient one; a fused CPU kernel here) that never stores the S x S scores, so
 # the term selective recomputation was designed for is already gone. `save_on_cpu(pin_memory=True)` moves every
 # saved activation to pinned host memory (peak 1.5 GiB, below full recomputation) but costs 4.7x the time: the
 # copies over PCIe are not overlapped with compute. ZeRO-Offload (DeepSpeed's `offload_optimizer: cpu`,
 # `configs/ds_zero2_offload.json`) keeps the fp32 master weights, AdamW's moments and the optimizer step in CPU
 # memory. DeepSpeed refuses the project's AdamW there unless `zero_force_ds_cpu_optimizer` is false (it wants its
 # compiled `DeepSpeedCPUAdam`); with that flag, ZeRO-2 with offload matches the single process on 2 CPU processes
-# (1.6e-7 over 20 steps, `tests/test_zero.py`). Its memory was not measured: on a CPU the "offload" moves nothing,
-# and no GPU was available for the second call. With these model states at 2% of the peak it would save little.
+# (1.6e-7 over 20 steps, `tests/test_zero.py`). On a CPU the "offload" moves nothing, so its memory was measured on
+# one H200, where model states dominate: `configs/bench.yaml` at hidden 1024 (230M parameters), bf16, batch 8, one
+# rank, `--report`: ZeRO-2's CUDA peak 5,819 MiB, with offload 2,328 MiB, for 2.6x the time (20 steps in 13.2 s
+# instead of 5.1 s; `zero2*_bench1024.json` in the measurements folder). For this section's bench DiT, whose states
+# are 2% of the peak, it would save little.
 #
 # ## 3. A 2-D rotary position embedding
 #
@@ -208,7 +215,8 @@ plt.tight_layout()
 # NBVAL_CHECK_OUTPUT
 print(f"{len(groups)} offsets on a {g}x{g} grid; every score of one offset equal (spread <= 1e-5):", spread <= 1e-5)
 print("without the rotation every score is equal (position is invisible):",
-      float((q[0, :, 0] @ k[0, :, 0].T).std()) < 1e-6)
+      float((q[0, :, 0] @ k[0, :, 0].T).std()) < 1e-6,
+      "| with it, the offsets' scores differ (std > 1e-3):", float(np.std([v[0] for v in groups.values()])) > 1e-3)
 
 # %% [markdown]
 # Trained at `configs/mnist.yaml` for 1,500 steps on one H200 with each embedding (`tools/time_to_quality.py`, the
@@ -428,7 +436,12 @@ def demo(mode, debug="OFF"):
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISTRIBUTED_DEBUG=debug, PYTHONPATH=os.getcwd())
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "tools/hang_demo.py", mode], capture_output=True, text=True, env=env, timeout=120)
-    return sorted(line[:170] for line in r.stdout.splitlines() if line.startswith("[rank"))
+    lines = []
+    for line in r.stdout.splitlines():
+        if line.startswith("[rank"):
+            shapes = re.findall(r"TensorShape=\[[0-9, ]*\]", line)
+            lines.append(line[:150] + (" ... " + ", ".join(shapes) if shapes else ""))
+    return sorted(lines)
 
 
 hang = {("skip", "OFF"): demo("skip"), ("mismatch", "OFF"): demo("mismatch"),
@@ -442,8 +455,9 @@ for (mode, dbg), lines in hang.items():
 # NBVAL_CHECK_OUTPUT
 print("a skipped collective ends rank 0 with a timeout error after ~5 s, not a hang:",
       any("Timed out" in line and "after 5." in line for line in hang["skip", "OFF"]))
-print("DETAIL names the mismatch (the collective's shape on each side):",
-      any("Detected mismatch between collectives" in line for line in hang["mismatch", "DETAIL"]))
+print("DETAIL names the mismatch and the collective's shape on each side:",
+      any("Detected mismatch between collectives" in line and "TensorShape=[4]" in line
+          and "TensorShape=[5]" in line for line in hang["mismatch", "DETAIL"]))
 
 # %% [markdown]
 # Without `DETAIL` the mismatched shapes end in a crash on one rank and "Connection reset by peer" on the other,
@@ -514,7 +528,8 @@ ax.set_yscale("log"); ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend();
 # follow each other, individual steps differ by up to 6% (two runs of noisy mini-batch steps drift apart, as fp32 vs
 # bf16 did in chapter 04), and the final losses agree within 1.4%. The whole run was only 1.3x faster, because this
 # small model is not dominated by large matmuls. For training, TF32 is free speed. For a parity test against another
-# process it is a tolerance to state: the workbook's GPU parity runs keep PyTorch's default (off).
+# process it is a tolerance to state: PyTorch leaves it off for matmuls but on for cuDNN convolutions (the DiT's
+# patch embedding is one), so `dit_core.train` turns both off explicitly for fp32 runs.
 
 # %% [markdown]
 # ## 11. Scaling laws in miniature
@@ -609,7 +624,8 @@ print("H200, 3000 steps: each wider model ends lower, and the frontier's loss fa
 # the straight fit (C^-0.074) at small compute and slower at large. The loss is a training loss at one learning rate, a constant rate favours no budget, and MNIST
 # at 16 tokens saturates early. Kaplan's exponents come from cross-entropy on text over seven orders of magnitude,
 # tuned per size. To turn this into a real study: a held-out loss, a learning-rate sweep per width, a decaying
-# schedule with one run per budget (as Chinchilla did), and more than one decade of N.
+# schedule with one run per budget (as Chinchilla did), and many more decades of N than these two (Kaplan's span
+# more than six).
 
 # %% [markdown]
 # ## Exercises

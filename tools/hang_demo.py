@@ -35,7 +35,7 @@ def main():
             dist.all_reduce(torch.ones(4 + env.rank))
         print(f"[rank {env.rank}] {a.mode}: finished after {time.perf_counter() - t0:.1f} s", flush=True)
     except Exception as e:                               # what the learner would see in the traceback
-        msg = " ".join(str(e).split())[:300]
+        msg = " ".join(str(e).split())[:1200]
         waited = time.perf_counter() - t0
         print(f"[rank {env.rank}] {a.mode}: {type(e).__name__} after {waited:.1f} s: {msg}", flush=True)
     exit_process(0)

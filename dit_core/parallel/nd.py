@@ -11,8 +11,8 @@ ranks from the innermost (consecutive ranks) outwards:
       traffic, so its stages may sit on different nodes.
   dp  outermost: one all-reduce of the gradients per step, off the critical path until the step's end.
 
-Megatron-LM (Narayanan et al., 2021, "Efficient Large-Scale Language Model Training on GPU Clusters") and
-picotron order their grids the same way (tensor parallelism inside a node, data parallelism across nodes).
+picotron orders its grid the same way, (dp, pp, cp, tp). Megatron-LM (Narayanan et al., 2021) and torchtitan also
+keep tensor parallelism innermost, inside a node, but put the pipeline outermost.
 
 Each rank is one stage (its coordinate p) of one pipeline; the stage holds the blocks `split_blocks` gives it, with
 those blocks' big linear layers sliced over the tp group and their attention run as ring attention over the cp

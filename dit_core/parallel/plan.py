@@ -7,8 +7,8 @@ against numbers the workbook measured or counted.
     2020; torchtitan starts every layout from FSDP). It communicates once per step and overlaps with backward.
   * Tensor parallelism next, inside a node only (Narayanan et al., 2021, "Efficient Large-Scale Language Model
     Training on GPU Clusters": TP up to the GPUs of one node, pipeline parallelism across nodes), and only when the
-    hidden size makes a block's compute outweigh its all-reduces: on 2 x H200 the workbook's hidden-256 DiT ran
-    slower with TP 2 than on one GPU (docs/results.md, tensor parallelism).
+    hidden size makes a block's compute outweigh its all-reduces: on 2 x H200 `configs/bench.yaml` (hidden 384, 196
+    tokens; a ratio of 1.1 by this arithmetic) ran slower with TP 2 than on one GPU (docs/results.md).
   * Context parallelism when one sequence's activations do not fit (Liu et al., 2023; torchtitan's CP): its ring
     traffic grows with the tokens while attention grows with their square, so it pays only at long sequences (on
     2 x H200 Ulysses was 0.52x one GPU at 196 tokens and 1.42x at 3136).
@@ -20,7 +20,8 @@ Memory per GPU: model states 16 bytes per parameter (bf16 weights and gradients,
 moments; Rajbhandari et al., 2020), divided by tp x pp, and by dp as well under ZeRO-3. Activations of one sample
 with flash attention: 34 bytes per token per hidden unit per layer (Korthikanti et al., 2022, "Reducing Activation
 Recomputation in Large Transformer Models", without the 5as/h score term that flash attention does not store),
-divided by tp (with sequence parallelism) and by cp; 1F1B keeps as many micro-batches on the first stage as there are
+divided by tp (which assumes Megatron's sequence parallelism beside TP; this project's TP has none, where plain TP
+gives s·h·(10 + 24/t)) and by cp; 1F1B keeps as many micro-batches on the first stage as there are
 stages, so PP does not shrink it. Bytes moved per layer: the project's own formulas, which its tests check against
 counted bytes (`tp_allreduce_elements`, `ring_attention_elements`).
 """
@@ -47,7 +48,7 @@ class Job:
     hidden: int
     heads: int
     tokens: int              # per sample
-    gpu_gib: float
+    gpu_gib: float           # GiB (2^30 bytes): a 141 GB H200 is 131.3
     gpus_per_node: int
     nodes: int
     global_batch: int = 256  # samples per optimizer step
