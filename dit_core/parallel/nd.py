@@ -35,7 +35,8 @@ from ..engine import clip_by_norm_
 from ..model import DiT, patch_tokens
 from .context import ContextAttention
 from .dist import DistEnv, DistParallel
-from .pipeline import PipelineEMA, PipelineEngine, PipelineStrategy, RankStages, check_pipeline
+from .pipeline import (PipelineEMA, PipelineEngine, PipelineStrategy, RankStages, all_reduce_gradients,
+                       check_pipeline)
 from .tensor import check_tensor_parallel, gather_state_dict, load_full_state_dict, parallelize
 from .ulysses import check_token_split, token_loss, token_slice
 
@@ -196,16 +197,9 @@ class NDStrategy(PipelineStrategy):
     def finish_gradient_sync(self, model) -> None:
         """One all-reduce over the dp x cp group: the cp ranks' partial gradients (each its tokens' share of the
         loss) add up, the dp ranks' gradients of different data are averaged (/ dp)."""
-        if self.layout.dp * self.layout.cp == 1:
-            return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat, group=self.nd.groups["dp_cp"])
-        flat /= self.layout.dp * (self.layout.cp if self.broken == "cp-average" else 1)
-        i = 0
-        for g in grads:
-            g.copy_(flat[i:i + g.numel()].view_as(g))
-            i += g.numel()
+        if self.layout.dp * self.layout.cp > 1:
+            all_reduce_gradients(model, self.nd.groups["dp_cp"],
+                                 self.layout.dp * (self.layout.cp if self.broken == "cp-average" else 1))
 
     def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
         """The whole model's gradient norm in one all-reduce over the pp x tp group: a stage's tensor-parallel

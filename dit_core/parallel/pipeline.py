@@ -402,6 +402,18 @@ class PipelineEngine(RankFilesEngine):
         return {"pp_degree": self.par.stages, "virtual_stages": self.par.chunks, "world_size": self.par.world_size}
 
 
+def all_reduce_gradients(model, group, divisor: float) -> None:
+    """Sum every gradient of `model` over `group` in one flat all-reduce, then divide by `divisor`."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= divisor
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
+
+
 class PipelineStrategy(DistParallel):
     """DP x PP for `dit_core.train`: ranks [d*P, (d+1)*P) are pipeline d (stage s on rank d*P + s) and train
     on data-parallel slice d of the global batch; the gradients are averaged over the data-parallel group."""
@@ -443,16 +455,8 @@ class PipelineStrategy(DistParallel):
     def finish_gradient_sync(self, model) -> None:
         """Data parallelism across pipelines: one all-reduce of this stage's flattened gradients, then / dp
         (after the schedule, not overlapped: the hand-written DDP's buckets would fire once per micro-batch)."""
-        if self.mesh.dp_size == 1:
-            return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat, group=self.mesh.dp_group)
-        flat /= self.mesh.dp_size
-        i = 0
-        for g in grads:
-            g.copy_(flat[i:i + g.numel()].view_as(g))
-            i += g.numel()
+        if self.mesh.dp_size > 1:
+            all_reduce_gradients(model, self.mesh.dp_group, self.mesh.dp_size)
 
     def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
         """The norm of the whole model's gradient: each stage holds different parameters, so the squares
