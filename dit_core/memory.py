@@ -18,6 +18,7 @@ import torch
 
 from .config import Config, load_config
 from .diffusion import Diffusion
+from .engine import autocast_ctx
 from .model import CHECKPOINT_INPUT_HOOKS, DiT
 
 MIB = 2 ** 20
@@ -44,9 +45,12 @@ def block_activation_elements(tokens: int, hidden: int, heads: int, mlp_ratio: f
     return int(n + (heads * S * S if attn_scores else 0))
 
 
-def saved_activation_bytes(model: DiT, cfg: Config, batch: int = 8, device: str = "cpu") -> int:
+def saved_activation_bytes(model: DiT, cfg: Config, batch: int = 8, device: str = "cpu",
+                           precision: str = "fp32") -> int:
     """Bytes autograd keeps between one forward of the training loss and its backward (CPU or GPU): each saved
-    storage once, parameters and buffers excluded, plus the inputs recomputed regions keep."""
+    storage once, parameters and buffers excluded, plus the inputs recomputed regions keep. `precision` bf16/fp16:
+    the forward under autocast, as the engine runs it (the low-precision copies of the weights that the linear layers
+    keep for backward are new storages, so they are counted too)."""
     model = model.to(device)
     weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     seen: dict = {}
@@ -70,12 +74,33 @@ def saved_activation_bytes(model: DiT, cfg: Config, batch: int = 8, device: str 
     diffusion = Diffusion(cfg.diffusion, torch.device(device))
     CHECKPOINT_INPUT_HOOKS.append(held)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(lambda x: note(x), lambda x: x):
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: note(x), lambda x: x), \
+                autocast_ctx(precision, torch.device(device)):
             loss = diffusion.loss(model, x0, y, t, noise, None)
     finally:
         CHECKPOINT_INPUT_HOOKS.remove(held)
     loss.backward()
     return sum(seen.values())
+
+
+def activation_bytes_per_token_hidden(cfg: Config, precision: str = "fp32", batch: int = 1,
+                                      device: str = "cpu") -> float:
+    """Bytes one DiT block keeps for backward per sample, per token and per hidden unit, measured at `cfg`'s shape
+    (its depth is replaced): the counted bytes of `saved_activation_bytes` for depth 2 minus depth 1 (one block),
+    at batch 2·`batch` minus batch `batch` (one sample's share; what does not grow with the batch, such as
+    autocast's bf16 copies of the weights, cancels), divided by batch x tokens x hidden. The activation constant of
+    dit_core.parallel.plan: 80.2 in fp32 and 40.1 under bf16 autocast at DiT-XL/2's shape."""
+    from dataclasses import replace
+    m = cfg.model
+    counted = {}
+    for depth in (1, 2):
+        c = replace(cfg, model=replace(m, depth=depth))
+        for b in (batch, 2 * batch):
+            torch.manual_seed(0)
+            counted[depth, b] = saved_activation_bytes(DiT(c.model), c, batch=b, device=device, precision=precision)
+    one_block = (counted[2, 2 * batch] - counted[1, 2 * batch]) - (counted[2, batch] - counted[1, batch])
+    tokens = (m.image_size // m.patch_size) ** 2
+    return one_block / (batch * tokens * m.hidden_size)
 
 
 def step_memory(cfg: Config, batch: int, recompute: str = "none", blocks: int = 0, steps: int = 3,

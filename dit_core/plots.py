@@ -71,20 +71,22 @@ def _finish(fig, path):
 
 
 def parity_curves(a: list[dict], b: list[dict], path: str | Path | None = None, names=("A", "B")):
-    """Both loss curves on top, their relative difference (log scale) below."""
-    rows = compare(a, b)
-    steps = [r["step"] for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    top.plot(steps, [r["a"] for r in rows], lw=2.5, alpha=0.6, label=names[0])
-    top.plot(steps, [r["b"] for r in rows], "--", lw=1.2, label=names[1])
-    top.set_ylabel("loss")
-    top.legend()
-    top.grid(alpha=0.3)
-    rel = [max(r["rel"], 1e-12) for r in rows]
-    bottom.semilogy(steps, rel, ".-", color="C3")
-    bottom.set_ylabel("relative diff")
-    bottom.set_xlabel("optimizer step")
-    bottom.grid(alpha=0.3)
+    """What a parity check compares: both runs' loss (left) and gradient norm before clipping (right) on top, the
+    relative difference of each (log scale) below."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    for col, key in enumerate(("loss", "grad_norm")):
+        rows = compare(a, b, key)
+        steps = [r["step"] for r in rows]
+        top, bottom = axes[0, col], axes[1, col]
+        top.plot(steps, [r["a"] for r in rows], lw=2.5, alpha=0.6, label=names[0])
+        top.plot(steps, [r["b"] for r in rows], "--", lw=1.2, label=names[1])
+        top.set_ylabel("loss" if key == "loss" else "gradient norm (before clipping)")
+        top.legend()
+        top.grid(alpha=0.3)
+        bottom.semilogy(steps, [max(r["rel"], 1e-12) for r in rows], ".-", color="C3")
+        bottom.set_ylabel("relative diff")
+        bottom.set_xlabel("optimizer step")
+        bottom.grid(alpha=0.3)
     fig.tight_layout()
     return _finish(fig, path)
 

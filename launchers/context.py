@@ -21,11 +21,13 @@ def main(argv=None):
     p.add_argument("--cp-degree", type=int, default=2, help="ranks of the ring that pass K/V blocks (default 2)")
     p.add_argument("--ulysses-degree", type=int, default=1,
                    help="Ulysses inside each ring step (USP): ranks that trade tokens for heads (default 1: ring only)")
+    p.add_argument("--break", dest="broken", choices=ContextStrategy.BROKEN,
+                   help="(teaching) cp-average: average the context-parallel ranks' partial gradients instead of summing")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
     check_context_parallel(cfg.model, args.cp_degree, args.ulysses_degree, env.world_size)
-    strategy = ContextStrategy(env, args.cp_degree, args.ulysses_degree)
+    strategy = ContextStrategy(env, args.cp_degree, args.ulysses_degree, args.broken)
     result = train(cfg, parallel=strategy, quiet=not env.is_main)
     if env.is_main:
         m = strategy.mesh

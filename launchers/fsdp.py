@@ -23,10 +23,13 @@ def main(argv=None):
                    help="(hand) one unit per DiT block (default), or the whole model as one unit")
     p.add_argument("--no-prefetch", action="store_true", help="(hand) gather each unit only when it is needed")
     p.add_argument("--report", help="write the measured memory and communication of step 1 (JSON) here")
+    p.add_argument("--break", dest="broken", choices=FSDPStrategy.BROKEN,
+                   help="(teaching, hand) average: sum the gradient shards over the ranks without dividing by N")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
-    strategy = FSDPStrategy(env, args.impl, prefetch=not args.no_prefetch, unit=args.unit)
+    strategy = FSDPStrategy(env, args.impl, prefetch=not args.no_prefetch, unit=args.unit,
+                            broken=args.broken)
     hooks = FSDPReport(args.report, cfg, strategy) if args.report else None
     result = train(cfg, parallel=strategy, quiet=not env.is_main, hooks=hooks)
     if env.is_main:

@@ -18,11 +18,13 @@ from dit_core.train import train  # noqa: E402
 def main(argv=None):
     p = launcher_parser(__doc__.splitlines()[0])
     p.add_argument("--ep-degree", type=int, default=2, help="ranks that share one model's experts (default 2)")
+    p.add_argument("--break", dest="broken", choices=ExpertStrategy.BROKEN,
+                   help="(teaching) expert-average: divide expert gradients by their replica count instead of N")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
     check_expert_parallel(cfg.model, args.ep_degree, env.world_size)
-    strategy = ExpertStrategy(env, args.ep_degree)
+    strategy = ExpertStrategy(env, args.ep_degree, args.broken)
     result = train(cfg, parallel=strategy, quiet=not env.is_main)
     if env.is_main:
         print(f"[expert parallel, DP {strategy.dp_size} x EP {args.ep_degree}, {cfg.model.num_experts} experts, "

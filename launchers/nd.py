@@ -4,6 +4,10 @@
     torchrun --nproc_per_node 8 launchers/nd.py --pp 2 --cp 2 --tp 2 --device cpu          # --dp left out: 8 / 8 = 1
     torchrun --nproc_per_node 4 launchers/nd.py --dp 2 --cp 2 --microbatches 1 --schedule gpipe   # any degree may be 1
 
+On GPUs (NCCL, one process per GPU): the same commands with --device cuda, e.g. on one machine of 8 GPUs
+    torchrun --nproc_per_node 8 launchers/nd.py --dp 2 --pp 2 --tp 2 --device cuda
+(this launcher has run only over gloo on CPU processes; never on NCCL with 2 or more GPUs).
+
 Axes from the innermost (consecutive ranks) out: tp, cp, pp, dp; rank = ((dp*P + pp)*C + cp)*T + tp.
 """
 import json
@@ -38,7 +42,7 @@ def main(argv=None):
     microbatches = args.microbatches if args.microbatches is not None else (2 * args.pp if args.pp > 1 else 1)
     check_nd(cfg, layout, env.world_size, microbatches, args.schedule)
     strategy = NDStrategy(env, layout, microbatches, args.schedule, args.broken)
-    record = mesh_record(strategy)          # torch's DeviceMesh: each rank's coordinate and groups
+    record = mesh_record(strategy)          # each rank's coordinates and groups: ours and init_device_mesh's
     if env.is_main:
         print(f"[nd] {mesh_picture(layout)}")
         if layout.pp > 1:

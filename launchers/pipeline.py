@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from dit_core.config import config_from_args, launcher_parser  # noqa: E402
+from dit_core.config import ConfigError, config_from_args, launcher_parser  # noqa: E402
 from dit_core.errors import run_main  # noqa: E402
 from dit_core.parallel.dist import finish, init_from_env  # noqa: E402
 from dit_core.parallel.pipeline import (SCHEDULES, PipelineStrategy, TorchPipelineEngine, check_pipeline,  # noqa: E402
@@ -28,10 +28,13 @@ def main(argv=None):
     p.add_argument("--impl", choices=("hand", "torch"), default="hand",
                    help="hand: dit_core.parallel.pipeline; torch: torch.distributed.pipelining, the same stages")
     p.add_argument("--break", dest="broken", choices=PipelineStrategy.BROKEN,
-                   help="(teaching) rescale-grads: divide every gradient by M after each accumulation step")
+                   help="(teaching, hand) rescale-grads: divide every gradient by M after each accumulation step; "
+                        "sum-microbatches: leave the 1/M out of each micro-batch's loss")
     p.add_argument("--timeline", help="write when every stage computed and waited, step by step (JSON), here")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
+    if args.broken and args.impl == "torch":
+        raise ConfigError(f"--break {args.broken} changes the hand-written schedules; use it with --impl hand.")
     env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
     dp = env.world_size // args.pp_degree if args.pp_degree >= 1 and env.world_size % args.pp_degree == 0 else 1
     check_pipeline(cfg, args.pp_degree, env.world_size, args.microbatches, args.schedule, dp, args.virtual_stages)

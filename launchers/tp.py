@@ -18,11 +18,13 @@ from dit_core.train import train  # noqa: E402
 def main(argv=None):
     p = launcher_parser(__doc__.splitlines()[0])
     p.add_argument("--tp-degree", type=int, default=2, help="ranks that share every layer (default 2)")
+    p.add_argument("--break", dest="broken", choices=TensorParallelStrategy.BROKEN,
+                   help="(teaching) world-average: divide the data-parallel gradient sum by the world size")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
     check_tensor_parallel(cfg.model, args.tp_degree, env.world_size)
-    strategy = TensorParallelStrategy(env, args.tp_degree)
+    strategy = TensorParallelStrategy(env, args.tp_degree, args.broken)
     result = train(cfg, parallel=strategy, quiet=not env.is_main)
     if env.is_main:
         m = strategy.mesh

@@ -26,12 +26,15 @@ def main(argv=None):
     p.add_argument("--bucket-elements", type=int, default=50_000_000,
                    help="ZeRO communication bucket size in elements (DeepSpeed's default 5e8 is 2 GB of fp32)")
     p.add_argument("--report", help="write the measured memory and communication of one step (JSON) here")
+    p.add_argument("--break", dest="broken", choices=ZeroStrategy.BROKEN,
+                   help="(teaching) accum-twice: divide the loss by the accumulation count as well as DeepSpeed does")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     check_stage(args.stage)           # before any process group exists
     env = init_from_env(cfg.run.device, launcher="deepspeed --num_gpus N", timeout=cfg.run.dist_timeout)
-    strategy = ZeroStrategy(env, args.stage, args.ds_config, args.persistence_threshold, args.bucket_elements)
+    strategy = ZeroStrategy(env, args.stage, args.ds_config, args.persistence_threshold, args.bucket_elements,
+                            args.broken)
     hooks = None
     if args.report:
         from dit_core.parallel.zero_report import StepReport

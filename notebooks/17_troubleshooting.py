@@ -11,26 +11,30 @@
 #
 # **The idea.** The fundamentals the course notes teach beside the strategies: where a training step's GPU memory
 # (显存) goes, and when; how **activation recomputation** (激活重计算, also "activation checkpointing") and
-# **offload** (卸载) trade time for it; a **rotary position embedding** (旋转位置编码, RoPE) for the DiT; running the
-# trained denoiser without PyTorch through **ONNX**; and, at the end, **scaling laws** (缩放定律) in miniature. Then the symptoms every learner meets, each one reproduced on
-# purpose and fixed: a loss that becomes NaN, a loss that does not fall, out of memory, a distributed job that
-# hangs, ranks that disagree, and what TF32 does to fp32.
+# **offload** (卸载) trade time for it, and what to reach for, in order, when memory runs out (out of memory,
+# reproduced on purpose); a **rotary position embedding** (旋转位置编码, RoPE) for the DiT; running the trained
+# denoiser without PyTorch through **ONNX**. Then the other symptoms every learner meets, each one reproduced on
+# purpose and fixed: a loss that becomes NaN, a loss that does not fall, a distributed job that hangs, ranks that
+# disagree, and what TF32 does to fp32. At the end, **scaling laws** (缩放定律) in miniature.
 #
 # The code: `dit_core/memory.py` (counting and measuring memory), `train.recompute` / `train.recompute_blocks`
 # (activation checkpointing in the training loop), `model.pos_embed=rope2d` (in `dit_core/model.py`),
-# `dit_core/export.py` (ONNX), `tools/hang_demo.py`, `tools/tf32.py`. The GPU figures come from one H200,
-# measured with the project's own tools: `docs/measurements/1xh200-2026-12-03/` (`tools/gpu_fundamentals.sh`).
+# `dit_core/export.py` (ONNX), `tools/oom_demo.py`, `tools/hang_demo.py`, `tools/rank_checksums.py`,
+# `tools/tf32.py`, `tools/scaling.py`. Every cell that runs something runs it on this 2-core CPU; the GPU figures
+# are read from files measured on one H200 with the project's own tools: `docs/measurements/1xh200-2026-12-03/`
+# (`tools/gpu_fundamentals.sh`).
 
 # %%
-import os, json, math, re, subprocess, sys
+import contextlib, os, json, math, re, shlex, subprocess, sys
 import numpy as np
 import torch
 import torch.nn.functional as F
 import matplotlib.pyplot as plt
 from dit_core.config import load_config
+from dit_core.logs import read_jsonl
 from dit_core.model import DiT, apply_rope, rope_2d_tables
 from dit_core.memory import state_bytes, saved_activation_bytes, block_activation_elements
-from dit_core.parity import run_here, compare, max_rel
+from dit_core.parity import BITWISE, SUM_ORDER, parity, run_here
 from dit_core.plots import sample_grid
 
 SMOKE = os.environ.get("DIT_WORKBOOK_SMOKE") == "1"
@@ -122,7 +126,10 @@ print(f"peak {peak / MIB:.0f} MiB, at the turn from forward to backward; after b
 # first N blocks only. `train.recompute=attention` recomputes only the attention core, which is Korthikanti et al.'s
 # (2022) *selective* recomputation: it targets the S² attention scores, the largest activations when attention is
 # computed as matmul-softmax-matmul. Recomputation runs the same operations on the same inputs again, so on the CPU
-# the loss curve must be **bitwise** the same:
+# the loss and the gradient norm must be **bitwise** those of keeping every activation, at every step
+# (`parity(..., BITWISE)`). `launchers/single.py` on this CPU, 30 steps of a small DiT (hidden 32, depth 2), each
+# mode against keeping everything (on a GPU the same switch: `python launchers/single.py --config configs/mnist.yaml
+# --set train.recompute=full`, `--device auto` takes the GPU):
 
 # %%
 STEPS = 6 if SMOKE else 30
@@ -132,13 +139,16 @@ modes = {"keep everything": [], "full, every block": ["--set", "train.recompute=
 logs = dict(zip(modes, run_here("launchers/single.py", [SMALL + ["--max-steps", str(STEPS), "--results-dir",
                                                                  f"/tmp/ch17/rc{i}"] + f
                                                         for i, f in enumerate(modes.values())])))
-ref = logs["keep everything"]
+ref = logs.pop("keep everything")
+recompute_parity = {name: parity(ref, log, BITWISE) for name, log in logs.items()}
+for name, v in recompute_parity.items():
+    print(f"{name:24s} {v}")
 
 # %%
 # NBVAL_CHECK_OUTPUT
-for name, log in logs.items():
-    same = [(r["loss"], r["grad_norm"]) for r in log] == [(r["loss"], r["grad_norm"]) for r in ref]
-    print(f"{name:24s}: loss and gradient norm bitwise equal to keeping every activation: {same}")
+for name, v in recompute_parity.items():
+    print(f"{name:24s} against keeping every activation, loss and gradient norm at every step, bitwise: "
+          f"{'PASS' if v.ok else 'FAIL'}")
 
 # %%
 rows = mem["rows"]
@@ -179,46 +189,230 @@ for r in rows:
 # instead of 5.1 s; `zero2*_bench1024.json` in the measurements folder). For this section's bench DiT, whose states
 # are 2% of the peak, it would save little.
 #
-# ## 3. A 2-D rotary position embedding
+# ## 3. Out of memory: the order of remedies
+#
+# Reproduced on this CPU: `tools/oom_demo.py` caps its own memory at 2 GiB (`RLIMIT_DATA`: the heap and anonymous
+# mappings, where the CPU allocator puts every tensor) and runs one training step of the tiny DiT at a batch of
+# 8192, whose block activations (2.6 GiB by the formula of section 1) do not fit. Then the same step with every block
+# recomputed; when it fits, the tool prints the process's peak resident memory (`ru_maxrss`, torch's own libraries
+# included). On a GPU the error is `torch.cuda.OutOfMemoryError`, and its message also gives the memory allocated
+# and reserved by PyTorch.
+
+# %%
+oom = {}
+for r_ in ("none", "full"):
+    res_ = subprocess.run([sys.executable, "tools/oom_demo.py", "--limit-mib", "2048", "--batch", "8192", "--recompute", r_],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=os.getcwd()))
+    oom[r_] = res_.stdout.strip()
+    print(oom[r_])
+print(f"formula: {block_activation_elements(16, 64, 4) * 4 * 8192 * 4 / 2 ** 30:.2f} GiB of block activations at batch 8192")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("batch 8192 in 2 GiB: the step runs out of memory:", "can't allocate memory" in oom["none"],
+      "| with train.recompute=full it fits:", ": ok," in oom["full"])
+
+# %% [markdown]
+# Before the remedies, one number the table needs: how much a **bf16 autocast** (自动混合精度) step keeps. The count of section 1,
+# under `torch.autocast(dtype=torch.bfloat16)`, for the bench DiT of section 2 at a batch of 1 and of 2: the
+# difference is what one sample adds, the rest is kept once per step. Autocast does not run every operation in bf16,
+# and its lists differ between devices: CPU autocast runs `layer_norm` in bf16, CUDA autocast runs it in fp32 (so
+# its input, statistics and output stay 4 bytes). The CPU count is made both ways: with CPU autocast's own rules,
+# and with `layer_norm` moved to fp32 as on a GPU.
+
+# %%
+bench = load_config("configs/bench.yaml", {})
+_layer_norm = F.layer_norm
+
+
+@contextlib.contextmanager
+def layer_norm_in_fp32():
+    """CUDA autocast's rule for layer_norm, on the CPU: the input cast to fp32 and the norm run outside autocast."""
+    def ln(x, *args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return _layer_norm(x.float(), *args, **kwargs)
+    F.layer_norm = ln                     # nn.LayerNorm calls F.layer_norm at every forward
+    try:
+        yield
+    finally:
+        F.layer_norm = _layer_norm
+
+
+AMP = {"fp32": (False, False), "bf16 autocast, CPU's rules": (True, False),
+       "bf16 autocast, layer_norm in fp32 (CUDA's)": (True, True)}
+per_sample, once = {}, {}
+for name, (bf16, ln32) in AMP.items():
+    n = {}
+    for b in (1, 2):
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+                (layer_norm_in_fp32() if ln32 else contextlib.nullcontext()):
+            n[b] = saved_activation_bytes(DiT(bench.model), bench, batch=b)
+    per_sample[name], once[name] = n[2] - n[1], 2 * n[1] - n[2]
+n_params = sum(p.numel() for p in DiT(bench.model).parameters())
+print(f"bench DiT ({n_params:,} parameters, 196 tokens), what autograd keeps, counted on this CPU:")
+for name in AMP:
+    print(f"  {name:44s} {per_sample[name] / MIB:6.2f} MiB per sample "
+          f"({per_sample[name] / per_sample['fp32']:.3f}x fp32), {once[name] / MIB:5.1f} MiB once per step")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+r_cpu, r_cuda = (per_sample[k] / per_sample["fp32"] for k in list(AMP)[1:])
+print("fp32: everything kept grows with the batch (nothing kept once):", once["fp32"] == 0)
+print("bf16, CPU's rules: about half of fp32 per sample (0.45-0.55):", 0.45 < r_cpu < 0.55,
+      "| layer_norm in fp32: more than half (> 0.55):", r_cuda > 0.55)
+print("bf16: what is kept once is about 2 bytes per parameter (autocast's bf16 copies of the weights, within 2%):",
+      all(abs(once[k] / (2 * n_params) - 1) < 0.02 for k in list(AMP)[1:]))
+
+# %% [markdown]
+# From section 2's measurements (bench DiT, fp32, batch 256 on one H200, peak 18.3 GiB, 2% of it model states) and
+# the counts above, what each remedy costs and saves, cheapest first. Only row 2 is measured at this size; the others
+# are arithmetic on those numbers:
+
+# %%
+none = rows[0]
+act = none["peak"] - none["start"]
+full12 = next(r for r in rows if r["recompute"] == "full" and r["blocks"] == 12)
+amp_ = list(AMP)[2]
+print(f"{'remedy':58s} {'peak GiB':>9s}  cost")
+print(f"{'as measured (batch 256)':58s} {none['peak'] / 2 ** 30:9.1f}")
+print(f"{'1. halve the micro-batch, accumulate 2 (same global batch)':58s} {(none['start'] + act / 2) / 2 ** 30:9.1f}"
+      "  (arithmetic: activations / 2) the same result, more, smaller steps")
+print(f"{'2. recompute all 12 blocks (measured)':58s} {full12['peak'] / 2 ** 30:9.1f}"
+      f"  {full12['step_s'] / none['step_s'] - 1:+.0%} time")
+print(f"{'3. bf16 autocast':58s} {(none['start'] + act * r_cuda + once[amp_]) / 2 ** 30:9.1f}"
+      f"  (arithmetic: activations x {r_cuda:.2f}, counted with CUDA's layer_norm rule, + {once[amp_] / MIB:.0f} MiB "
+      f"of weight copies; x {r_cpu:.2f} would give {(none['start'] + act * r_cpu + once[amp_]) / 2 ** 30:.1f}) "
+      "faster on a GPU, a looser tolerance")
+print(f"{'4. ZeRO-3 / FSDP over 8 GPUs (model states / 8)':58s} {(none['peak'] - none['start'] * 7 / 8) / 2 ** 30:9.1f}"
+      f"  (arithmetic) communication; here it saves {none['start'] * 7 / 8 / 2 ** 30:.1f} GiB")
+
+# %% [markdown]
+# Batch and accumulation come first because they change nothing about the result (chapter 04 proved accumulation
+# equals the large batch). Recomputation changes only the time, bf16 changes the numerics within the curve
+# tolerance, and sharding (ZeRO, FSDP, chapters 07 and 13) changes the program. It pays when model states, not
+# activations, fill the GPU, which is not the case here. For a large model it is the other way round (chapter 16's
+# planning table). Also check for memory held by mistake: a loss accumulated with its graph (`total += loss`
+# instead of `loss.item()`), or a list of outputs kept across steps.
+#
+# bf16 autocast is not the halving it is often taken for. Counted on this CPU, the bench DiT keeps 70.0 MiB per
+# sample in fp32 and 35.1 MiB (0.50x) under CPU autocast's rules, but 42.2 MiB (0.60x) with `layer_norm` in fp32,
+# which is what CUDA autocast does (PyTorch's autocast op reference lists `layer_norm` among the CUDA ops that
+# autocast to float32): each block's two LayerNorms keep their input, statistics and output in 4 bytes. On top
+# comes what is kept once per step, 61.6 MiB here: autocast's bf16 copies of the weights, about 2 bytes per
+# parameter, held from their first use in forward until backward has used them. Row 3 is therefore 11.3 GiB, not
+# the 9.4 GiB that halving would give. It is still arithmetic on a CPU count; on a GPU,
+# `torch.cuda.max_memory_allocated` with and without autocast is the measurement.
+#
+# ## 4. A 2-D rotary position embedding
 #
 # DiT adds a fixed sin-cos embedding to the tokens once. RoPE (Su et al., 2021, "RoFormer") instead *rotates*
 # every head's query and key vectors, channel pair by channel pair, by an angle proportional to the token's
 # position. A rotation by angle mθ applied to q at position m and nθ applied to k at position n leaves
 # q·k = |q||k|cos(... + (m - n)θ), so the score depends only on the **offset** m - n. `model.pos_embed=rope2d` makes
 # it 2-D the axial way (Heo et al., 2024, "Rotary Position Embedding for Vision Transformer"): half the channel
-# pairs turn with the token's row, half with its column. The check: give every position the same query content and
-# the same key content, and every score of one offset must be the same number:
+# pairs turn with the token's row, half with its column.
+#
+# Four checks, on the tables the model itself rotates with (`blocks[0].attn.rope_cos`, `rope_sin`; the tiny DiT's
+# 4 x 4 grid, head size 16) and `model.apply_rope`:
+# 1. **only the offset counts**: a different random query and key at every position; move all of them by the same
+#    (dy, dx) (each vector rotated by its new position's angles) and every score between two moved tokens must stay
+#    what it was;
+# 2. **both axes are seen**: one query vector and one key vector, the key at offset (0, 1) or (1, 0) from the query,
+#    must score differently from the key on the query's own position;
+# 3. **rows and columns are told apart**: offsets (0, 1) and (1, 0) must give different scores;
+# 4. **two-dimensional, not the flattened index**: (0, 1) and (1, -3) are both one step apart in the flattened order
+#    (row x 4 + column) and must give different scores.
+#
+# Each check must be able to fail, so the same four run on four tables built wrong on purpose: a 1-D RoPE over the
+# flattened index (every pair turned by row x 4 + column), one that ignores the column (its pairs never turn), one
+# that turns every pair by row + column, and the tables of a 5 x 5 grid used on 4 x 4 tokens.
 
 # %%
-g, D = 4, 16
-cos, sin = rope_2d_tables(D, g)
+rcfg = load_config("configs/tiny.yaml", {"model.pos_embed": "rope2d"})
 torch.manual_seed(0)
-q = torch.randn(1, 1, 1, D).expand(1, g * g, 1, D)
-k = torch.randn(1, 1, 1, D).expand(1, g * g, 1, D)
-scores = (apply_rope(q, cos, sin)[0, :, 0] @ apply_rope(k, cos, sin)[0, :, 0].T)
+attn = DiT(rcfg.model).blocks[0].attn              # the tables the model rotates q and k with
+g, D = rcfg.model.image_size // rcfg.model.patch_size, attn.head_dim
 pos = [(i // g, i % g) for i in range(g * g)]
-groups = {}
-for a_ in range(g * g):
-    for b_ in range(g * g):
-        groups.setdefault((pos[a_][0] - pos[b_][0], pos[a_][1] - pos[b_][1]), []).append(float(scores[a_, b_]))
-spread = max(max(v) - min(v) for v in groups.values())
-fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
-a1.imshow(scores, cmap="RdBu"); a1.set_title("scores, token m (row) vs token n (col)", fontsize=9)
-off = np.zeros((2 * g - 1, 2 * g - 1))
-for (dr, dc), v in groups.items():
-    off[dr + g - 1, dc + g - 1] = v[0]
-a2.imshow(off, cmap="RdBu", extent=(-g + 0.5, g - 0.5, g - 0.5, -g + 0.5))
-a2.set_xlabel("column offset"); a2.set_ylabel("row offset"); a2.set_title("one number per offset", fontsize=9)
+at = {p_: i for i, p_ in enumerate(pos)}
+
+
+def rope_scores(cos, sin, q, k):
+    """Every rotated query against every rotated key; q, k: (tokens, D), row i turned by the angles of table row i."""
+    return apply_rope(q[None, :, None], cos, sin)[0, :, 0] @ apply_rope(k[None, :, None], cos, sin)[0, :, 0].T
+
+
+def rope_checks(cos, sin, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(g * g, D, generator=gen), torch.randn(g * g, D, generator=gen)   # a different pair per token
+    base = rope_scores(cos, sin, q, k)
+    moved = 0.0
+    for t in ((0, 1), (1, 0), (1, 1), (2, -1), (-1, 2)):        # every token moved by t: offsets unchanged
+        keep = [i for i, (r, c) in enumerate(pos) if (r + t[0], c + t[1]) in at]
+        to = [at[(pos[i][0] + t[0], pos[i][1] + t[1])] for i in keep]
+        after = rope_scores(cos[to], sin[to], q[keep], k[keep])
+        moved = max(moved, float((after - base[keep][:, keep]).abs().max() / base.abs().max()))
+    # one query vector on every token against one key vector on every token: the score of each offset
+    same = rope_scores(cos, sin, torch.randn(1, D, generator=gen).repeat(g * g, 1),
+                       torch.randn(1, D, generator=gen).repeat(g * g, 1))
+    by_offset = {}
+    for m_, (r1, c1) in enumerate(pos):
+        for n_, (r2, c2) in enumerate(pos):
+            by_offset.setdefault((r2 - r1, c2 - c1), []).append(float(same[m_, n_]))
+    s = {o: float(np.mean(v)) for o, v in by_offset.items()}
+    scale = max(abs(v) for v in s.values())
+    differ = lambda a, b: abs(s[a] - s[b]) / scale > 1e-3
+    return {"moved": moved, "scores": s,
+            "checks": {"only the offset": moved <= 1e-5,
+                       "both axes": differ((0, 1), (0, 0)) and differ((1, 0), (0, 0)),
+                       "rows vs columns": differ((0, 1), (1, 0)),
+                       "2-D, not flat": differ((0, 1), (1, 1 - g))}}
+
+
+def tables(angles):
+    return angles.cos().float(), angles.sin().float()
+
+
+theta = 100.0 ** (-torch.arange(D // 2, dtype=torch.float64) / (D // 2))     # one angle step per channel pair
+row_ = torch.tensor([r for r, _ in pos], dtype=torch.float64)[:, None]
+col_ = torch.tensor([c for _, c in pos], dtype=torch.float64)[:, None]
+no_col = (attn.rope_cos.clone(), attn.rope_sin.clone())
+no_col[0][:, D // 4:], no_col[1][:, D // 4:] = 1.0, 0.0     # the column's half of the pairs never turns
+TABLES = {"rope2d (the model's tables)": (attn.rope_cos, attn.rope_sin),
+          "1-D over the flattened index": tables((row_ * g + col_) * theta),
+          "column ignored": no_col,
+          "row + column on every pair": tables((row_ + col_) * theta),
+          "tables of a 5 x 5 grid": tuple(t[:g * g] for t in rope_2d_tables(D, g + 1))}
+rope = {name: rope_checks(*t) for name, t in TABLES.items()}
+SHOWN = ((0, 0), (0, 1), (1, 0), (1, 1 - g))
+print(f"{'tables':30s} {'moved':>8s} " + " ".join(f"{'s' + str(o):>9s}" for o in SHOWN))
+for name, r in rope.items():
+    print(f"{name:30s} {r['moved']:8.1e} " + " ".join(f"{r['scores'][o]:9.4f}" for o in SHOWN))
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+for ax, name in zip(axes, list(TABLES)[:2]):
+    off = np.array([[rope[name]["scores"][(dr, dc)] for dc in range(1 - g, g)] for dr in range(1 - g, g)])
+    ax.imshow(off, cmap="RdBu", extent=(-g + 0.5, g - 0.5, g - 0.5, -g + 0.5))
+    ax.set_xlabel("column offset"); ax.set_ylabel("row offset"); ax.set_title(f"score by offset: {name}", fontsize=9)
 plt.tight_layout()
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"{len(groups)} offsets on a {g}x{g} grid; every score of one offset equal (spread <= 1e-5):", spread <= 1e-5)
-print("without the rotation every score is equal (position is invisible):",
-      float((q[0, :, 0] @ k[0, :, 0].T).std()) < 1e-6,
-      "| with it, the offsets' scores differ (std > 1e-3):", float(np.std([v[0] for v in groups.values()])) > 1e-3)
+print(f"{'tables':30s} " + " ".join(f"{c:>16s}" for c in rope[list(TABLES)[0]]["checks"]))
+for name, r in rope.items():
+    print(f"{name:30s} " + " ".join(f"{'pass' if ok else 'FAIL':>16s}" for ok in r["checks"].values()))
 
 # %% [markdown]
+# **What to notice.** The model's tables pass all four checks: moving every token by the same offset changes no score
+# by more than 2.1e-7 of the largest (fp32 rounding). Each wrong table fails exactly the check that guards against it,
+# and the first two columns show why one check is not enough. The 1-D RoPE over the flattened index passes the
+# offset check too, because moving a token by (dy, dx) moves its flattened index by 4·dy + dx; only check 4 sees that
+# it scores (0, 1) and (1, -3) alike (-7.96 both). The table that ignores the column is also translation-invariant;
+# check 2 sees that a key one column to the right scores as if it sat on the query's own position. The row + column
+# table cannot tell (0, 1) from (1, 0). Tables of the wrong grid size turn tokens by angles of the wrong rows (token
+# 4 of a 4 x 4 grid is row 1, column 0; of a 5 x 5 grid, row 0, column 4), which check 1 catches at once. The left
+# picture is the model's score for each (row, column) offset; the right one, the 1-D RoPE's, takes one value wherever
+# 4·dy + dx is the same, such as (0, 1) and (1, -3).
+#
 # Trained at `configs/mnist.yaml` for 1,500 steps on one H200 with each embedding (`tools/time_to_quality.py`, the
 # same seed, batches and steps; 1,000 guided samples scored by the workbook's classifier and feature FID):
 
@@ -240,7 +434,7 @@ for pos_ in ("sincos", "rope2d"):
 # token-splitting strategies (Ulysses, context parallelism) refuse `rope2d` in one sentence: their ranks would have
 # to pass on the positions of their token slices, which this workbook does not do yet.
 #
-# ## 4. The denoiser without PyTorch: ONNX
+# ## 5. The denoiser without PyTorch: ONNX
 #
 # `torch.onnx.export` (the `torch.export`-based exporter) turns the DiT's forward (x_t, t, y) into an ONNX graph with
 # a dynamic batch, and onnxruntime runs it. `export.OnnxDenoiser` gives the session the two members the samplers
@@ -275,7 +469,7 @@ print("onnxruntime == PyTorch, outputs (<= 1e-5) and sampled images (<= 1e-4):",
       float((a_img - b_img).abs().max()) <= 1e-4)
 
 # %% [markdown]
-# ## 5. The loss is NaN
+# ## 6. The loss is NaN
 #
 # Two usual causes. **fp16 without a loss scaler**: fp16's largest number is 65504 and its smallest normal one
 # 6.1e-5 (chapter 04), so a large activation overflows to inf, inf - inf is NaN, and small gradients round to 0.
@@ -312,7 +506,7 @@ print("fp32: the first non-finite loss stops the run, naming the rate:",
 # (`tests/test_faults.py`). Remedies: lower `train.lr` or lengthen `train.warmup_steps`, keep `train.grad_clip`,
 # and prefer bf16 to fp16 (fp32's range, no scaler needed).
 #
-# ## 6. The loss does not fall
+# ## 7. The loss does not fall
 #
 # Two bugs that run without an error. A **forgotten `zero_grad`**: `.grad` accumulates (chapter 01), so each step
 # follows the sum of every gradient so far. A **target that does not belong to the input**: here the noise drawn a
@@ -373,55 +567,6 @@ print("no zero_grad: worse than the correct loop:", tail["no zero_grad"] > tail[
 # an untrained model (1.0 for eps), overfitting one small batch (the loss must approach 0), and the gradient norm
 # (here it grows step after step).
 #
-# ## 7. Out of memory: the order of remedies
-#
-# Reproduced on this CPU: `tools/oom_demo.py` caps its own memory at 2 GiB (`RLIMIT_DATA`: the heap and anonymous
-# mappings, where the CPU allocator puts every tensor) and runs one training step of the tiny DiT at a batch of
-# 8192, whose block activations (2.6 GiB by the formula of section 1) do not fit. Then the same step with every block
-# recomputed. On a GPU the error is `torch.cuda.OutOfMemoryError`, and its message also gives the memory allocated
-# and reserved by PyTorch.
-
-# %%
-oom = {}
-for r_ in ("none", "full"):
-    res_ = subprocess.run([sys.executable, "tools/oom_demo.py", "--limit-mib", "2048", "--batch", "8192", "--recompute", r_],
-                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=os.getcwd()))
-    oom[r_] = res_.stdout.strip()
-    print(oom[r_])
-print(f"formula: {block_activation_elements(16, 64, 4) * 4 * 8192 * 4 / 2 ** 30:.2f} GiB of block activations at batch 8192")
-
-# %%
-# NBVAL_CHECK_OUTPUT
-print("batch 8192 in 2 GiB: the step runs out of memory:", "can't allocate memory" in oom["none"],
-      "| with train.recompute=full it fits:", ": ok," in oom["full"])
-
-# %% [markdown]
-# From section 2's measurements (bench DiT, fp32, batch 256 on one H200, peak 18.3 GiB, 2% of it model states),
-# what each remedy costs and saves, cheapest first:
-
-# %%
-none = rows[0]
-act = none["peak"] - none["start"]
-full12 = next(r for r in rows if r["recompute"] == "full" and r["blocks"] == 12)
-print(f"{'remedy':58s} {'peak GiB':>9s}  cost")
-print(f"{'as measured (batch 256)':58s} {none['peak'] / 2 ** 30:9.1f}")
-print(f"{'1. halve the micro-batch, accumulate 2 (same global batch)':58s} {(none['start'] + act / 2) / 2 ** 30:9.1f}"
-      "  (estimate) the same result, more, smaller steps")
-print(f"{'2. recompute all 12 blocks (measured)':58s} {full12['peak'] / 2 ** 30:9.1f}"
-      f"  {full12['step_s'] / none['step_s'] - 1:+.0%} time")
-print(f"{'3. bf16 autocast (activations in 16 bits)':58s} {(none['start'] + act / 2) / 2 ** 30:9.1f}"
-      "  (estimate) faster on a GPU, a looser tolerance")
-print(f"{'4. ZeRO-3 / FSDP over 8 GPUs (model states / 8)':58s} {(none['peak'] - none['start'] * 7 / 8) / 2 ** 30:9.1f}"
-      "  (estimate) communication; here it saves 0.4 GiB")
-
-# %% [markdown]
-# Batch and accumulation come first because they change nothing about the result (chapter 04 proved accumulation
-# equals the large batch). Recomputation changes only the time, bf16 changes the numerics within the curve
-# tolerance, and sharding (ZeRO, FSDP, chapters 07 and 13) changes the program. It pays when model states, not
-# activations, fill the GPU, which is not the case here. For a large model it is the other way round (chapter 16's
-# planning table). Also check for memory held by mistake: a loss accumulated with its graph (`total += loss`
-# instead of `loss.item()`), or a list of outputs kept across steps.
-#
 # ## 8. A distributed job that hangs
 #
 # A collective returns only when every rank of its group has called it. A rank that skips one (a branch on its
@@ -471,35 +616,66 @@ print("DETAIL names the mismatch and the collective's shape on each side:",
 #
 # Data parallelism assumes every rank holds the same weights and a different slice of the batch. Three ways that
 # fails silently: **seeds** (each rank initialises its own model; without a common seed or the initial broadcast,
-# chapter 06's `--break broadcast`, the replicas start apart and stay apart, since averaged gradients keep the
-# difference), **the sampler** (every rank reading the same batch, which is one rank's work done W times), and
-# **randomness in the forward** (dropout, or here the classifier-free guidance label drop, drawn per rank). This
-# workbook draws everything random from the global batch (the determinism contract, `dit_core.batch`), so a rank's
-# slice is fixed by its rank alone. A cheap check for any job: gather a checksum of the weights from every rank.
+# chapter 06's `--break broadcast`, the replicas start apart, and since every rank then applies the same averaged
+# update nothing pulls them together), **the sampler** (every rank reading the same batch, which is one rank's work
+# done W times), and **randomness in the forward** (dropout, or here the classifier-free guidance label drop, drawn
+# per rank). This workbook draws everything random from the global batch (the determinism contract,
+# `dit_core.batch`), so a rank's slice is fixed by its rank alone.
+#
+# A cheap check for any job: gather a fingerprint (指纹) of the weights from every rank. `tools/rank_checksums.py` runs a
+# launcher's own `main` on every rank, then hashes each rank's parameters (sha256 of their bytes), sums them and
+# gathers them. Three runs of chapter 06's hand-written data parallelism (`launchers/ddp.py --impl hand`, 2
+# processes over gloo on this CPU, 10 steps, in one job): correct; every rank initialised from its own seed
+# (`--seed-by-rank`) with rank 0's weights broadcast at the start; and the same without the broadcast
+# (`--break broadcast`). Each log is also compared with one process (`parity`, loss and gradient norm, 1e-5).
 
 # %%
 from dit_core.batch import global_batch, shard
 
 gb = global_batch(0, 0, 16, len(data), 1000, 0.1)
 mine = [shard(gb, r, 2).indices for r in range(2)]
-wrong = [shard(gb, 0, 2).indices for r in range(2)]                  # both ranks think they are rank 0
-checksums = {}
-for seed_of in (lambda r: 0, lambda r: r):
-    sums = []
-    for r in range(2):
-        torch.manual_seed(seed_of(r))
-        sums.append(float(sum(p.detach().double().sum() for p in DiT(tiny.model).parameters())))
-    checksums["same seed" if seed_of(1) == 0 else "seed = rank"] = sums
 print("indices of step 0, rank 0 / rank 1:", mine[0].tolist(), mine[1].tolist())
-print("weight checksums per rank:", {k_: [f"{s:.6f}" for s in v] for k_, v in checksums.items()})
+
+RANK_RUNS = {"correct": [], "seeded by rank, broadcast": ["--seed-by-rank"],
+             "seeded by rank, no broadcast": ["--break", "broadcast"]}
+ddp_args = SMALL + ["--max-steps", "10"]
+cmds = [shlex.join(["launchers/ddp.py", "--impl", "hand", *ddp_args, "--results-dir", f"/tmp/ch17/ranks{i}",
+                    "--log-jsonl", f"/tmp/ch17/ranks{i}.jsonl", *extra]) for i, extra in enumerate(RANK_RUNS.values())]
+job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                      "tools/rank_checksums.py", "/tmp/ch17/ranks.json", *cmds], capture_output=True, text=True,
+                     env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd()))
+if job.returncode:
+    raise RuntimeError(job.stderr[-3000:])
+fingerprints = dict(zip(RANK_RUNS, json.load(open("/tmp/ch17/ranks.json"))))
+(one,) = run_here("launchers/single.py", [ddp_args + ["--results-dir", "/tmp/ch17/ranks_one"]])
+rank_parity = {name: parity(one, read_jsonl(f"/tmp/ch17/ranks{i}.jsonl"), SUM_ORDER)
+               for i, name in enumerate(RANK_RUNS)}
+for name, f in fingerprints.items():
+    r0, r1 = f["ranks"]
+    print(f"{name}: sha256 {r0['sha256'][:12]} / {r1['sha256'][:12]}, sum {r0['sum']:.6f} / {r1['sum']:.6f}, "
+          f"largest |rank 1 - rank 0| {r1['max_abs_diff_to_rank0']:.2e}")
+    print(f"    against one process: {rank_parity[name]}")
 
 # %%
 # NBVAL_CHECK_OUTPUT
+agree = {name: len({r["sha256"] for r in f["ranks"]}) == 1 for name, f in fingerprints.items()}
 print("the contract's shards are disjoint and cover the batch:", set(mine[0].tolist()).isdisjoint(mine[1].tolist())
       and sorted(mine[0].tolist() + mine[1].tolist()) == sorted(gb.indices.tolist()))
-print("a wrong rank reads the same images twice:", wrong[0].tolist() == wrong[1].tolist())
-print("same seed: equal checksums; seed = rank: different:", checksums["same seed"][0] == checksums["same seed"][1],
-      checksums["seed = rank"][0] != checksums["seed = rank"][1])
+for name in RANK_RUNS:
+    print(f"{name:30s} both ranks hold the same weights: {agree[name]!s:5s} | against one process: "
+          f"{'PASS' if rank_parity[name].ok else 'FAIL'}")
+
+# %% [markdown]
+# **What to notice.** The correct run and the run seeded by rank with the broadcast end with the same sha256 on both
+# ranks, and the same one as each other: the broadcast made rank 1's own initialisation irrelevant, and both logs
+# match one process (loss 1.1e-7, gradient norm 6.0e-8). Without the broadcast the ranks end apart (weights up to
+# 0.60 apart after 10 steps) and the log no longer matches one process (loss 4.1e-2, gradient norm 1.7e-1): the
+# logged loss is the mean over two different models. Here `parity` catches it too, because this workbook has a
+# single-process reference for every run; a job without one still has the fingerprints, which cost one all-gather.
+# The same check on GPUs: `torchrun --nproc_per_node 2 tools/rank_checksums.py sums.json "launchers/ddp.py --config
+# configs/mnist.yaml --max-steps 100"` (`--device auto`: one GPU per process, NCCL). `launchers/ddp.py` has run on
+# NCCL with 2 GPUs (chapter 06; `docs/measurements/2xh200-2026-11-24/`); `tools/rank_checksums.py` has run only
+# over gloo on this CPU.
 
 # %% [markdown]
 # ## 10. TF32: what Meta's DiT `train.py` switches on
@@ -634,7 +810,7 @@ print("H200, 3000 steps: each wider model ends lower, and the frontier's loss fa
 #    save per sample in fp32? Check with `memory.block_activation_elements`.
 # 2. **Measure.** With the measured 1.4 GiB and 5.7 ms per recomputed block of section 2, how many blocks must you
 #    recompute to train the bench DiT at batch 512 in 24 GiB, and what does the step cost then?
-# 3. **Break it.** In section 6, also forget `zero_grad` *and* lower the learning rate 10x. Does the loss still end
+# 3. **Break it.** In section 7, also forget `zero_grad` *and* lower the learning rate 10x. Does the loss still end
 #    worse than the correct loop? Why does AdamW hide part of the bug?
 #
 # Solutions: [docs/solutions.md](../docs/solutions.md#chapter-17).
@@ -644,12 +820,18 @@ print("H200, 3000 steps: each wider model ends lower, and the frontier's loss fa
 #
 # 显存：模型状态（参数、梯度、AdamW 两个动量，fp32 共 16 字节/参数）常驻；激活在前向与反向之间存在，随批量×token×隐藏维度×层数增长，峰值出现在前向结束、反向开始之时。单个 block 的激活公式与计数完全一致。
 #
-# 激活重计算：`train.recompute=full` 每个 block 只保存输入，反向时重算；损失曲线逐位不变。H200 上重算 12 个 block 把峰值从 18.3 GiB 降到 3.0 GiB，时间多 33%。只重算注意力核心几乎不省显存（融合注意力本就不保存 S×S 分数）。`save_on_cpu` 更省显存但慢 4.7 倍。
+# 激活重计算：`train.recompute=full` 每个 block 只保存输入，反向时重算。用 `parity(..., BITWISE)` 逐步比较损失和梯度范数，三种重算方式都与保存全部激活逐位相同（PASS）。H200 上重算 12 个 block 把峰值从 18.3 GiB 降到 3.0 GiB，时间多 33%。只重算注意力核心几乎不省显存（融合注意力本就不保存 S×S 分数）。`save_on_cpu` 更省显存，但耗时为 4.7 倍。
 #
-# 旋转位置编码（RoPE）：旋转 q、k 使注意力分数只依赖相对位移；二维 RoPE 一半通道按行、一半按列旋转。在固定 4×4 网格上与 sin-cos 相当。
+# 内存不足（OOM）：在本机 CPU 上用 2 GiB 的 `RLIMIT_DATA` 复现：batch 8192 的一步内存不足，全部重算后可以运行。补救顺序：先减小微批量并做梯度累积，再重算，再 bf16，最后 ZeRO/FSDP。bf16 autocast 并不等于激活减半：在 CPU 上计数，bench DiT 每个样本 fp32 保存 70.0 MiB；CPU 的 autocast 规则下 bf16 为 35.1 MiB（0.50 倍），按 CUDA 的规则（layer_norm 用 fp32）为 42.2 MiB（0.60 倍），每步另有约 61.6 MiB 的 bf16 权重副本。据此对 H200 的测量做算术推算，峰值约 11.3 GiB，而不是减半给出的 9.4 GiB。
+#
+# 旋转位置编码（RoPE）：旋转 q、k 使注意力分数只依赖相对位移；二维 RoPE 一半通道按行、一半按列旋转。四项检查（分数只依赖位移、两个轴都起作用、行与列可区分、是二维位移而不是展平后的一维序号）：模型自己的表全部通过；四个故意做错的表各自只在对应的那一项失败，例如展平的一维 RoPE 也通过位移检查，只有第 4 项发现它。在固定 4×4 网格上与 sin-cos 效果相当。
 #
 # ONNX：导出去噪网络，onnxruntime 的输出与 PyTorch 一致（≤1e-5），可以直接用于采样。
 #
-# 缩放定律（迷你版）：更宽的模型在相同步数下损失更低，计算最优前沿随算力移向更大的模型；但扩散损失有很大的不可约部分，指数不能直接与 Kaplan / Chinchilla 的语言模型结果比较。
+# 故障排查：NaN（fp16 无缩放、学习率过大）、损失不降（忘记 zero_grad、目标与输入无关）、分布式卡住（超时、TORCH_DISTRIBUTED_DEBUG=DETAIL、NCCL_DEBUG=INFO、py-spy）。
 #
-# 故障排查：NaN（fp16 无缩放、学习率过大）、损失不降（忘记 zero_grad、目标与输入无关）、显存不足（先减批量加梯度累积，再重算、bf16，最后 ZeRO/FSDP）、分布式卡住（超时、TORCH_DISTRIBUTED_DEBUG=DETAIL、NCCL_DEBUG=INFO、py-spy）、各 rank 不一致（种子、采样器、随机性）；TF32 让 fp32 矩阵乘快 7.6 倍，误差接近 fp16。
+# 各 rank 不一致：`tools/rank_checksums.py` 在真实的 2 进程 DDP 作业结束后收集每个 rank 的权重哈希。正确的运行和"按 rank 设种子、但有初始广播"的运行，两个 rank 的权重逐位相同，且与单进程一致（PASS）；去掉广播后两个 rank 的权重不同（最大差 0.60），与单进程比较为 FAIL。
+#
+# TF32 让 fp32 矩阵乘快 7.6 倍，误差接近 fp16。
+#
+# 缩放定律（迷你版）：更宽的模型在相同步数下损失更低，计算最优前沿随算力移向更大的模型；但扩散损失有很大的不可约部分，指数不能直接与 Kaplan / Chinchilla 的语言模型结果比较。

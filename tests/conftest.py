@@ -63,6 +63,18 @@ def parity_flags(steps: int = PARITY_STEPS, **over) -> list[str]:
     return launcher_flags(steps, **{**PARITY, **over})
 
 
+def assert_parity(ref: list, log, rtol: float | None = None, steps: int | None = PARITY_STEPS):
+    """The parity check every strategy's test makes: `log` (a run's JSONL rows; a str is the sentence a run stopped
+    with) against `ref` at every step, on the loss and the gradient norm, within `rtol` (default: the ladder's sum
+    order, 1e-5); with `steps`, both logs must hold that many. Returns the verdict."""
+    from dit_core.parity import SUM_ORDER, parity
+    assert isinstance(log, list), f"the run stopped: {log}"
+    v = parity(ref, log, SUM_ORDER if rtol is None else rtol)
+    assert v.ok, str(v)
+    assert steps is None or v.steps == steps, f"{v.steps} steps compared, not {steps}: {v}"
+    return v
+
+
 def perturbed_dit(cfg):
     """The DiT's initial weights plus small noise: at adaLN-Zero's init most gradients (and every output) are exactly
     zero, which would let a wrong pipeline or export pass a comparison."""

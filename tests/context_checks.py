@@ -66,17 +66,23 @@ def main(argv=None, standalone: bool = False) -> None:
     c["ring sent backward"] = SENT["elements"] - c["ring sent forward"]
     blk, P = B * 4 * H * D, 4
     c["ring formula forward"], c["ring formula backward"] = 2 * blk * (P - 1), 2 * blk * (P - 1) + 2 * blk * P
-    # Merging in bf16 (ring-flash-attention#22): the running max, sum and output rounded at every one of P steps.
+    # Merging in bf16 (ring-flash-attention#22): the running max, sum and output rounded at every one of P steps,
+    # on the same 64 tokens for rings of P = 2, 3 and 4 (a ring of 4 without suffix, as before).
     torch.manual_seed(1)
     q, k, v = (torch.randn(B, 64, H, D, dtype=torch.float64) * 2 for _ in range(3))
-    ref = sdpa_attention(q, k, v)[:, bounds(64, 4, r)]
-    mine = [t[:, bounds(64, 4, r)].float() for t in (q, k, v)]
-    with torch.no_grad():
-        exact = ring_attention(*mine)
-        for name, dt in (("fp32", None), ("bf16", torch.bfloat16)):
-            c[f"merge {name} error"] = worst(rel(ring_attention(*mine, merge_dtype=dt).double(), ref), None)
-        # the same output rounded to bf16 once, at the end: what bf16 storage alone costs
-        c["bf16 output once error"] = worst(rel(exact.to(torch.bfloat16).double(), ref), None)
+    full = sdpa_attention(q, k, v)
+    for P in (2, 3, 4):
+        if r < P:
+            ref = full[:, bounds(64, P, r)]
+            mine = [t[:, bounds(64, P, r)].float() for t in (q, k, v)]
+            at = "" if P == 4 else f" P={P}"
+            with torch.no_grad():
+                exact = ring_attention(*mine, group=groups[P])
+                for name, dt in (("fp32", None), ("bf16", torch.bfloat16)):
+                    e = rel(ring_attention(*mine, group=groups[P], merge_dtype=dt).double(), ref)
+                    c[f"merge {name} error{at}"] = worst(e, groups[P])
+                # the same output rounded to bf16 once, at the end: what bf16 storage alone costs
+                c[f"bf16 output once error{at}"] = worst(rel(exact.to(torch.bfloat16).double(), ref), groups[P])
     report(c, out, r, standalone)
 
 

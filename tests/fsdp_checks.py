@@ -6,13 +6,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))     # dist_checks, also when dit_core.many loads this file
 
-from dist_checks import CFG, backward, model, out_path, report  # noqa: E402
+from dist_checks import CFG, backward, model, out_path, rel, report  # noqa: E402
 from dit_core.parallel.dist import init_from_env  # noqa: E402
 from dit_core.parallel.fsdp import FullyShardedDiT  # noqa: E402
 from dit_core.parallel.fsdp_train import TorchLayout, shard_with_fsdp2  # noqa: E402
@@ -31,13 +30,12 @@ def main(argv=None, standalone: bool = False) -> None:
     r, N = env.rank, env.world_size
     c = {}
 
-    # One optimizer step of the same model three ways: one process on the whole batch, by hand, FSDP2.
+    # One step's gradients of the same model three ways (one process on the whole batch, by hand, FSDP2), compared
+    # before the optimizer: AdamW's first update is about lr * sign(g), blind to a gradient wrong by a positive factor.
     single = model(1)
     for rank in range(N):              # the whole global batch, as N slices, summed: the single process
         backward(single, rank, N)
-    for p in single.parameters():
-        p.grad.div_(N)
-    adam(single.parameters()).step()
+    want = {n: p.grad / N for n, p in single.named_parameters()}
 
     hand_model = model(1)
     psi = sum(p.numel() for p in hand_model.parameters())
@@ -45,29 +43,33 @@ def main(argv=None, standalone: bool = False) -> None:
     fsdp.timeline = []
     opt = adam(hand_model.parameters())
     backward(hand_model, r, N)
-    opt.step()
     units = fsdp.units
+    hand = fsdp.full_tensors([u.shard.grad for u in units])
+    opt.step()
     c["shard_params"] = [p.numel() for p in hand_model.parameters()]
     c["unit_padded"] = [u.padded for u in units]
     c["psi"] = psi
     c["traffic"] = dict(fsdp.traffic)
     c["timeline"] = [f"{what} {name}" for what, name in fsdp.timeline]
     c["peak_live_prefetch"] = fsdp.peak_live
-    full = fsdp.full_tensors([u.shard.detach() for u in units])
-    c["hand_vs_single"] = max((full[n] - p.detach()).abs().max().item() for n, p in single.named_parameters())
+    c["hand_grads_vs_single"] = max(rel(hand[n], g) for n, g in want.items())
 
     torch_model = model(1)
     shard_with_fsdp2(torch_model, init_device_mesh("cpu", (N,)), "fp32")
-    topt = adam(torch_model.parameters())
     backward(torch_model, r, N)
-    topt.step()
     layout = TorchLayout(torch_model)
-    tfull = layout.full([layout.local(p).detach() for p in layout.params])
-    # the shards themselves: FSDP2's whole weights laid out as the hand-written units, this rank's part
-    worst = max((u.shard.detach() - u.my_part(u.flatten(tfull))).abs().max().item() for u in units)
-    t = torch.tensor(worst)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    c["hand_shards_vs_fsdp2"] = t.item()
+    tgrads = layout.full([layout.local(p.grad) for p in layout.params])
+    c["fsdp2_grads_vs_single"] = max(rel(tgrads[n], g) for n, g in want.items())
+    c["hand_grads_vs_fsdp2"] = max(rel(hand[n], tgrads[n]) for n in want)
+
+    # The negative control: the reduce-scattered shard not divided by N (--break average) is N times the mean.
+    m_bad = model(1)
+    f_bad = FullyShardedDiT(m_bad, broken="average")
+    backward(m_bad, r, N)
+    bad = f_bad.full_tensors([u.shard.grad for u in f_bad.units])
+    c["broken_grads_vs_single"] = max(rel(bad[n], g) for n, g in want.items())
+    c["broken_norm_ratio"] = (torch.stack([g.norm() for g in bad.values()]).norm()
+                              / torch.stack([g.norm() for g in want.values()]).norm()).item()
 
     # Without prefetch: a unit is gathered only when it runs, so at most the root and one block are whole.
     m2 = model(1)

@@ -1,7 +1,7 @@
 """Pipeline checks inside one torchrun job of 2 ranks (CPU, gloo), written to a JSON file for
 tests/test_pipeline.py: the gradients of one step under GPipe and 1F1B by hand, under torch's
-PipelineStage schedules, and of the single-process DiT, all on the same batch; activations in flight
-and bytes sent per schedule."""
+PipelineStage schedules, and of the single-process DiT, all on the same batch; per schedule and stage, the
+micro-batches in flight (the executor's count), the bytes autograd saved for backward (measured) and the bytes sent."""
 import json
 import sys
 from pathlib import Path

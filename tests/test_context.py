@@ -1,11 +1,9 @@
 """Context parallelism with real processes: ring attention and Ulysses x Ring (USP), torchrun, gloo, on the CPU."""
 import pytest
 
-from conftest import PARITY_STEPS as STEPS
-from conftest import declare, job_dir, parity_flags
+from conftest import assert_parity, declare, job_dir, parity_flags
 from dit_core.config import ConfigError, load_config
 from dit_core.parallel.context import check_context_parallel
-from dit_core.parity import compare, max_rel
 
 D = job_dir() / "cp"
 _C = "launchers/context.py"
@@ -26,12 +24,12 @@ declare(4, "context checks", "tests/context_checks.py", [])
 @pytest.mark.parametrize("accum", [1, 2])
 def test_ring_usp_and_dp_x_ring_match_one_process(jobs, reference, name, accum):
     log = jobs(LAYOUTS[name][0])[f"cp {name} a{accum}"]
-    assert len(log) == STEPS and max_rel(compare(reference(accum)[0], log)) <= 1e-5
+    assert_parity(reference(accum)[0], log)
 
 
 def test_a_ring_goes_past_the_head_count(jobs, reference):
     log = jobs(4)["cp ring 4 heads 2"]
-    assert len(log) == STEPS and max_rel(compare(reference(1, **{"model.num_heads": 2})[0], log)) <= 1e-5
+    assert_parity(reference(1, **{"model.num_heads": 2})[0], log)
 
 
 def test_ring_attention_and_usp_equal_full_attention(jobs):
@@ -43,8 +41,12 @@ def test_ring_attention_and_usp_equal_full_attention(jobs):
     # forward: K and V, P-1 times; backward: those again, and the partial dK, dV passed P times
     assert (c["ring sent forward"], c["ring sent backward"]) == (c["ring formula forward"], c["ring formula backward"])
     # merging in fp32 is exact to float rounding; rounding the running statistics to bf16 at every step costs
-    # several times what rounding the result once does
-    assert c["merge fp32 error"] <= 1e-6 and c["merge bf16 error"] > 2 * c["bf16 output once error"]
+    # several times what rounding the result once does, on rings of 2, 3 and 4 (the ring of 4: no suffix), and on
+    # these inputs more with every step added (chapter 14 says so for these three sizes only)
+    at = {P: "" if P == 4 else f" P={P}" for P in (2, 3, 4)}
+    for P, sfx in at.items():
+        assert c[f"merge fp32 error{sfx}"] <= 1e-6 and c[f"merge bf16 error{sfx}"] > 2 * c[f"bf16 output once error{sfx}"]
+    assert c["merge bf16 error P=2"] < c["merge bf16 error P=3"] < c["merge bf16 error"]
 
 
 @pytest.mark.parametrize("over,ring,ulysses,world,expect", [

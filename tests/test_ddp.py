@@ -5,9 +5,8 @@ import sys
 
 import pytest
 
-from conftest import GRAD_DUMP, PARITY_STEPS, ROOT, declare, job_dir, parity_flags, run_py
+from conftest import GRAD_DUMP, PARITY_STEPS, ROOT, assert_parity, declare, job_dir, parity_flags, run_py
 from dit_core.parallel.ddp import IMPLS
-from dit_core.parity import compare, max_rel
 
 CASES = [(impl, accum) for impl in IMPLS for accum in (1, 2)]
 # Every implementation x accumulation, as `torchrun --nproc_per_node 2 launchers/ddp.py --impl I`: declared
@@ -21,9 +20,7 @@ for impl, acc in CASES:
 @pytest.mark.parametrize("impl, accum", CASES)
 def test_two_processes_match_one(jobs, reference, impl, accum):
     log = jobs(2)[f"ddp {impl} a{accum}"]
-    rows = compare(reference(accum)[0], log)
-    assert len(rows) == PARITY_STEPS
-    assert max_rel(rows) <= 1e-5, max_rel(rows)
+    assert_parity(reference(accum)[0], log)
     assert log[-1]["samples_seen"] == PARITY_STEPS * 16
 
 
@@ -55,13 +52,23 @@ def test_hand_written_ddp_mechanics(tmp_path):
 
 
 def test_parity_cli_passes_and_fails(tmp_path):
-    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    a.write_text("".join(json.dumps({"step": s, "loss": 1.0 / (s + 1)}) + "\n" for s in range(5)))
-    b.write_text("".join(json.dumps({"step": s, "loss": 1.0 / (s + 1) * (1 + 1e-7 * s)}) + "\n" for s in range(5)))
-    ok = run_py(["-m", "dit_core.parity", "compare", str(a), str(b), "--plot", str(tmp_path / "p.png")])
-    assert ok.returncode == 0 and "PASS" in ok.stdout and (tmp_path / "p.png").is_file(), ok.stdout + ok.stderr
-    bad = run_py(["-m", "dit_core.parity", "compare", str(a), str(b), "--rtol", "1e-8"])
-    assert bad.returncode == 1 and "FAIL" in bad.stdout
+    def log(name, loss_by=lambda s: 1.0, norm_by=lambda s: 1.0):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"step": s, "loss": loss_by(s) / (s + 1), "grad_norm": norm_by(s) * 0.2})
+                                + "\n" for s in range(5)))
+        return str(path)
+    a, b = log("a"), log("b", loss_by=lambda s: 1 + 1e-7 * s, norm_by=lambda s: 1 - 1e-7 * s)
+    ok = run_py(["-m", "dit_core.parity", "compare", a, b, "--plot", str(tmp_path / "p.png")])
+    assert ok.returncode == 0 and ok.stdout.rstrip().endswith("PASS") and (tmp_path / "p.png").is_file(), ok.stdout
+    assert "loss 4.0e-07 (step 4), grad norm 4.0e-07 (step 4)" in ok.stdout, ok.stdout       # both maxima
+    bad = run_py(["-m", "dit_core.parity", "compare", a, b, "--rtol", "1e-8"])
+    assert bad.returncode == 1 and "FAIL (the loss is past it; the gradient norm is past it)" in bad.stdout
+    # equal losses, twice the gradient norm (a missing / N): the loss alone would pass; the verdict fails
+    twice = log("twice", norm_by=lambda s: 2.0)
+    r = run_py(["-m", "dit_core.parity", "compare", a, twice, "--rtol", "sum-order"])
+    assert r.returncode == 1 and "(B/A 2)" in r.stdout and "FAIL (the gradient norm is past it)" in r.stdout, r.stdout
+    r = run_py(["-m", "dit_core.parity", "compare", a, b, "--rtol", "tight"])
+    assert r.returncode == 2 and "--rtol 'tight' is neither a number >= 0 nor a rung" in r.stderr, r.stderr
 
 
 def test_ddp_launcher_without_torchrun_is_one_sentence():

@@ -5,12 +5,11 @@ import pytest
 import torch
 
 from conftest import PARITY_STEPS as STEPS
-from conftest import declare, job_dir, load_launcher, parity_flags, torchrun
+from conftest import assert_parity, declare, job_dir, load_launcher, parity_flags, torchrun
 from dit_core.checkpoint import CheckpointError, model_from_checkpoint
 from dit_core.config import ConfigError, load_config
 from dit_core.diffusion import Diffusion
 from dit_core.parallel.tensor import check_tensor_parallel
-from dit_core.parity import compare, max_rel
 
 # parity_flags: 4 heads and an MLP of 128 split over 2 ranks; clipping at 0.05 acts at every step, so the
 # tensor-parallel gradient norm (slices summed over the group) is exercised too.
@@ -51,8 +50,7 @@ def test_tensor_parallel_layers_equal_the_full_layers(tmp_path):
 def test_two_ranks_sharing_every_layer_match_one_process(tp_runs, reference, tmp_path, accum):
     log, run_dir = tp_runs[accum]
     ref, ref_dir = reference(accum)
-    assert len(log) == STEPS and max_rel(compare(ref, log)) <= 1e-5
-    assert max(abs(a["grad_norm"] / b["grad_norm"] - 1) for a, b in zip(log, ref)) <= 1e-5
+    assert_parity(ref, log)
     # The checkpoint holds gathered, single-process weights: it loads as a plain DiT and samples the same digits.
     ours, cfg = model_from_checkpoint(run_dir / f"checkpoint-{STEPS}")
     theirs, _ = model_from_checkpoint(ref_dir / f"checkpoint-{STEPS}")
@@ -82,7 +80,7 @@ def test_tensor_parallel_layout_mismatch_is_one_sentence(tmp_path):
 
 
 def test_dp2_x_tp2_matches_one_process(reference, jobs):
-    assert max_rel(compare(reference(1)[0], jobs(4)["tp dp2"])) <= 1e-5
+    assert_parity(reference(1)[0], jobs(4)["tp dp2"])
 
 
 @pytest.mark.parametrize("over,degree,world,expect", [

@@ -4,11 +4,10 @@ import json
 import pytest
 
 from conftest import PARITY_STEPS as STEPS
-from conftest import declare, job_dir, parity_flags, torchrun
+from conftest import assert_parity, declare, job_dir, parity_flags, torchrun
 from dit_core.config import ConfigError, load_config
 from dit_core.parallel.ulysses import (check_sequence_parallel, megatron_sp_elements, ring_attention_elements,
                                        ulysses_elements)
-from dit_core.parity import compare, max_rel
 
 flags = parity_flags            # 16 tokens and 4 heads: both divide by 2
 
@@ -49,14 +48,13 @@ def test_ulysses_attention_equals_full_attention(tmp_path):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_two_ranks_sharing_each_image_match_one_process(sp_runs, reference, accum):
     log = sp_runs[accum]
-    rows = compare(reference(accum)[0], log)
-    assert len(rows) == STEPS and log[-1]["samples_seen"] == STEPS * 16
-    assert max_rel(rows) <= 1e-5, max_rel(rows)
+    assert_parity(reference(accum)[0], log)
+    assert log[-1]["samples_seen"] == STEPS * 16
     assert (sp_runs["dir"] / f"a{accum}" / f"checkpoint-{STEPS}" / "model.pt").is_file()   # a plain checkpoint
 
 
 def test_dp2_x_sp2_matches_one_process(reference, jobs):
-    assert max_rel(compare(reference(1)[0], jobs(4)["sp dp2"])) <= 1e-5
+    assert_parity(reference(1)[0], jobs(4)["sp dp2"])
 
 
 def test_bad_layout_is_one_sentence(sp_runs):

@@ -8,8 +8,8 @@ buffers under 10%) and ZeRO-3's persistence threshold are proved once, by chapte
 import pytest
 import torch
 
-from conftest import GRAD_DUMP, PARITY, PARITY_STEPS, ROOT, declare, job_dir, load_launcher, parity_flags
-from dit_core.parity import compare, max_rel, run_launcher
+from conftest import GRAD_DUMP, PARITY, PARITY_STEPS, ROOT, assert_parity, declare, job_dir, load_launcher, parity_flags
+from dit_core.parity import SUM_ORDER, parity, run_launcher
 
 CLIP = PARITY["train.grad_clip"]      # below these runs' gradient norms (~0.17): clipping acts at every step
 CASES = [(stage, accum) for stage in (0, 1, 2, 3) for accum in (1, 2)]
@@ -55,25 +55,23 @@ def zero_runs(jobs):
 @pytest.mark.parametrize("stage, accum", CASES)
 def test_every_stage_matches_one_process(zero_runs, reference, stage, accum):
     log, ref = zero_runs["runs"][(stage, accum)], reference(accum)[0]
-    rows = compare(ref, log)
-    assert len(rows) == PARITY_STEPS
-    assert max_rel(rows) <= 1e-5, max_rel(rows)
-    assert log[-1]["samples_seen"] == PARITY_STEPS * 16
+    assert min(r["grad_norm"] for r in ref) > CLIP        # clipping acts at every step
     # the gradient norm DeepSpeed reports (before clipping) is the single process's too
-    norms = torch.tensor([[a["grad_norm"], b["grad_norm"]] for a, b in zip(ref, log)])
-    assert (norms[:, 0] > CLIP).all()
-    assert torch.allclose(norms[:, 0], norms[:, 1], rtol=1e-4)
+    assert_parity(ref, log)
+    assert log[-1]["samples_seen"] == PARITY_STEPS * 16
 
 
 def test_zero_offload_matches_one_process(zero_runs, reference):
     log = zero_runs["offload"]
     assert isinstance(log, list), log
-    assert len(log) == PARITY_STEPS and max_rel(compare(reference(1)[0], log)) <= 1e-5
+    assert_parity(reference(1)[0], log)
 
 
 def test_clipping_is_really_applied(zero_runs, reference):
-    """The negative check: the same DeepSpeed run without clipping leaves the clipped curve."""
-    assert max_rel(compare(reference(1)[0], zero_runs["noclip"])) > 1e-4
+    """The same DeepSpeed run without clipping leaves the clipped curve (the gradient norms logged before clipping
+    may agree for a step or two; the loss may not)."""
+    v = parity(reference(1)[0], zero_runs["noclip"], SUM_ORDER)
+    assert "loss" in v.failed and v.loss > 1e-4, str(v)
 
 
 def test_resume_with_another_stage_is_refused(zero_runs):
@@ -108,7 +106,7 @@ def test_deepspeed_launcher_resume_and_plain_weights(reference, tmp_path):
     ref, ref_dir = reference(1)
     full = run_launcher("launchers/zero.py", parity_flags() + extra + ["--results-dir", str(tmp_path / "full")],
                         nproc=2, launcher="deepspeed")
-    assert max_rel(compare(ref, full)) <= 1e-5
+    assert_parity(ref, full)
     resumed = run_launcher("launchers/zero.py", parity_flags() + extra + [
         "--results-dir", str(tmp_path / "resumed"), "--resume", str(tmp_path / "full" / "checkpoint-12")], nproc=2)
     assert [r["step"] for r in resumed] == list(range(12, PARITY_STEPS))

@@ -126,7 +126,7 @@ class RingAttention(torch.autograd.Function):
         delta = (do * out).sum(-1, keepdim=True)       # rowsum(dO ∘ O): the softmax backward's correction
         dq = torch.zeros_like(qf)
         kv = torch.stack([k, v]).contiguous()
-        dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)    # the travelling block's partial dK, dV
+        partial = None                                 # the travelling block's partial dK, dV, on its way here
         for step in range(ring.size):
             nxt = lens[(ring.rank - step - 1) % ring.size]            # the block (and dK, dV) that arrives next
             send_kv = ring.start(kv, nxt) if step < ring.size - 1 else None
@@ -135,12 +135,15 @@ class RingAttention(torch.autograd.Function):
             dp = do @ vj.transpose(-1, -2)
             ds = p * (dp - delta)
             dq += (ds @ kj) * scale
-            dkv[0] += (ds.transpose(-1, -2) @ qf) * scale
-            dkv[1] += p.transpose(-1, -2) @ do
-            # pass the block's partial dK, dV on with it; after P steps they are home, summed over every rank
-            dkv = _Ring.finish(ring.start(dkv, nxt, tag=1))
+            mine = torch.stack([(ds.transpose(-1, -2) @ qf) * scale, p.transpose(-1, -2) @ do])
+            # the other ranks' share of this block's dK, dV was sent during the step before and travelled while
+            # the lines above computed: wait for it only now, add this rank's share, pass the sum on with the block.
+            # After P steps every block's dK, dV is home, summed over every rank's queries.
+            dkv = mine if partial is None else _Ring.finish(partial) + mine
+            partial = ring.start(dkv, nxt, tag=1)
             if send_kv is not None:
                 kv = _Ring.finish(send_kv)
+        dkv = _Ring.finish(partial)                    # the last hop home: nothing left to compute while it travels
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
@@ -208,8 +211,15 @@ class ContextStrategy(UlyssesStrategy):
     group, inner rank i = ring index x U + Ulysses index holds token slice i: a Ulysses group (U consecutive inner
     ranks) gathers U neighbouring slices, one contiguous block of the ring."""
 
-    def __init__(self, env: DistEnv, ring: int, ulysses: int = 1):
+    # (teaching) cp-average: the context-parallel ranks' partial gradients averaged (/ dp x cp, the world size) instead
+    # of summed (/ dp): every gradient cp x ulysses times too small (N-D parallelism's cp-average, here alone)
+    BROKEN = ("cp-average",)
+
+    def __init__(self, env: DistEnv, ring: int, ulysses: int = 1, broken: str | None = None):
+        if broken not in (None, *self.BROKEN):
+            raise ConfigError(f"--break {broken} is not one of {', '.join(self.BROKEN)}.")
         super().__init__(env, ring * ulysses, flag="--cp-degree x --ulysses-degree")
+        self.broken = broken
         self.ring, self.ulysses = ring, ulysses
         timeout = datetime.timedelta(seconds=env.timeout)
         C, mine = ring * ulysses, {}
@@ -229,3 +239,6 @@ class ContextStrategy(UlyssesStrategy):
 
     def attention(self):
         return ContextAttention(self.ulysses_group, self.ring_group)
+
+    def grad_divisor(self) -> int:
+        return self.world_size if self.broken == "cp-average" else super().grad_divisor()

@@ -59,9 +59,15 @@ def init_from_env(device: str = "auto", launcher: str = "torchrun --nproc_per_no
     if use_cuda:
         if not torch.cuda.is_available():
             raise ConfigError("run.device='cuda' but no CUDA GPU is visible; use --device cpu or --device auto.")
-        if local >= torch.cuda.device_count():
-            raise LaunchError(f"local rank {local} has no GPU (this node sees {torch.cuda.device_count()}); "
-                              f"start at most {torch.cuda.device_count()} processes per node.")
+        gpus = torch.cuda.device_count()
+        # every rank of the machine sees the same counts, so every one stops with the same sentence (rank 0 would
+        # otherwise wait in the rendezvous for a rank that already left)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
+        if max(local + 1, local_world) > gpus:
+            n = max(local + 1, local_world)
+            raise LaunchError(f"{n} processes on this machine but it has {gpus} GPU{'s' if gpus != 1 else ''} "
+                              f"(one per process); start at most {gpus} (--nproc_per_node {gpus}), or add --device "
+                              f"cpu to run {n} processes over gloo on the CPU.")
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
         backend = "nccl"

@@ -207,9 +207,15 @@ class ExpertStrategy(DistParallel):
     parallel group)."""
 
     trains_moe = True
+    # (teaching) expert-average: an expert's gradient divided by the size of the group it was all-reduced over (its
+    # replicas, dp) instead of by N: each expert has gradients from the tokens of all ep ranks, so ep times too large
+    BROKEN = ("expert-average",)
 
-    def __init__(self, env: DistEnv, degree: int):
+    def __init__(self, env: DistEnv, degree: int, broken: str | None = None):
+        if broken not in (None, *self.BROKEN):
+            raise ConfigError(f"--break {broken} is not one of {', '.join(self.BROKEN)}.")
         super().__init__(env)
+        self.broken = broken
         timeout = datetime.timedelta(seconds=env.timeout)
         P, D = degree, env.world_size // degree
         mine = {}
@@ -243,7 +249,7 @@ class ExpertStrategy(DistParallel):
             flat = torch.cat([p.grad.reshape(-1) for p in part])
             if not experts or group is not None:
                 dist.all_reduce(flat, group=group)
-            flat.div_(self.world_size)
+            flat.div_(self.dp_size if experts and self.broken == "expert-average" else self.world_size)
             offset = 0
             for p in part:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))

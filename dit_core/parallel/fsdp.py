@@ -131,8 +131,9 @@ class FullyShardedDiT:
     """Shards a DiT in place: root unit + one unit per block. Afterwards `model.parameters()` yields only
     the shards (the root's, then block 0's, ...), which is all the optimizer and the EMA ever see."""
 
-    def __init__(self, model: nn.Module, group=None, prefetch: bool = True, unit_per_block: bool = True):
-        self.group, self.prefetch = group, prefetch
+    def __init__(self, model: nn.Module, group=None, prefetch: bool = True, unit_per_block: bool = True,
+                 broken: str | None = None):
+        self.group, self.prefetch, self.broken = group, prefetch, broken
         self.world = dist.get_world_size(group)
         self._sync = True
         self.traffic = {"all_gather": 0, "reduce_scatter": 0}   # elements per collective, summed (flat, padded)
@@ -213,7 +214,8 @@ class FullyShardedDiT:
         reduce_scatter_flat(out, grad_flat, group=self.group)
         self.traffic["reduce_scatter"] += unit.padded
         self._event("reduce-scatter", unit)
-        return out.div_(self.world)
+        # the mean over the ranks' data; the broken variant (--break average) keeps the sum: N times too large
+        return out if self.broken == "average" else out.div_(self.world)
 
     # ------------------------------------------------------------ hooks
     def _use(self, unit: FlatUnit) -> None:

@@ -140,7 +140,7 @@ class FSDPEngine(TorchEngine):
 
     name = "fsdp"
     saves_on_every_rank = True
-    gradients_are_whole = False
+    gradients_are_whole = True       # named_gradients gathers them from the shards (--dump-grads)
 
     def __init__(self, model, par: "FSDPStrategy", cfg, device, layout):
         self.layout = layout
@@ -149,6 +149,14 @@ class FSDPEngine(TorchEngine):
 
     def micro_step(self, last: bool):
         return contextlib.nullcontext() if last else self.layout.no_sync()
+
+    def named_gradients(self) -> dict:
+        """Every parameter's whole gradient under its single-process name, gathered from this step's reduced
+        gradient shards (a collective: every rank calls it; --dump-grads). Zeros where backward left none."""
+        lay = self.layout
+        grads = [lay.local(p.grad) if p.grad is not None else torch.zeros_like(lay.local(p)) for p in self.params]
+        full = lay.full([g.detach() for g in grads])
+        return {n: full[n] for n in lay.fqns()}
 
     def make_ema(self):
         return ShardedFlatEMA(self.layout)
@@ -196,15 +204,23 @@ class FSDPStrategy(DistParallel):
     """How `dit_core.train` runs under FSDP: the batch split and the logged loss as DDP's, the model
     sharded before the optimizer is built, the gradient norm summed over the shards."""
 
-    def __init__(self, env, impl: str = "hand", prefetch: bool = True, unit: str = "block"):
+    # (teaching, hand) average: the reduce-scattered gradient shards summed over the ranks, never divided by N
+    BROKEN = ("average",)
+
+    def __init__(self, env, impl: str = "hand", prefetch: bool = True, unit: str = "block",
+                 broken: str | None = None):
         if impl not in IMPLS:
             raise ConfigError(f"--impl {impl!r} is not one of {', '.join(IMPLS)}.")
+        if broken not in (None, *self.BROKEN):
+            raise ConfigError(f"--break {broken} is not one of {', '.join(self.BROKEN)}.")
+        if broken and impl != "hand":
+            raise ConfigError(f"--break {broken} changes the hand-written FSDP; use it with --impl hand.")
         if unit not in ("block", "model"):
             raise ConfigError(f"--unit {unit!r} is not block or model.")
         if unit == "model" and impl == "torch":
             raise ConfigError("--unit model is a hand-written FSDP comparison; use --impl hand with it.")
         super().__init__(env)
-        self.impl, self.prefetch, self.unit = impl, prefetch, unit
+        self.impl, self.prefetch, self.unit, self.broken = impl, prefetch, unit, broken
         self.fsdp = None
         from torch.distributed.device_mesh import init_device_mesh
         self.mesh_1d = init_device_mesh(env.device.type, (env.world_size,))
@@ -215,7 +231,8 @@ class FSDPStrategy(DistParallel):
             raise ConfigError("train.compile=true with launchers/fsdp.py: the hand-written units swap weights in "
                               "hooks that torch.compile would trace around; use --set train.compile=false.")
         if self.impl == "hand":
-            self.fsdp = FullyShardedDiT(model, prefetch=self.prefetch, unit_per_block=self.unit == "block")
+            self.fsdp = FullyShardedDiT(model, prefetch=self.prefetch, unit_per_block=self.unit == "block",
+                                        broken=self.broken)
             layout = HandLayout(model, self.fsdp)
         else:
             shard_with_fsdp2(model, self.mesh_1d, cfg.train.precision)
@@ -224,11 +241,20 @@ class FSDPStrategy(DistParallel):
 
     def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
         """The whole model's gradient norm from the shards: each rank's sum of squares, summed over the ranks
-        (padding contributes zeros). Every rank then scales its shards by the same factor."""
+        (padding contributes zeros). Every rank then scales its shards by the same factor.
+
+        The squares are summed in float64. Which elements a rank's partial sum holds depends on the layout (the
+        unit size, hand-written flat shards or FSDP2's per-parameter chunks): a float32 sum rounds differently
+        for each grouping, and that last bit of the norm moved the clipping factor and the run (tests/test_fsdp.py's
+        parity DiT, one unit vs a unit per block: bitwise the same gradients at step 1, norms 0.74525040 vs
+        0.74525046). In float64 the grouping changes the sum far below float32's rounding step, so the norm rounds
+        to the same float32 in every layout (tests/test_fsdp.py checks it bitwise on 2 ranks)."""
         grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params) if g is not None]
-        sq = torch.stack([g.float().square().sum() for g in grads]).sum() if grads else torch.zeros(())
+        device = grads[0].device if grads else self.device
+        sq = (torch.stack([g.float().square().sum(dtype=torch.float64) for g in grads]).sum() if grads
+              else torch.zeros((), dtype=torch.float64, device=device))
         dist.all_reduce(sq)
-        return clip_by_norm_(grads, sq.sqrt(), max_norm)
+        return clip_by_norm_(grads, sq.sqrt().float(), max_norm)
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().clone()
@@ -257,14 +283,102 @@ def memory_ledger(engine: FSDPEngine) -> dict:
     return t.bytes
 
 
+class GatheredProbe:
+    """The gathered (whole) weights a rank holds, measured from the storages themselves, not from the hand-written
+    implementation's own counter (FullyShardedDiT.peak_live): every buffer an all-gather writes into is remembered
+    by a weak reference (the probe keeps nothing alive), and so is every plain parameter a module holds (FSDP2
+    registers the unsharded weights on its modules while a unit is whole). At every collective call (before and
+    after) and at every block's forward boundary the probe sums the sizes those storages have *now* (a freed
+    storage has size 0), each storage once, the shards excluded. The largest sum is the gathered peak."""
+
+    GATHERS = ("all_gather_into_tensor", "all_gather_single")
+
+    def __init__(self, model: nn.Module, shards: list):
+        self.model, self.peak, self.samples, self.parts = model, 0, 0, {}
+        self.shards = {t.untyped_storage().data_ptr() for t in shards}
+        self.outs, self._saved, self._hooks = [], {}, []
+
+    def sample(self, *_):
+        from torch.distributed.tensor import DTensor
+        gathered, kept = {}, []
+        for ref in self.outs:
+            t = ref()
+            if t is not None:
+                kept.append(ref)
+                st = t.untyped_storage()
+                gathered[st.data_ptr()] = st.nbytes()
+        self.outs = kept
+        params = {}
+        for m in self.model.modules():
+            for p in m._parameters.values():
+                if p is not None and not isinstance(p, DTensor):
+                    st = p.untyped_storage()
+                    params[st.data_ptr()] = st.nbytes()
+        live = {**gathered, **params}
+        total = sum(b for ptr, b in live.items() if ptr and ptr not in self.shards)
+        if total > self.peak:
+            # what the peak is made of: all-gather buffers, and plain parameters that are not views of one
+            outside = sum(b for ptr, b in params.items() if ptr and ptr not in self.shards and ptr not in gathered)
+            self.parts = {"all_gather_buffers": total - outside, "other_parameters": outside}
+        self.peak = max(self.peak, total)
+        self.samples += 1
+
+    def __enter__(self):
+        import functools
+        import weakref
+        names = {"all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", *self.GATHERS}
+        for name in names:
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+            self._saved[name] = fn
+
+            @functools.wraps(fn)
+            def probed(*args, _fn=fn, _gather=name in self.GATHERS, **kwargs):
+                if _gather:
+                    self.outs.append(weakref.ref(kwargs.get("output_tensor", args[0] if args else None)))
+                self.sample()
+                try:
+                    return _fn(*args, **kwargs)
+                finally:
+                    self.sample()
+            setattr(dist, name, probed)
+        for m in (self.model, *self.model.blocks):
+            self._hooks += [m.register_forward_pre_hook(self.sample), m.register_forward_hook(self.sample)]
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        for h in self._hooks:
+            h.remove()
+
+
+def step_peak(prof) -> int | None:
+    """The largest bytes allocated above the step's start, at any moment of it, from the profiler's record of
+    every allocation and free of this process's allocator (torch.profiler, profile_memory=True)."""
+    try:
+        events = prof.profiler.kineto_results.events()
+    except AttributeError:            # another torch keeps its results elsewhere: no number rather than a wrong one
+        return None
+    run = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        run += nbytes
+        peak = max(peak, run)
+    return peak
+
+
 class FSDPReport(TrainHooks):
     """`launchers/fsdp.py --report PATH`: one step (step 1: Adam's state exists) measured on every rank:
-    the model-state bytes after the first micro-batch's backward, every collective's bytes, the gathered peak
-    (hand); rank 0 writes them beside the formulas (16Ψ/N bytes of fp32 model states, 3Ψ(N-1)/N elements sent)."""
+    the model-state bytes after the first micro-batch's backward, every collective's bytes, the gathered peak (from
+    the storages, GatheredProbe; and the hand-written implementation's own counter beside it), the peak of all the
+    step's allocations (torch.profiler) above what the rank held when the step began, and which piece of every
+    parameter the rank holds; rank 0 writes them beside the formulas (16Ψ/N bytes of fp32 model states, 3Ψ(N-1)/N
+    elements sent)."""
 
     def __init__(self, path, cfg, strategy, step: int = 1):
         self.path, self.cfg, self.strategy, self.step = Path(path), cfg, strategy, step
-        self.memory = self.counter = None
+        self.memory = self.counter = self.probe = self.prof = self.at_start = None
 
     def step_begin(self, step, engine):
         if step == self.step:
@@ -274,7 +388,12 @@ class FSDPReport(TrainHooks):
                 fsdp.peak_live, fsdp.timeline = fsdp.live, []
             if torch.cuda.is_available() and self.strategy.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+            self.at_start = memory_ledger(engine)      # weights and Adam's moments (no gradient yet)
             self.counter = CommCounter().__enter__()
+            self.probe = GatheredProbe(engine.model, [engine.layout.local(p) for p in engine.params]).__enter__()
+            if self.strategy.device.type == "cpu":
+                from torch.profiler import ProfilerActivity, profile
+                self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True).__enter__()
 
     def after_backward(self, step, micro, engine):
         if step == self.step and micro == 0:
@@ -284,11 +403,19 @@ class FSDPReport(TrainHooks):
         if step != self.step:
             return
         from .zero_report import comm_formula, formula
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+        self.probe.__exit__(None, None, None)         # unwrapped first: it wrapped the counter's wrappers
         self.counter.__exit__(None, None, None)
         fsdp, world = self.strategy.fsdp, self.strategy.world_size
         mine = {"rank": dist.get_rank(), "memory": self.memory, "comm_bytes": dict(self.counter.bytes),
                 "comm_calls": dict(self.counter.calls), "comm_ring_bytes": self.counter.ring_bytes(world),
                 "gathered_peak_bytes": fsdp.peak_live * 4 if fsdp is not None else None,
+                "gathered_peak_measured_bytes": self.probe.peak, "probe_samples": self.probe.samples,
+                "gathered_peak_parts": self.probe.parts,
+                "held_at_step_start": self.at_start,
+                "step_peak_bytes": step_peak(self.prof) if self.prof is not None else None,
+                "pieces": self.pieces(engine),
                 "cuda_peak_bytes": (torch.cuda.max_memory_allocated() if self.strategy.device.type == "cuda"
                                     else None)}
         ranks = [None] * world
@@ -307,3 +434,18 @@ class FSDPReport(TrainHooks):
                   "ranks": ranks}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(report, indent=1))
+
+    def pieces(self, engine) -> dict:
+        """{parameter name: elements of it this rank holds}, from the sharded objects: FSDP2's local DTensor chunk
+        of each parameter; for the hand-written units, the overlap of each parameter's place in its flat vector
+        with this rank's shard [r*s, (r+1)*s)."""
+        fsdp = self.strategy.fsdp
+        if fsdp is None:
+            lay = engine.layout
+            return {n: lay.local(p).numel() for n, p in lay.named}
+        out = {}
+        for u in fsdp.units:
+            lo = u.rank * u.shard_numel
+            for _, _, fqn, _, off, n in u.slots:
+                out[fqn] = max(0, min(off + n, lo + u.shard_numel) - max(off, lo))
+        return out

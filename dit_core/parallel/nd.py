@@ -275,11 +275,19 @@ class NDEngine(PipelineEngine):
 
 
 def mesh_record(par: NDStrategy) -> list[dict] | None:
-    """What torch's DeviceMesh says of every rank, gathered (a collective): its coordinate and the ranks of its
-    group along each axis. Rank 0 gets the list (launchers/nd.py writes it to mesh.json); the others None."""
-    dm = par.nd.device_mesh
-    mine = {"rank": par.rank, "coords": dict(zip(AXES, dm.get_coordinate())),
-            "groups": {a: dist.get_process_group_ranks(dm.get_group(a)) for a in AXES}}
+    """Every rank's place twice, gathered (a collective): as the project computes it (its coordinates from the rank
+    formula, and the ranks each of its process groups really holds), and as torch's own `init_device_mesh` of shape
+    (dp, pp, cp, tp) places it, built here independently of Layout (its own grid, its own new groups). Chapter 16 and
+    tests/test_nd.py compare the two, so a wrong rank formula or a group built from the wrong line shows. Rank 0 gets
+    the list (launchers/nd.py writes it to mesh.json); the others None."""
+    from torch.distributed.device_mesh import init_device_mesh
+    L, names = par.layout, ("dp", "pp", "cp", "tp")
+    theirs = init_device_mesh("cuda" if par.device.type == "cuda" else "cpu", (L.dp, L.pp, L.cp, L.tp),
+                              mesh_dim_names=names)
+    mine = {"rank": par.rank, "coords": dict(par.coords),
+            "groups": {a: dist.get_process_group_ranks(par.nd.groups[a]) for a in AXES},
+            "torch_coords": dict(zip(names, theirs.get_coordinate())),
+            "torch_groups": {a: dist.get_process_group_ranks(theirs.get_group(a)) for a in names}}
     out = [None] * par.world_size
     dist.all_gather_object(out, mine)
     return out if par.rank == 0 else None

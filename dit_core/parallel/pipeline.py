@@ -7,8 +7,9 @@ sends it to the next stage; backward sends its gradient (dh and dc: the blocks o
 to dc) to the previous one. Shapes are known from the config, so the receiver allocates its buffer in
 advance: plain `isend`/`irecv` of tensors, nothing pickled.
 
-A schedule is a list of actions per stage (`dit_core.parallel.schedules`: GPipe, 1F1B, the simulator);
-`Executor` runs one for real and, when asked, records when each action computed and when it waited.
+A schedule is a list of actions per stage (`dit_core.parallel.schedules`: GPipe, 1F1B, interleaved 1F1B, the
+simulator); `Executor` runs one for real and, when asked, records when each action computed and when it waited.
+It has run over gloo (CPU processes) only, never on NCCL with 2 or more GPUs.
 
 The loss of the step is the mean over the whole per-pipeline batch: each micro-batch's mean loss is
 divided by M x accumulation before its backward, so the summed gradient is the single process's.
@@ -179,11 +180,24 @@ class RankStages(nn.Module):
 # ---------------------------------------------------------------- running a schedule
 
 class Executor:
-    """Runs one stage's action list over M micro-batches, with the sends and receives it needs.
+    """Runs one rank's action list (its v chunks' forwards and backwards) over M micro-batches, with the sends
+    and receives they need.
 
-    After each action, its outputs' sends and the next action's receives go out together in one
-    `batch_isend_irecv` (NCCL needs a send and a receive between the same two GPUs in one group, or each
-    would wait for the other); the stage then waits for them before it computes again."""
+    Before the first action the rank posts that action's receive. After each action, the action's send (its
+    output forward, or its input's gradient back) and the next action's receive go out together in one
+    `batch_isend_irecv`, and the rank waits for the **receive only** before it computes again; the sends are
+    waited for at the end of the step (`run`), after the last action. (Waiting for the sends at once hung the
+    interleaved schedule on gloo: two ranks each waited for a send the other would only take after its own
+    send was done.) Pairing the send and the receive in one batch follows NCCL's rule for peer-to-peer calls
+    that must progress together (one group; NCCL user guide, "Point-to-point communication"); on NCCL the
+    batch comes back as one request, so the rank's stream waits for its send too. That path is untested: the
+    executor has run over gloo only, never on NCCL with 2 or more GPUs.
+
+    What it counts, per step: `bytes_sent` (every tensor it sends), `peak_saved_bytes` (measured: the storages
+    autograd saves for backward during each forward, weights excluded, held until that micro-batch's backward;
+    the peak of their sum), `peak_in_flight` (how many micro-batches had run their forward and not yet their
+    backward: the schedule's arithmetic, counted), and with `timeline`, `events`: when each action computed and
+    when each exchange waited (time.perf_counter)."""
 
     def __init__(self, stage: RankStages, pp_group, pp_ranks: list[int], device, timeline: bool = False):
         self.stage, self.group, self.device, self.ranks = stage, pp_group, device, pp_ranks
@@ -354,8 +368,9 @@ class PipelineEngine(RankFilesEngine):
             def forward_last(m, pred, x0=x0, b=b, cut=cut):
                 return self.micro_loss(pred, x0[cut[m]], b.t[cut[m]], b.noise[cut[m]])
 
-            # the mean over the step's M x A micro-batches; the broken variant rescales after each piece instead
-            scale = 1.0 / (A if par.broken == "rescale-grads" else M * A)
+            # the mean over the step's M x A micro-batches; rescale-grads rescales after each piece instead, and
+            # sum-microbatches forgets the M (each micro-batch's mean counted whole: M times the gradient)
+            scale = 1.0 / (A if par.broken in ("rescale-grads", "sum-microbatches") else M * A)
             losses = self.executor.run(self.actions, inputs, forward_last, scale, self.autocast)
             if par.broken == "rescale-grads":
                 for p in self.params:               # torchtitan#1733: the schedule divides the whole .grad by M
@@ -418,7 +433,7 @@ class PipelineStrategy(DistParallel):
     """DP x PP for `dit_core.train`: ranks [d*P, (d+1)*P) are pipeline d (stage s on rank d*P + s) and train
     on data-parallel slice d of the global batch; the gradients are averaged over the data-parallel group."""
 
-    BROKEN = ("rescale-grads",)
+    BROKEN = ("rescale-grads", "sum-microbatches")
 
     def __init__(self, env: DistEnv, stages: int, microbatches: int, schedule_name: str = "1f1b",
                  broken: str | None = None, timeline: bool = False, chunks: int = 1):

@@ -4,8 +4,10 @@
 alternates one forward and one backward, so at most P - s micro-batches wait for their backward (GPipe keeps
 all M). `interleaved_1f1b` gives each rank v chunks of layers ("virtual stages": chunk k of P·v lives on rank
 k mod P), so a micro-batch visits every rank v times and the bubble shrinks v-fold. `simulate` replays the
-lists with a cost per action and predicts the bubble, which chapter 12 checks against the formulas and against
-the bubble measured from real events. `dit_core.parallel.pipeline` runs the same lists over real processes.
+lists with a cost per action (one cost for every stage, each stage's own, or each action's own) and an optional
+cost per message, and returns the timeline and each stage's bubble: with equal stages and free messages it is
+`bubble_formula`; chapter 12 replays the lists with the times measured from real events
+(tools/bench_pipeline.py). `dit_core.parallel.pipeline` runs the same lists over real processes.
 """
 from __future__ import annotations
 
@@ -72,14 +74,35 @@ def schedule(name: str, stages: int, microbatches: int, chunks: int = 1) -> list
     return [BUILDERS[name](stages, microbatches, s) for s in range(stages)]
 
 
-def simulate(actions: list[list[Action]], t_forward: float = 1.0, t_backward: float = 2.0, chunks: int = 1) -> dict:
-    """Replay every stage's action list with fixed costs and no communication time: when does each action
-    start and end? A forward of micro-batch m on chunk k (global chunk k = j·P + s for chunk j of rank s)
-    waits for its forward on chunk k - 1; a backward on chunk k for its backward on k + 1 (the last chunk's
-    for its own forward). A chunk costs 1/v of a stage. Returns the timeline and each stage's bubble (idle
-    share of the whole step)."""
+def simulate(actions: list[list[Action]], t_forward=1.0, t_backward=2.0, chunks: int = 1, t_send: float = 0.0,
+             durations: list[list[float]] | None = None) -> dict:
+    """Replay every stage's action list: when does each action start and end? A forward of micro-batch m on
+    chunk k (global chunk k = j·P + s for chunk j of rank s) waits for its forward on chunk k - 1; a backward on
+    chunk k for its backward on k + 1 (the last chunk's for its own forward).
+
+    What an action costs:
+    * `t_forward`, `t_backward` numbers: a whole stage's forward and backward, the same on every stage; a chunk
+      costs 1/v of it (v = `chunks`). Then the bubble is `bubble_formula`'s, whatever the two numbers.
+    * `t_forward`, `t_backward` sequences of P·v numbers: one action's cost on each chunk along the pipeline
+      (global chunk order k = j·P + s), taken as they are (e.g. each stage's measured median): uneven stages.
+    * `durations[s][i]`: the cost of stage s's i-th action itself (e.g. each action's measured time).
+    `t_send`: a message's time from the end of the action that sends it to the start of the action on the other
+    rank that needs it (0: messages are free, as the formula assumes).
+
+    Returns the timeline and each stage's bubble (its idle share of the whole step's span)."""
     P, v = len(actions), chunks
     C = P * v
+
+    def per_chunk(t):
+        if isinstance(t, (int, float)):
+            return [t / v] * C
+        if len(t) != C:
+            raise ValueError(f"{len(t)} costs for {C} chunks along the pipeline (P = {P}, v = {v}); give one number "
+                             f"or one per chunk.")
+        return list(t)
+    cost = {"F": per_chunk(t_forward), "B": per_chunk(t_backward)}
+    if durations is not None and [len(d) for d in durations] != [len(a) for a in actions]:
+        raise ValueError("durations[s] needs one cost per action of stage s.")
     done: dict = {}                     # (op, mb, global chunk) -> end time
     clock = [0.0] * P
     pos = [0] * P
@@ -95,8 +118,10 @@ def simulate(actions: list[list[Action]], t_forward: float = 1.0, t_backward: fl
                   (("B", a.mb, k + 1) if k < C - 1 else ("F", a.mb, k))
             if dep is not None and dep not in done:
                 continue
-            start = max(clock[s], done[dep] if dep else 0.0)
-            end = start + (t_forward if a.op == "F" else t_backward) / v
+            # a dependency on another chunk is a message (chunk k - 1 and k + 1 live on other ranks when P > 1)
+            ready = 0.0 if dep is None else done[dep] + (t_send if dep[2] != k and P > 1 else 0.0)
+            start = max(clock[s], ready)
+            end = start + (durations[s][pos[s]] if durations is not None else cost[a.op][k])
             done[(a.op, a.mb, k)] = end
             timeline[s].append((a, start, end))
             clock[s], pos[s], progressed = end, pos[s] + 1, True

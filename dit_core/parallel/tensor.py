@@ -250,15 +250,23 @@ class TensorParallelStrategy(MeshStrategy):
     """DP x TP for `dit_core.train`: ranks [d*P, (d+1)*P) hold the slices of one model and train on
     data-parallel slice d of the global batch; gradients are averaged across the data-parallel group."""
 
-    def __init__(self, env: DistEnv, degree: int):
+    # (teaching) world-average: the data-parallel all-reduce divides by the world size (dp x tp, what
+    # dist.get_world_size() returns without a group) instead of its own group's size: every gradient tp times too small
+    BROKEN = ("world-average",)
+
+    def __init__(self, env: DistEnv, degree: int, broken: str | None = None):
+        if broken not in (None, *self.BROKEN):
+            raise ConfigError(f"--break {broken} is not one of {', '.join(self.BROKEN)}.")
         super().__init__(env, degree, "--tp-degree")
+        self.broken = broken
 
     def make_engine(self, model, cfg, device):
         parallelize(model, self.mesh.inner_group)      # before the optimizer sees the parameters
         return TensorParallelEngine(model, self, cfg, device)
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        return DataParallel(model, group=self.mesh.dp_group)
+        return DataParallel(model, group=self.mesh.dp_group,
+                            divisor=self.world_size if self.broken == "world-average" else None)
 
     def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
         """The norm of the *whole* model's gradient: sliced parameters' squares summed over the tensor-

@@ -181,7 +181,12 @@ class UlyssesStrategy(MeshStrategy):
     def wrap(self, model: nn.Module) -> nn.Module:
         self.sp_model = SequenceParallelDiT(model, self.mesh.inner_group, self.attention())
         group = self.mesh.dp_group if self.broken == "grad-group" else None
-        return DataParallel(self.sp_model, group=group, divisor=self.mesh.dp_size)
+        return DataParallel(self.sp_model, group=group, divisor=self.grad_divisor())
+
+    def grad_divisor(self) -> int:
+        """The one all-reduce over every rank sums the partial gradients of a group's ranks and the groups'
+        gradients: dividing by the number of groups leaves the sum inside a group and the mean across groups."""
+        return self.mesh.dp_size
 
     def loss(self, diffusion, model, x0, y, t, noise, drop) -> torch.Tensor:
         pred = model(diffusion.q_sample(x0, t, noise), t, y, drop).float()    # this rank's tokens only

@@ -192,6 +192,10 @@ class DeepSpeedEngine(Accumulating):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.par.broken == "accum-twice":
+            # (teaching) the loss divided by the accumulation count by hand, as in a plain PyTorch loop, although
+            # engine.backward divides it again: every gradient is `accum` times too small
+            loss = loss / self.cfg.train.grad_accum
         self.engine.backward(loss)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()       # only advances DeepSpeed's micro-step counter
@@ -262,14 +266,24 @@ class DeepSpeedEngine(Accumulating):
 
 
 class ZeroStrategy(DistParallel):
+    # (teaching) accum-twice: the loss divided by train.grad_accum before engine.backward, which divides by it again
+    BROKEN = ("accum-twice",)
+
     def __init__(self, env, stage: int, ds_config_path: str | None = None,
-                 persistence_threshold: int | None = None, bucket_elements: int | None = None):
+                 persistence_threshold: int | None = None, bucket_elements: int | None = None,
+                 broken: str | None = None):
         check_stage(stage)
+        if broken not in (None, *self.BROKEN):
+            raise ConfigError(f"--break {broken} is not one of {', '.join(self.BROKEN)}.")
+        self.broken = broken
         self.env, self.stage, self.ds_config_path = env, stage, ds_config_path
         self.persistence_threshold, self.bucket_elements = persistence_threshold, bucket_elements
         super().__init__(env)
 
     def make_engine(self, model: nn.Module, cfg: Config, device: torch.device) -> DeepSpeedEngine:
+        if self.broken == "accum-twice" and cfg.train.grad_accum < 2:
+            raise ConfigError("--break accum-twice divides by train.grad_accum=1, which changes nothing; add "
+                              "--set train.grad_accum=2 to see it.")
         return DeepSpeedEngine(model, self, cfg, device)
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
