@@ -501,9 +501,13 @@ plt.tight_layout(); plt.show()
 # per micro-batch each way (19.7 MB per step against 6.6 MB). Those bytes are small; data parallelism all-reduces
 # every weight's gradient instead.
 #
-# *The bubble* (timings of this 2-core CPU, `docs/bench_pipeline_cpu.json`): it falls as M grows for each schedule,
-# and interleaving keeps it below 1F1B's at every M (the PASS lines), but at M = 16 it is about 2 to 3 times the
-# formula (the ratio line). The replays say where the difference comes from, one effect at a time:
+# *The bubble* (timings of this 2-core CPU, `docs/bench_pipeline_cpu.json`, measured 2026-12-06 on a quiet machine):
+# it falls as M grows for each schedule (the PASS lines), and at M = 16 it is 1.7 to 3.4 times the formula (the ratio
+# lines). Interleaving keeps it below 1F1B's at M = 2, 4 and 8 but not at M = 16 (0.103 against 0.099: the FAIL
+# line, a verdict that could go either way and here went against the formula): at M = 16 a rank runs 64 actions,
+# each a quarter of a stage's work on 4 images, and the fixed cost per action (measured minus replayed: 0.066 against
+# 1F1B's 0.021) eats what the smaller bubble saved. The replays say where the difference comes from, one effect at a
+# time:
 #
 # 1. **Uneven stages** (formula → simulated). Stage 0 also embeds the patches, the timestep and the label; the last
 #    stage also runs the final layer and the loss; the medians differ by a few ms, and the faster stage waits for the
@@ -514,10 +518,13 @@ plt.tight_layout(); plt.show()
 # 3. **The exchanges and Python** (replayed → measured; the replay treats messages as free). After each action a
 #    stage posts its sends and receives and waits for the receive, and Python runs between actions: a roughly fixed
 #    cost per action, while each action shrinks with the micro-batch. At M = 16 a stage runs 32 actions (64
-#    interleaved), each a fraction of what it is at M = 1, so this share grows with M: the per-M lines.
+#    interleaved), each a fraction of what it is at M = 1, so this share grows with M: the per-M lines (GPipe 0.001
+#    to 0.025, 1F1B 0.003 to 0.021, interleaved 0.011 to 0.066).
 #
 # The formula is the limit of equal stages, equal actions and free messages. It is the right guide for choosing M
-# and v; the measured bubble is what a real machine adds on top. None of this was measured on GPUs: the pipeline
+# and v while an action is long against its fixed cost (large micro-batches; a GPU's kernels launched ahead); the
+# measured bubble is what a real machine adds on top, and where actions are short, more of them (a larger M, more
+# virtual stages) can cost more than the bubble they remove. None of this was measured on GPUs: the pipeline
 # has never run on NCCL with 2 or more GPUs.
 #
 # ## 8. Pipelines with the other axes, and better schedules
@@ -572,8 +579,9 @@ plt.tight_layout(); plt.show()
 # 激活内存（实测保存的字节）：批次固定为 64 时，GPipe 第 0 阶段在每个 M 下都保存整批激活（248 MiB），1F1B 只保存
 # P 个微批次的（M = 16 时 31 MiB，八分之一）；交错式多占一些（39 MiB），发送的字节是 1F1B 的 (P·v−1)/(P−1) = 3 倍。
 #
-# 气泡（空闲占比）公式 (P−1)/(v·M+P−1)。在这台 2 核 CPU 上实测的气泡随 M 增大而下降，交错式低于 1F1B，但 M = 16 时约为
-# 公式的 2–3 倍：各阶段不均、每个动作耗时的波动、以及每次收发和 Python 的固定开销（逐项用重放模拟拆开）。
+# 气泡（空闲占比）公式 (P−1)/(v·M+P−1)。在这台 2 核 CPU 上实测的气泡随 M 增大而下降，M = 16 时为公式的 1.7–3.4 倍：
+# 各阶段不均、每个动作耗时的波动、以及每次收发和 Python 的固定开销（逐项用重放模拟拆开）。交错式在 M = 2、4、8 时低于
+# 1F1B，M = 16 时反而略高（0.103 对 0.099）：每个 rank 要执行 64 个很短的动作，每个动作的固定开销抵消了更小的气泡。
 #
 # 只等待接收、发送留到步末再等，否则交错式调度会死锁。本章所有运行都是 CPU 上的 gloo 进程；流水线启动器从未在 2 块以上
 # GPU 的 NCCL 上运行过。
