@@ -117,6 +117,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_two_and_four_ranks_and_under_other
     # The same launcher on 2 ranks: the same arithmetic from exactly the restored state, the very same losses,
     # and the same EMA at the end (it was restored too, sharded, from ema.pt).
     assert [r["loss"] for r in two["fsdp hand again"]] == tail
+    assert_parity(full[HALF:], two["fsdp hand again"], rtol=0.0, steps=STEPS - HALF)    # and the gradient norm
     ema = {k: load_state_file(D / k / f"checkpoint-{STEPS}" / "ema.pt") for k in ("hand a1", "again", "ddp")}
     assert all(torch.equal(ema["again"][n], v) for n, v in ema["hand a1"].items())
     assert max((ema["ddp"][n] - v).abs().max().item() for n, v in ema["hand a1"].items()) <= 1e-6
