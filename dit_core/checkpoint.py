@@ -5,7 +5,9 @@ engine that wrote it and the whole config), `ema.pt`, and the engine's own files
 `optimizer.pt` for plain PyTorch; a `ds/` folder for DeepSpeed; `accelerate/` for Accelerate; one
 optimizer file per rank for tensor parallelism). It is written into a hidden temporary folder and
 renamed, so a crash leaves either the complete checkpoint or none; weights are checked finite
-before they are written and again when they are read.
+before they are written and again when they are read. `manifest.json` records every file's size and
+sha256 at save time; every reader (resume, convert, export, evaluate: all through `read_training_state`)
+verifies them first, so a file changed or corrupted on disk is refused by name, never trained on.
 
 What a resume takes from where (docs/faults.md):
   from the checkpoint   the weights, the optimizer's moments, the loss scaler, the EMA, the step and
@@ -20,6 +22,7 @@ What a resume takes from where (docs/faults.md):
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -73,6 +76,68 @@ def foreign(folder: Path, state: dict, reader: str) -> CheckpointError:
                            f"cannot resume; resume it with {cmd}{extra}.")
 
 
+# ---------------------------------------------------------------- the manifest: every file's sha256
+
+MANIFEST = "manifest.json"
+_VERIFIED: dict = {}             # (folder, manifest's mtime) -> True: a resume reads the state several times
+
+
+def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
+    """sha256 of a file, read in 8 MiB pieces (a DiT-XL/2 optimizer file is GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file below `folder` (the engine's, each rank's, DeepSpeed's and DCP's too) with its size and
+    sha256, as `manifest.json`. Called on the finished temporary folder, just before the rename."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST)
+    entries = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+               for p in files}
+    (folder / MANIFEST).write_text(json.dumps({"algorithm": "sha256", "files": entries}, indent=1))
+
+
+def _earlier(folder: Path) -> str:
+    """What to do instead of reading a bad checkpoint: the one before it, where there is one."""
+    tail = folder.name.split("-", 1)[-1]
+    step = int(tail) if tail.isdigit() else None
+    earlier = [s for s in checkpoint_steps(folder.parent) if step is None or s < step]
+    if earlier:
+        return f"resume from the checkpoint before it, '{folder.parent / f'checkpoint-{earlier[-1]}'}'"
+    return f"no earlier checkpoint is in '{folder.parent}': restore the file from a copy or start the run again"
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Every file the manifest lists is there, with its size and sha256; else one sentence naming the file. (A
+    folder without a manifest was written before manifests existed: it is read as before.)"""
+    folder = Path(folder)
+    man = folder / MANIFEST
+    if not man.is_file():
+        return
+    key = (str(folder.resolve()), man.stat().st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    try:
+        files = json.loads(man.read_text())["files"]
+        items = [(str(rel), int(e["bytes"]), str(e["sha256"])) for rel, e in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise CheckpointError(f"'{man}' is not a valid manifest; the checkpoint is corrupt: "
+                              f"{_earlier(folder)}.") from None
+    for rel, size, digest in items:
+        f = folder / rel
+        if not f.is_file():
+            raise CheckpointError(f"Checkpoint '{folder}' lacks {rel}, which its manifest lists; it is incomplete: "
+                                  f"{_earlier(folder)}.")
+        if f.stat().st_size != size or file_sha256(f) != digest:
+            raise CheckpointError(f"'{f}' is not the file written with this checkpoint (its sha256 differs from the "
+                                  f"manifest's): it was changed or corrupted on disk; {_earlier(folder)}.")
+    _VERIFIED[key] = True
+
+
 # ---------------------------------------------------------------- reading
 
 def check_files(path: Path, names) -> None:
@@ -87,6 +152,7 @@ def read_training_state(path: str | Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"Checkpoint '{path}' is not a folder; pass a checkpoint-<step> folder "
                               f"written by a launcher (e.g. results/run/checkpoint-1000).")
+    verify_checkpoint(path)
     check_files(path, ("training_state.json", "ema.pt"))
     try:
         state = json.loads((path / "training_state.json").read_text())
@@ -214,6 +280,7 @@ def write_plain(src: Path, dst: Path, state: dict, sd: dict) -> Path:
     shutil.copy(src / "ema.pt", tmp / "ema.pt")
     (tmp / "training_state.json").write_text(json.dumps({**state, "engine": "torch", "converted_from": str(src)},
                                                         indent=1))
+    write_manifest(tmp)
     tmp.rename(dst)
     return dst
 
@@ -280,6 +347,7 @@ def save_checkpoint(results_dir: str | Path, step: int, engine, ema, cfg: Config
         (tmp / "training_state.json").write_text(json.dumps(
             {"step": step, "samples_seen": samples_seen, "engine": engine.name, **engine.state_info(),
              "config": cfg.to_dict()}, indent=1))
+        write_manifest(tmp)
         _fsync_tree(tmp)
         os.rename(tmp, final)
         return final
@@ -305,3 +373,29 @@ def _fsync_tree(folder: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def main(argv=None) -> int:
+    """`python -m dit_core.checkpoint verify CHECKPOINT`: every file against the manifest written with it."""
+    from .config import parser
+    from .errors import run_main
+    p = parser(prog="python -m dit_core.checkpoint")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("verify", help="check every file of a checkpoint folder against its manifest (sha256)")
+    v.add_argument("checkpoint")
+
+    def run(_):
+        args = p.parse_args(argv)
+        folder = Path(args.checkpoint)
+        read_training_state(folder)                    # verifies first
+        if not (folder / MANIFEST).is_file():
+            print(f"'{folder}' has no {MANIFEST} (written before manifests existed): nothing to verify against")
+            return
+        n = len(json.loads((folder / MANIFEST).read_text())["files"])
+        print(f"'{folder}': all {n} files match the sha256 recorded when it was written")
+    run_main(run)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -401,6 +401,14 @@ def resolve_auto_resume(cfg: Config) -> None:
     if steps:
         cfg.run.resume = str(folder / f"checkpoint-{steps[-1]}")
     else:
+        # No checkpoint: a torchrun restart of this job starts its earlier attempt over; a first attempt that finds a
+        # log there has found another run's, which it must not replace unless told to.
+        log = Path(cfg.run.log_jsonl) if cfg.run.log_jsonl else folder / "log.jsonl"
+        rows = sum(1 for line in log.read_text().splitlines() if line.strip()) if log.is_file() else 0
+        if rows and restart == "0" and not cfg.run.overwrite:
+            raise ConfigError(f"--resume auto: '{folder}' holds another run's log ('{log}', {rows} steps) and no "
+                              f"checkpoint to resume; give this run another --results-dir, or pass --overwrite to "
+                              f"discard that run.")
         cfg.run.resume, cfg.run.overwrite = "", True
     if os.environ.get("RANK", "0") == "0":
         say(f"[resume auto] {'from ' + cfg.run.resume if steps else 'no checkpoint in ' + str(folder) + ': from step 0'}"

@@ -59,22 +59,23 @@ class RunFolder:
         if self.key in _HELD:
             _HELD[self.key][1] += 1
             return self
-        f = open(self.dir / ".lock", "a+")
-        if fcntl is not None:
+        f = _take(self.dir / ".lock", lambda holder: ConfigError(
+            f"--results-dir '{self.dir}' is in use by another run ({holder}); wait for it to finish, or give this "
+            f"run another --results-dir."), stamp=False)
+        _stamp(f)
+        held = [f]
+        # A log outside the results folder is not covered by the folder's lock: it gets its own, beside it, so two
+        # runs given one --log-jsonl are refused as two runs in one folder are (else both exit 0, one's rows lost).
+        if self.log.resolve().parent != self.dir.resolve():
             try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
+                self.log.parent.mkdir(parents=True, exist_ok=True)
+                held.append(_take(self.log.parent / f".{self.log.name}.lock", lambda holder: ConfigError(
+                    f"--log-jsonl '{self.log}' is being written by another run ({holder}); wait for it to finish, "
+                    f"or give this run another --log-jsonl.")))
+            except BaseException:
                 f.close()
-                raise ConfigError(f"--results-dir '{self.dir}' is in use by another run ({holder}); wait for it "
-                                  f"to finish, or give this run another --results-dir.") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                f"{' '.join(sys.argv)[:300]}\n")
-        f.flush()
-        _HELD[self.key] = [f, 1]
+                raise
+        _HELD[self.key] = [held, 1]
         return self
 
     def release(self) -> None:
@@ -83,7 +84,8 @@ class RunFolder:
         held = _HELD[self.key]
         held[1] -= 1
         if held[1] == 0:
-            held[0].close()           # closing the file releases the lock
+            for f in held[0]:
+                f.close()             # closing the file releases the lock
             del _HELD[self.key]
         self.key = None
 
@@ -104,6 +106,9 @@ class RunFolder:
         logged = self._log_steps()
         inside = self.resume is not None and self.resume.resolve().parent == self.dir.resolve()
         if self.resume is None or not inside:
+            if logged and not steps and self.log.resolve().parent != self.dir.resolve() and not self.overwrite:
+                raise ConfigError(f"--log-jsonl '{self.log}' already holds another run's {len(logged)} steps; give "
+                                  f"this run another --log-jsonl, or pass --overwrite to discard them.")
             held = ([f"{self.log.name} with {len(logged)} steps"] if logged else []) + \
                    [f"checkpoint-{s}" for s in steps]
             if held and not self.overwrite:
@@ -126,6 +131,32 @@ class RunFolder:
         if self.resume is None or not inside:
             shutil.rmtree(self.dir / "tb", ignore_errors=True)
         truncate_log(self.log, start)
+
+
+def _take(path: Path, refused, stamp: bool = True):
+    """An exclusive OS lock on `path` (created if needed), held while the returned file stays open; `refused(holder)`
+    is the error raised when another process holds it (holder: what that process wrote into the file)."""
+    f = open(path, "a+")
+    if fcntl is not None:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise refused(holder) from None
+    if stamp:
+        _stamp(f)
+    return f
+
+
+def _stamp(f) -> None:
+    """Who holds the lock, for the sentence a second run gets."""
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            f"{' '.join(sys.argv)[:300]}\n")
+    f.flush()
 
 
 def _read_rows(path: Path) -> list[dict]:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from dit_core.batch import GlobalBatchStream, stack_samples  # noqa: E402
 from dit_core.checkpoint import (CheckpointError, check_finite, check_resume, foreign,  # noqa: E402
-                                 read_training_state, write_failed)
+                                 read_training_state, write_failed, write_manifest)
 from dit_core.config import ConfigError, config_from_args, launcher_parser  # noqa: E402
 from dit_core.data import load_mnist  # noqa: E402
 from dit_core.diffusion import Diffusion  # noqa: E402
@@ -122,6 +122,7 @@ def save(accelerator, folder: Path, model, ema: EMA, progress: Progress, cfg) ->
                 {**progress.state_dict(), "engine": "accelerate", "config": cfg.to_dict()}, indent=1))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            write_manifest(tmp)                                        # every file's sha256, checked on reading
             os.rename(tmp, folder)
     except OSError as e:
         if accelerator.is_main_process:

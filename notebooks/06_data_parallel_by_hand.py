@@ -107,14 +107,19 @@ plt.tight_layout()
 print("first bucket starts with:", names[id(dp.buckets[0][0])], "| last bucket ends with:", names[id(dp.buckets[-1][-1])])
 
 # %% [markdown]
-# Notice the first bucket holds the *final layer*: it is the first to get its gradients in backward, so its
-# all-reduce starts while the blocks are still differentiating. The patch embedding comes last.
+# Notice the first bucket starts with the *final layer*, the first to get its gradients in backward, so its
+# all-reduce can start while the blocks are still differentiating. The patch embedding comes last.
 #
 # **When does each bucket leave?** `DataParallel.timeline` records the moment each bucket's all-reduce is launched.
-# One backward of the wrapped tiny DiT (batch 64) in this process, the moments drawn against the backward's span:
+# One backward of the wrapped tiny DiT (batch 64) in this process, the moments drawn against the backward's span.
+# Independently of the wrapper, a gradient hook on every parameter (`register_hook`, called when autograd has
+# computed that parameter's gradient) records the order in which backward produces the gradients, and how many
+# buckets had left by then.
 
 # %%
 dp.timeline = []
+ready = []                                              # (parameter, buckets launched so far), in backward's order
+hooks = [p.register_hook(lambda g, n=n: ready.append((n, len(dp.timeline)))) for n, p in dp.module.named_parameters()]
 x, t, y = torch.randn(64, 1, 28, 28), torch.randint(0, 1000, (64,)), torch.randint(0, 10, (64,))
 with torch.no_grad():                                   # leave adaLN-Zero's zeros, so gradients reach every layer
     for p in dp.module.parameters():
@@ -122,6 +127,8 @@ with torch.no_grad():                                   # leave adaLN-Zero's zer
 start = time.perf_counter(); loss = dp(x, t, y).square().mean(); t_fwd = time.perf_counter()
 loss.backward(); t_bwd = time.perf_counter()
 dp.finish_gradient_synchronization()
+for h in hooks:
+    h.remove()
 launch = [(at - t_fwd) / (t_bwd - t_fwd) for at, _, _ in dp.timeline]
 mib = [nbytes / 2**20 for _, _, nbytes in dp.timeline]
 fig, ax = plt.subplots(figsize=(7, 1.8))
@@ -132,18 +139,33 @@ print("buckets launched at these fractions of the backward:", [f"{f:.2f}" for f 
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"all {len(launch)} buckets launched in order, each before backward returned: "
-      f"{[b for _, b, _ in dp.timeline] == list(range(len(dp.buckets))) and max(launch) <= 1.0}")
+launched_by = dict(ready)
+to_come = [sum(k > b for _, k in ready) for b in range(len(dp.buckets))]
+print(f"{len(ready)} gradients; still to be produced by backward when bucket 0, 1, ... launched: {to_come}")
+print(f"each of the {len(dp.buckets)} buckets launched only after all its own gradients were ready:",
+      all(launched_by[names[id(p)]] <= b for b, bucket in enumerate(dp.buckets) for p in bucket))
+print("every bucket but the last launched while backward still had gradients to produce (overlap):",
+      all(c > 0 for c in to_come[:-1]))
+first = {names[id(p)] for p in dp.buckets[0]}
+print(f"bucket 0 ({len(first)} tensors) holds the first {len(first)} gradients backward produced:",
+      first == {n for n, _ in ready[:len(first)]})
 
 # %% [markdown]
-# **Notice:** the buckets leave one after another *during* backward, the final layer's first; only what is still in
-# flight when backward returns has to be waited for. That is the whole mechanism of overlap. Whether it *saves time*
-# depends on how long the communication is against the backward. On the two H200s at the end of this chapter it is
+# **Notice:** the buckets leave one after another *during* backward, each while backward still has gradients to
+# produce; only what is still in flight when backward returns has to be waited for. That is the whole mechanism of
+# overlap. The last line is False, and it is worth reading: bucket 0 was filled in reverse *registration* order, so
+# besides the final layer it holds the last block's adaLN modulation, and backward produces that gradient last in
+# the block (the modulation is computed first in the forward). So bucket 0 leaves once 14 of the 51 gradients exist
+# (51 - 37, the first count printed), not after the first 6, and buckets 1 to 3 likewise each wait for the next
+# block's modulation. Registration order is not quite backward order; torch DDP rebuilds its buckets after the first
+# iteration in the order the gradients really arrived (section 5), `DataParallel` keeps registration order.
+#
+# Whether overlap *saves time* depends on how long the communication is against the backward. On the two H200s at the end of this chapter it is
 # not visible: the naive mode (one blocking all-reduce per parameter, after backward) ran as fast as the bucketed one
 # (26,786 vs 26,730 images/s at `configs/mnist.yaml`, 8,779 vs 8,785 at `configs/bench.yaml`), because all the
 # gradients cross NVLink in about 0.44 ms of a 55.6 ms step: there is almost nothing to hide. On this CPU it is not
-# visible either: gloo's transfers use the same two cores that compute the backward. Overlap pays where the link is
-# slow against the compute: across machines on Ethernet, or with a gradient as large as the step is short.
+# measured here (gloo's transfers would use the same two cores that compute the backward). Overlap pays where the
+# link is slow against the compute: across machines on Ethernet, or with a gradient as large as the step is short.
 #
 # ## 3. The proof: two processes train exactly like one
 #
@@ -201,9 +223,9 @@ parity_curves(runs[("single", 1)], runs[("hand", 1)], names=("single process", "
 #
 # | rung | max relative difference (loss and gradient norm) | when | examples |
 # |---|---|---|---|
-# | bitwise | 0 | the same operations on the same numbers in the same order | resume from a checkpoint; the in-process reference vs `python launchers/single.py`; tensor parallelism on two H200s |
+# | bitwise | 0 | the same operations on the same numbers in the same order | resume from a checkpoint; the in-process reference vs `python launchers/single.py`; tensor parallelism on two H200s (loss only) |
 # | sum order | 1e-5 | fp32, only the order of a sum changes; one step rounds about 1e-7 differently and Adam carries it on | DDP (two half-sums added by the all-reduce), accumulation (partial sums of micro-batches), ZeRO (reduce-scatter instead of all-reduce), Ulysses and TP on CPU (sums over split tokens or split hidden units), the pipeline (micro-batch sums) |
-# | curve | 5e-2 | bf16/fp16 against fp32: every matmul rounds to 8 or 11 mantissa bits | chapter 04's mixed precision; GPU runs in bf16 |
+# | curve | 5e-2 | bf16/fp16 against fp32: every matmul rounds to 8 or 11 mantissa bits | chapter 04's mixed precision |
 #
 # Observed in this chapter's correct runs: loss 1.1e-7 to 1.7e-7, gradient norm 1.1e-7 to 4.7e-7, a factor 20 below
 # the rung. A real bug lands far outside it: the next section's broken runs miss it by 6.5e-2 (the loss, without the
@@ -265,8 +287,8 @@ axes[0].legend(fontsize=7); plt.tight_layout()
 # launcher writes one step's gradients with `--dump-grads PATH` (synchronised across ranks, unscaled, before clipping;
 # the step with `--set run.dump_grads_step=N`), and `python -m dit_core.parity grads A B` compares two dumps parameter
 # by parameter, in the model's order, and names the first one past the rung. Every run above dumped step 3: at step 0
-# adaLN-Zero leaves every gradient exactly zero except the final linear layer's (2 of `configs/tiny.yaml`'s 51), so a
-# step-0 comparison would pass for almost any bug; three steps later gradients reach every layer.
+# adaLN-Zero leaves every gradient exactly zero except the final linear layer's (2 of the 31 parameter tensors of this
+# chapter's depth-2 model), so a step-0 comparison would pass for almost any bug; three steps later gradients reach every layer.
 
 # %%
 from dit_core.parity import compare_grads, read_grads, format_grads
@@ -351,7 +373,8 @@ for n in (1, 2, 4):
 # Measured once with the project's own tool on 2 x H200 of one host (NVLink), at commit 406e6c2, 2026-11-24
 # (`docs/measurements/2xh200-2026-11-24/`; a shared machine, so read the times as ratios inside one log).
 # `bash tools/gpu_ddp.sh OUT`: NCCL parity against one GPU, fp32, 30 steps: hand-written 1.22e-7, torch DDP 1.20e-7,
-# naive 1.22e-7. Throughput in bf16 with 256 images per GPU (scaling efficiency = 2-GPU images/s over twice one
+# naive 1.22e-7 (max relative loss difference; that tool compared the loss only, the gradient norm was not compared
+# on the GPUs). Throughput in bf16 with 256 images per GPU (scaling efficiency = 2-GPU images/s over twice one
 # GPU's):
 #
 # | config | one GPU img/s | hand-written | torch DDP | naive |
@@ -359,9 +382,10 @@ for n in (1, 2, 4):
 # | `configs/mnist.yaml` (1.3M parameters, 15.6 ms per step) | 16,422 | 26,730 (81%) | 32,450 (99%) | 26,786 (82%) |
 # | `configs/bench.yaml` (32.5M parameters, 55.6 ms per step) | 4,603 | 8,785 (95%) | 8,989 (98%) | 8,779 (95%) |
 #
-# A 256 MB all-reduce took 0.905 ms: 297 GB/s of bus bandwidth. Notice where the hand-written loop loses: on a
-# short step (15.6 ms) its Python hooks and per-bucket launches cost a fifth of the ideal speed-up, while torch's
-# C++ reducer overlaps the same buckets with the backward; on a long step (55.6 ms) the 130 MB of gradients take
+# A 256 MB all-reduce took 0.905 ms: 297 GB/s of bus bandwidth. Notice where the hand-written loop loses: both
+# hand-written variants (bucketed 81%, naive 82%) lose about a fifth on a short step (15.6 ms). The naive one has no
+# hooks and no buckets, so the loss is not the buckets: per-step Python overhead common to both is the likely cause
+# (not measured separately); torch's C++ reducer keeps 99%. On a long step (55.6 ms) the 130 MB of gradients take
 # about 0.44 ms on this link and every version scales at 95-98%.
 
 # %%

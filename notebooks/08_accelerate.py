@@ -57,10 +57,11 @@ theirs = between("launchers/accelerate.py", "for x0, y, tt, noise, drop in loade
 HTML(difflib.HtmlDiff(wrapcolumn=70).make_table(ours, theirs, "dit_core/train.py (loop)", "launchers/accelerate.py (loop)"))
 
 # %% [markdown]
-# **What to notice.** The shapes match line for line: batch, micro-steps, forward and loss, backward, clip, step, EMA,
-# the all-ranks mean of the loss for the log, checkpoint. Where the project calls its strategy (`engine.micro_step`,
-# `engine.backward`, `par.all_reduce_mean`), Accelerate has `accelerator.accumulate`, `accelerator.backward`,
-# `accelerator.reduce`. The batch is no longer computed from the step in the loop: it comes out of a data loader that
+# **What to notice.** The steps correspond: batch, micro-steps, forward and loss, backward, clip, step, EMA, the
+# all-ranks mean of the loss for the log, checkpoint. Where the project calls `engine.run_step` (forward, loss and
+# backward of every micro-batch, inside it), `engine.step` (clip and step) and `par.all_reduce_mean`, Accelerate has
+# `accelerator.accumulate`/`accelerator.backward`, `clip_grad_norm_`/`optimizer.step`, and `accelerator.reduce`. The
+# batch is no longer computed from the step in the loop: it comes out of a data loader that
 # Accelerate has prepared.
 #
 # ## 2. What `prepare` does to each object
@@ -223,7 +224,8 @@ print(open("configs/accelerate_zero2.yaml").read())
 #    imports `transformers`, so the project's `accelerate` extra installs it.)
 #
 # Resume is exact: `accelerator.save_state` stores model, optimizer, scheduler, RNG states and the registered EMA and
-# step counter; `load_state` plus `skip_first_batches` continues bit for bit (`tests/test_accelerate.py`). The
+# step counter; `load_state` plus `skip_first_batches` continues bit for bit (proved in `tests/test_accelerate.py`,
+# not run here). The
 # checkpoint folder also holds the project's plain `model.pt` and `ema.pt`, so `python -m dit_core.evaluate` reads it
 # like any other.
 

@@ -232,6 +232,8 @@ print("loss-norm: gradient norm / the single process's is P = 2 at every step (w
 # %%
 for name, v in checked.items():                   # measured on this 2-core CPU
     print(f"--break {name:10s}: {v}")
+print("grad-group: the loss first leaves the sum-order rung at step",
+      next(r["step"] for r in compare(ref, broken["grad-group"]) if r["rel"] > SUM_ORDER))
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
 for name, log in broken.items():
     rows = compare(ref, log)
@@ -253,8 +255,8 @@ axes[0].legend(fontsize=8); axes[1].legend(fontsize=8); plt.tight_layout()
 #
 # `grad-group` is not a constant factor. Each rank keeps only its own tokens' share of the gradient, so the norm
 # rank 0 logs is its share's: 0.5 x the single process's at step 0, then between 0.40 and 0.76 x as the two ranks,
-# each stepping with half the information, stop holding the same model. The loss leaves the single process's from
-# step 1 on (up to 7.9e-2): both numbers FAIL, and the loss alone would have caught this one.
+# each stepping with half the information, stop holding the same model. The loss first leaves the single process's
+# at step 1 (then up to 7.9e-2; printed above): both numbers FAIL, and the loss alone would have caught this one.
 #
 # ## 6. Communication: Ulysses, Megatron-SP, ring attention
 #
@@ -297,16 +299,24 @@ ax.legend(); ax.grid(alpha=0.3); plt.tight_layout()
 # ## 7. Where Ulysses stops
 #
 # * **Heads limit.** Each rank needs whole heads, so P ≤ H (8 heads: at most 8 ranks), and H must divide by P. The
-#   launcher says so in one sentence (`--sp-degree 3` with 8 heads). Ring attention splits the *sequence* inside
-#   attention and has no such limit; USP-style hybrids (Fang & Zhao, 2024) run Ulysses inside a node and a ring across
-#   nodes.
+#   launcher says so in one sentence before any step (the cell below calls its check with `configs/ulysses.yaml`'s
+#   8 heads and `--sp-degree 3`). Ring attention splits the *sequence* inside attention and has no such limit;
+#   USP-style hybrids (Fang & Zhao, 2024) run Ulysses inside a node and a ring across nodes.
 # * **Tokens must divide by P.** The tiny config's patch 7 gives 16 tokens; `configs/ulysses.yaml` uses patch 2:
-#   196 = 4 x 49 tokens, divisible by 2 and 4 (patch 4's 49 tokens divide by nothing). Padding the sequence would
-#   also work but then the padded tokens must be masked out of attention and the loss.
+#   196 = 4 x 49 tokens, divisible by 2 and 4 (patch 4's 49 tokens divide by none of the degrees the 8 heads allow:
+#   2, 4, 8). Padding the sequence would also work but then the padded tokens must be masked out of attention and
+#   the loss.
 # * **All-to-all needs a fast network.** Every layer waits for two all-to-alls in forward and two in backward, so the
 #   group belongs inside one node (NVLink); `dit_core.parallel.dist.build_mesh` gives sequence-parallel groups
 #   consecutive ranks for that reason, and data parallelism runs across groups.
-#
+
+# %%
+from dit_core.config import ConfigError
+from dit_core.parallel.ulysses import check_sequence_parallel
+try:            # what launchers/ulysses.py checks before any step, here for 3 ranks with --sp-degree 3
+    check_sequence_parallel(load_config("configs/ulysses.yaml").model, degree=3, world_size=3)
+except ConfigError as e:
+    print(e)
 
 # %% [markdown]
 # ## On two GPUs
@@ -338,7 +348,7 @@ ax.legend(); ax.grid(alpha=0.3); plt.tight_layout()
 # %% [markdown]
 # ## 中文要点
 #
-# 序列并行（sequence parallelism）：激活显存随 token 数增长，Ulysses 把每张图的 token 分给多个进程。
+# 序列并行（sequence parallelism）：激活占用的内存（GPU 上即显存）随 token 数增长，Ulysses 把每张图的 token 分给多个进程。
 #
 # 注意力之前用 all-to-all 从“按序列切分”换成“按注意力头切分”，算完再换回来；因此头数和 token 数都要能被并行度整除。
 #
@@ -346,6 +356,6 @@ ax.legend(); ax.grid(alpha=0.3); plt.tight_layout()
 #
 # 证明：SP 2、累积 2、DP 2 x SP 2 与单进程相比，每一步的损失和裁剪前的梯度范数都在 1e-5 之内（CPU 上实测约 1e-7 到 2e-7）。
 #
-# 负对照 loss-norm（每个进程按自己的 token 取平均）：每个梯度变成 P = 2 倍；每一步都在裁剪，AdamW 也会消去常数倍，所以只看损失发现不了（仍在 1e-5 之内），裁剪前的梯度范数每一步都正好是两倍，parity 判为 FAIL。grad-group 不是常数倍：每个进程只保留自己那部分梯度，损失从第 1 步起就偏离，损失和梯度范数都 FAIL。
+# 负对照 loss-norm（每个进程按自己的 token 取平均）：每个梯度变成 P = 2 倍；每一步都在裁剪，AdamW 也会消去常数倍，所以只看损失发现不了（仍在 1e-5 之内），裁剪前的梯度范数每一步都正好是两倍，parity 判为 FAIL。grad-group 不是常数倍：每个进程只保留自己那部分梯度，损失在第 1 步首次偏离（之后最大 7.9e-2），损失和梯度范数都 FAIL。
 #
 # 两张 H200 上：196 和 784 个 token 时两卡反而比单卡慢，3136 个 token 时快 1.42 倍：只有长序列才值得。

@@ -134,13 +134,16 @@ print(f"at TP = 2 a rank keeps {share:.0%} of each block (not 50%): {0.6 < share
 
 # %% [markdown]
 # **Why the modulation stays whole.** Its input is c, one vector per image, not one per token; its outputs shift and
-# scale the *whole* hidden vector that the column-parallel qkv and fc1 read. Sharding it by columns would save a third
-# of each block's weights (and their gradients and Adam state) per rank, but every block's forward would then need an
+# scale the *whole* hidden vector that the column-parallel qkv and fc1 read. Sharding it by columns would save half
+# the modulation, a sixth of each block's weights (a rank's share would drop from 67% to 50%), and their gradients and
+# Adam state, but every block's forward would then need an
 # all-gather of the b x 6h outputs before the first layer norm, and a matching reduce-scatter in backward: two more
 # collectives per block on the critical path. The cell below counts both options in elements each rank sends per
 # step (ring collectives at P = 2), at this chapter's tiny model and the GPU bench model. The traffic is small next
 # to the 4·b·N·h of the f and g all-reduces; what it adds is two latencies per block (chapter 05: a small message's cost
-# is its latency), for memory that at these sizes is a few hundred kilobytes. A model whose blocks no longer fit one GPU
+# is its latency), for memory that at these sizes is from about 49 KiB (tiny: 12,480 weights) to 1.7 MiB (bench:
+# 443,520) of fp32 weights per block and rank, four times that with the gradient and Adam's two moments. A model
+# whose blocks no longer fit one GPU
 # should shard it; here simplicity wins, and the chapter says so instead of claiming 1/P.
 
 # %%
@@ -252,9 +255,10 @@ from dit_core.parallel.tensor import tp_allreduce_elements
 from dit_core.config import load_config
 from dit_core.model import DiT, count_parameters
 rows = []
-for name, over in {"tiny": {}, "mnist": {"model.patch_size": 4, "model.hidden_size": 256, "model.depth": 6, "model.num_heads": 8},
-                   "bench": {"model.patch_size": 2, "model.hidden_size": 384, "model.depth": 12, "model.num_heads": 6}}.items():
-    c = load_config("configs/tiny.yaml", over).model
+for name, path, over in (("tiny", "configs/tiny.yaml", {}), ("mnist", "configs/mnist.yaml", {}),
+                         ("bench", "configs/tiny.yaml", {"model.patch_size": 2, "model.hidden_size": 384,
+                                                         "model.depth": 12, "model.num_heads": 6})):
+    c = load_config(path, over).model
     psi = count_parameters(DiT(c)); tokens = (28 // c.patch_size) ** 2
     ring = 2 * (2 - 1) / 2                                                      # a ring all-reduce sends 2(P-1)/P of n per rank
     tp = c.depth * tp_allreduce_elements(64, tokens, c.hidden_size) * ring * 4  # bytes per step, 64 images per rank
@@ -274,7 +278,7 @@ for r_ in rows:
 # | strategy | what each rank holds | what is communicated (per step) | parity here (CPU, max rel diff: loss / gradient norm) | use it when |
 # |---|---|---|---|---|
 # | DDP by hand / torch DDP (06) | everything | all-reduce of the Ψ gradient elements: 2Ψ(N-1)/N per step | 1.7e-7 / 4.7e-7 | the model fits; the default |
-# | ZeRO-1 / 2 (07) | optimizer state (1) and gradients (2) sliced | reduce-scatter + all-gather: the same 2Ψ(N-1)/N | 1.9e-7 / 2.4e-7 (both stages) | Adam's state does not fit; measured 434 → 373 MiB per rank at Ψ = 32.5M (fp32) |
+# | ZeRO-1 / 2 (07) | optimizer state (1) and gradients (2) sliced | reduce-scatter + all-gather: the same 2Ψ(N-1)/N | 1.9e-7 / 2.4e-7 (both stages) | Adam's state does not fit; measured 496 (ZeRO-0) → 434 (ZeRO-1) → 374 (ZeRO-2) MiB of model states per rank at Ψ = 32.5M (fp32, 2 ranks) |
 # | ZeRO-3 (07) | weights sliced too | 3Ψ(N-1)/N per micro-batch (gather twice, reduce-scatter) | 1.9e-7 / 2.1e-7 | the weights do not fit; 310 MiB per rank at the same Ψ |
 # | Accelerate (08) | as the backend it runs (DDP or DeepSpeed) | the same as that backend | 1.7e-7 / 1.6e-7 (DDP), 8.3e-8 / 2.0e-7 (ZeRO-2) | one script for every machine |
 # | Ulysses (09) | everything, 1/P of each sample's tokens | all-to-all: 4·b·N·h/P·(P-1)/P per layer forward, the same backward | 1.8e-7 / 2.1e-7 (SP 2 and DP 2 x SP 2) | sequences too long for one GPU's activations; P ≤ heads |
@@ -294,9 +298,11 @@ for r_ in rows:
 # `NPROC=2 bash tools/gpu_tp.sh OUT` (its second round was cut off by a time limit): NCCL parity, TP 2 against one
 # GPU at `configs/mnist.yaml`, fp32, 30 steps: bitwise equal losses (that tool compared the loss only; the gradient
 # norm was not compared on the GPUs). 100 bf16 steps at `configs/bench.yaml`
-# (hidden 384): one GPU 7.3 s, torch DDP on two GPUs 5.6 s and 6.4 s, TP 2 8.6 s. Notice that TP 2 is slower than one
-# GPU: at hidden 384 the halved matmuls are small and each block waits for two all-reduces of its activations in
-# the forward and two in the backward. For a model that fits on one GPU, DDP is the better use of the second one;
+# (hidden 384): one GPU 7.3 s (second round, on the one-GPU fast path; the first round's 40.6 s is left out), torch
+# DDP on two GPUs 5.6 s and 6.4 s (first and second round), TP 2 8.6 s (first round only: the time limit cut the
+# second round off before it). Notice that TP 2 was slower than one GPU; with one TP run and one-GPU rounds this far
+# apart, the ordering is indicative, not a measurement of the gap. A likely reason: at hidden 384 the halved matmuls
+# are small and each block waits for two all-reduces of its activations in the forward and two in the backward. For a model that fits on one GPU, DDP is the better use of the second one;
 # tensor parallelism is for layers that do not fit.
 
 # %% [markdown]
@@ -318,4 +324,4 @@ for r_ in rows:
 #
 # 负对照（--break world-average）：数据并行的梯度和除以了全部进程数 dp x tp，而不是 dp，每个梯度只剩 1/tp = 0.5 倍。每一步都在裁剪，AdamW 也会消去常数倍，所以只看损失发现不了（仍在 1e-5 之内）；裁剪前的梯度范数每一步都正好是 0.5 倍，parity 判为 FAIL。
 #
-# 两张 H200 上：hidden 384 的小模型用张量并行比单卡还慢；模型能放进一张卡时，数据并行更划算。
+# 两张 H200 上：hidden 384 的小模型用张量并行比单卡还慢（张量并行只测了一轮，这个先后只是参考）；模型能放进一张卡时，数据并行更划算。

@@ -210,6 +210,8 @@ verdicts = {key: parity(single[key[1]], log, SUM_ORDER) for key, log in runs.ite
 for (name, acc), v in verdicts.items():
     print(f"FSDP {name:8s} accumulation {acc} vs one process, loss and gradient norm within {SUM_ORDER:.0e} at every "
           f"step (all {'' if v.steps == STEPS else 'NOT '}compared): {'PASS' if v.ok else 'FAIL'}")
+print("clipping acted at every step of the single-process runs (gradient norm > 0.05):",
+      all(r["grad_norm"] > 0.05 for a in (1, 2) for r in single[a]))
 
 # %%
 for (name, acc), v in verdicts.items():
@@ -260,9 +262,9 @@ names = [n for n, _ in DiT(load_config("configs/tiny.yaml", {"model.hidden_size"
 LAYOUTS = {"unit per block": [[n for n in names if not n.startswith("blocks.")]]
                              + [[n for n in names if n.startswith(f"blocks.{i}.")] for i in range(2)],
            "one unit": [names]}
-def shard_norm(units, N, dtype):
+def shard_sum(units, N, dtype):
     """Each rank sums the squares of its shard of every unit (flat, padded to a multiple of N) in `dtype`; the ranks'
-    sums are added; the square root, as float32 (the dtype the logged norm and the clipping factor have)."""
+    sums are added: the squared norm, in `dtype`."""
     total = torch.zeros((), dtype=dtype)
     for r in range(N):
         part = []
@@ -270,12 +272,18 @@ def shard_norm(units, N, dtype):
             flat = torch.cat([g3[n].reshape(-1) for n in unit]); s = -(-flat.numel() // N)
             part.append(flat[r * s:(r + 1) * s].square().sum(dtype=dtype))
         total = total + torch.stack(part).sum()
-    return total.sqrt().float().item()
-norms = {dt: {(lay, N): shard_norm(u, N, dt) for lay, u in LAYOUTS.items() for N in (2, 4, 8)}
-         for dt in (torch.float32, torch.float64)}
+    return total
+sums = {dt: {(lay, N): shard_sum(u, N, dt) for lay, u in LAYOUTS.items() for N in (2, 4, 8)}
+        for dt in (torch.float32, torch.float64)}
+# the square root, as float32: the dtype the logged norm and the clipping factor have
+norms = {dt: {k: t.sqrt().float().item() for k, t in v.items()} for dt, v in sums.items()}
 for dt, v in norms.items():
     print(f"{str(dt):13s}: {len(set(v.values()))} different float32 norms over the 6 groupings: "
           + ", ".join(f"{x:.9f}" for x in sorted(set(v.values()))))
+s64 = [t.item() for t in sums[torch.float64].values()]
+print(f"the 6 float64 sums of squares ({sum(g.numel() for g in g3.values()):,} squares) differ by at most "
+      f"{(max(s64) - min(s64)) / max(s64):.1e} of the sum; float32's relative rounding step: "
+      f"{torch.finfo(torch.float32).eps / 2:.1e}")
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -336,6 +344,7 @@ print(f"--break average, 2 ranks: loss within {SUM_ORDER:.0e} at every step: {'P
 print(f"--break average, 2 ranks: gradient norm within {SUM_ORDER:.0e}: {'PASS' if vb.grad_norm <= SUM_ORDER else 'FAIL'}"
       f"; B/A = N = 2 at every step: {abs(lo / 2 - 1) < 1e-4 and abs(hi / 2 - 1) < 1e-4}")
 print(f"--break average, 2 ranks: parity (loss and gradient norm): {'PASS' if vb.ok else 'FAIL'}, failed on {vb.failed}")
+print("clipping acted at every step of the broken run too (gradient norm > 0.05):", all(r["grad_norm"] > 0.05 for r in broken))
 
 # %%
 print(vb)
@@ -365,7 +374,8 @@ fig.suptitle("the missing / N: invisible in the loss, a factor N in the gradient
 # on the wire (**prefetch**; FSDP2 does it by default, `reshard_after_forward` and its forward/backward prefetch
 # settings tune it). In backward the order reverses: while block i runs its backward, block i-1 is gathered. With NCCL
 # the collective runs on its own CUDA stream and `wait()` makes the compute stream wait only when the weights are
-# needed; on the CPU (gloo) the calls are issued in the same order and gloo's background thread does the transfer.
+# needed (not run here: launchers/fsdp.py has never run on NCCL); on the CPU (gloo) the calls are issued in the same
+# order and gloo's background thread does the transfer.
 #
 # The gathered peak below is **measured from the storages**, not taken from the implementation's own counter
 # (`FullyShardedDiT.peak_live`, which adds and subtracts unit sizes as it gathers and frees): `--report` remembers,
@@ -429,7 +439,7 @@ print("measured, FSDP2, N = 2 and 4: at least the root + two blocks (to its own 
 # compute. The storages agree with the implementation's counter to the byte, at 2 and 4 ranks. FSDP2's measured peak
 # is the same root and two blocks to its own padding, made differently: the root and one block as whole parameters
 # (registered on the modules) and the next block's all-gather buffer. The verdict asks FSDP2 only for *at least* that
-# much: in one earlier run on this machine its peak (N = 2, rank 0) came out one block higher, 1016 KiB.
+# much: in one earlier run on this machine (not shown here) its peak on rank 0 at N = 2 came out one block higher.
 #
 # ## 6. What a rank holds and sends, measured
 #
@@ -595,8 +605,8 @@ print("measured: the peak falls from N = 2 to N = 4, hand-written and FSDP2:",
 # 75% to 105% of the measured peak in these four runs. A real step also allocates, for a moment, what the model
 # leaves out (gradients flowing back through the activations, each unit's whole flat gradient before its
 # reduce-scatter, the optimizer's work tensors), which does not shrink with N; and not every saved activation need be
-# alive at the moment of the peak. The measured peaks move by up to about 10% from one run to the next on this
-# machine. So read the bench table above as what it is, a model: it shows why sharding the states alone may not
+# alive at the moment of the peak. The measured peaks also move from one run to the next on this machine (by up to
+# about 10% between the runs `docs/results.md` reports in its FSDP section; not shown here). So read the bench table above as what it is, a model: it shows why sharding the states alone may not
 # shrink memory, not what a rank will hold. On a GPU the report records `torch.cuda.max_memory_allocated` for the same
 # step (`cuda_peak_bytes`); this chapter has no GPU run of it.
 #
@@ -656,7 +666,7 @@ ax.set_title("one DCP checkpoint, four readers"); plt.tight_layout()
 # tensor, as FSDP does) and `--ds-config configs/ds_zero_paper.json` (it frees every gathered weight after use and
 # gathers it again for backward, with no prefetch bucket). With DeepSpeed's defaults (`stage3_max_live_parameters`
 # and `stage3_max_reuse_distance` of 1e9 elements) a model this small is not released between forward and backward:
-# in a run on this machine it then sent 2Ψ(N-1)/N, not 3Ψ(N-1)/N. Lines of user code: what a training script adds to
+# in a run on this machine (not shown here; `docs/results.md`, FSDP section) it then sent 2Ψ(N-1)/N, not 3Ψ(N-1)/N. Lines of user code: what a training script adds to
 # wrap the model.
 
 # %%
@@ -712,6 +722,6 @@ if "DeepSpeed ZeRO-3" in rows:
 #
 # 反例：`--break average`（reduce-scatter 后不除以 N）在每步都裁剪时，只看损失会判为 PASS，梯度范数恰为单进程的 N = 2 倍而 FAIL：只看损失发现不了这个错误。
 #
-# 内存（本章全部数字来自 2 核 CPU 上的 gloo 进程，没有 GPU 数据）：模型状态实测等于 16Ψ/N；聚合峰值由存储实测（与实现自己的计数器逐字节一致）：预取时为根单元加两个 block，不预取时为根单元加一个 block；通信约 3Ψ(N-1)/N。第 7 节的内存账是模型（公式加实测的激活值）：与真实运行实测的整步峰值相比，模型总数为实测的 75%–105%；从 2 个 rank 到 4 个 rank，实测峰值下降 26%–28%，模型预测 42%。小模型时激活值占大头，增加 rank 几乎不省内存（DeepSpeed#4093 的现象）。
+# 内存（本章全部数字来自 2 核 CPU 上的 gloo 进程，没有 GPU 数据）：模型状态实测在 16Ψ/N 的 1% 以内（差别是填充）；聚合峰值由存储实测（与实现自己的计数器逐字节一致）：预取时为根单元加两个 block，不预取时为根单元加一个 block；通信约 3Ψ(N-1)/N。第 7 节的内存账是模型（公式加实测的激活值）：与真实运行实测的整步峰值相比，模型总数为实测的 75%–105%；从 2 个 rank 到 4 个 rank，实测峰值下降 26%–28%，模型预测 42%。小模型时激活值占大头，增加 rank 几乎不省内存（DeepSpeed#4093 的现象）。
 #
 # DCP 分布式检查点可以在 2 个 rank 保存、4 个 rank、1 个 rank 或单进程恢复。`launchers/fsdp.py` 只在 CPU（gloo）上运行过，从未在 2 张以上 GPU 的 NCCL 上运行。

@@ -314,6 +314,11 @@ for r, a in zip(single, logs["broken: cp-average"]):
     if r["step"] % 5 == 0:
         print(f"  cp-average step {r['step']:2d}: grad norm {r['grad_norm']:.4f} (one process) vs {a['grad_norm']:.4f}, "
               f"loss rel diff {abs(a['loss'] / r['loss'] - 1):.1e}")
+print(f"cp-average: its smallest (halved) gradient norm over the {len(logs['broken: cp-average'])} steps "
+      f"{min(r['grad_norm'] for r in logs['broken: cp-average']):.4f} (clipping at {CLIP})")
+n0 = next(r for r in verdicts["broken: norm-every-tp-rank"].rows["grad_norm"] if r["step"] == 0)
+print(f"norm-every-tp-rank, step 0: logged gradient norm {n0['b']:.4f} against one process's {n0['a']:.4f}, "
+      f"B/A {n0['b'] / n0['a']:.2f}")
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -411,7 +416,12 @@ plt.tight_layout()
 # `dit_core.memory.activation_bytes_per_token_hidden`: every tensor autograd saves for backward, once per storage,
 # weights excluded, for depth 2 minus depth 1 (one block) and batch 2 minus batch 1 (one sample's share: autocast's
 # weight copies do not grow with the batch and cancel), at DiT-XL/2's shape (256 tokens, hidden 1152; the CI's short
-# run uses 64 tokens and hidden 384). The utilisation is read from one H100's measurements of DiT-XL/2
+# run uses 64 tokens and hidden 384). The bf16 constant is CPU autocast's count, and CPU autocast runs LayerNorm in
+# bf16; CUDA autocast keeps it in fp32, and one H100, in eager mode, kept 0.603x of fp32's bytes, not 0.5x
+# (`configs/bench.yaml`'s DiT; `docs/measurements/1xh100-2026-12-06-session/` and the comment above `ACT_BYTES` in
+# `dit_core/parallel/plan.py`), about a fifth more than 40.1 for an eager step, while the compiled bf16 runs of
+# DiT-XL/2 on the H100 peak within 0.7% and 7.3% of the plan made with 40.1 (the memory lines below). The
+# utilisation is read from one H100's measurements of DiT-XL/2
 # (`docs/measurements/1xh100-2026-12-06/dit_xl_bench.json`, 711.7 GFLOPs per image forward and backward):
 
 # %%
@@ -589,7 +599,7 @@ axes[2].legend(fontsize=6, ncol=2); plt.tight_layout()
 # forces it; for this job on 2 GPUs it plans data parallelism, and DDP on 2 GPUs measured fastest (1.14x).
 #
 # The table (arithmetic with the measured constants). This workbook's DiT and DiT-XL/2 at 256 and 1024 tokens are
-# pure data parallelism: 13.8 GiB of states per GPU, and micro-batches as large as a GPU's share of the batch. The
+# pure data parallelism (DiT-XL/2: 13.8 GiB of states per GPU; this DiT: under 0.1 GiB), and micro-batches as large as a GPU's share of the batch. The
 # 70B model shards its states first (ZeRO-3). One sample per micro-batch is all that fits beside them, so each of 64
 # replicas runs 16 micro-batches per step, and 3 x 16 passes over its shard of the weights cross InfiniBand in 132 s
 # against 69 s of compute. TP 2 inside the machine halves the shard and each sample's activations: 2 samples fit per

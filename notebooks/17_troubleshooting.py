@@ -116,8 +116,8 @@ print(f"peak {peak / MIB:.0f} MiB, at the turn from forward to backward; after b
 # first gradients are being made. What is allocated at the start of a step (446 MiB: the fp32 weights and AdamW's
 # moments, 372 MiB, plus the batch and small buffers) is 2% of the peak (18.3 GiB). Sharding them (ZeRO,
 # FSDP) would save little here, which is what chapter 07 measured on two GPUs (every stage's peak 5.1-5.2 GiB). The
-# counted formula is within 0.3% of the GPU's per-block step. The rest is the CUDA attention kernel saving slightly
-# different tensors than the CPU one.
+# counted formula is within 0.3% of the GPU's per-block step. The rest is probably the CUDA attention kernel saving
+# slightly different tensors than the CPU one (not looked at here).
 #
 # ## 2. Recomputation and offload, on the DiT itself
 #
@@ -168,12 +168,23 @@ for r in rows:
         continue
     print(f"{name:34s} {r['peak'] / MIB:9.0f} {r['step_s'] * 1e3:8.1f}   "
           f"({r['peak'] / base['peak']:.2f}x memory, {r['step_s'] / base['step_s']:.2f}x time)")
+by_n = {r["blocks"]: r for r in full}                 # 0: nothing recomputed; 1-12: the first N blocks
+per_mem, per_s = (by_n[0]["peak"] - by_n[11]["peak"]) / 11, (by_n[11]["step_s"] - by_n[0]["step_s"]) / 11
+print(f"blocks 1 to 11: each recomputed block gives back {per_mem / 2 ** 30:.2f} GiB of the peak for {per_s * 1e3:.1f} ms "
+      f"({per_s / base['step_s']:.1%} of the step); the 12th gives back {(by_n[11]['peak'] - by_n[12]['peak']) / MIB:.0f} MiB; "
+      f"with all 12 recomputed, allocated at the end of forward {by_n[12]['after_forward'] / 2 ** 30:.2f} GiB, "
+      f"the peak {by_n[12]['peak'] / 2 ** 30:.2f} GiB")
+z2 = {k: json.load(open(f"{GPU}/{f}_bench1024.json")) for k, f in (("ZeRO-2", "zero2"), ("with offload", "zero2_offload"))}
+print(f"ZeRO-Offload, one H200, configs/bench.yaml at hidden 1024 ({z2['ZeRO-2']['psi']:,} parameters), "
+      f"{z2['ZeRO-2']['precision']}, one rank: CUDA peak "
+      + ", ".join(f"{k} {z['ranks'][0]['cuda_peak_bytes'] / MIB:,.0f} MiB" for k, z in z2.items()))
 
 # %% [markdown]
 # **What to notice.** Each recomputed block gives back its 1.4 GiB at about 5.7 ms, or 2.7% of the step, up to
 # the 11th: recomputing all 12 takes the peak from 18.3 to 3.0 GiB for 33% more time, about one extra forward (a
-# forward is roughly a third of a step). The memory line is straight up to 11 blocks and flattens at the last (132 MiB):
-# with everything recomputed, the peak is no longer at the end of forward (1.5 GiB then) but inside backward, where
+# forward is roughly a third of a step). The memory line is straight up to 11 blocks and flattens at the last (132 MiB,
+# the line above): with everything recomputed, the peak is no longer at the end of forward (1.52 GiB then) but inside
+# backward, where
 # one block's activations are rebuilt beside the gradients. So `recompute_blocks` buys memory block by block, down to
 # that floor. Selective recomputation of the attention core saves almost nothing here: this DiT's attention runs in
 # a fused kernel (in fp32 on the GPU the memory-efficient one; a fused CPU kernel here) that never stores the S x S scores, so
@@ -183,10 +194,11 @@ for r in rows:
 # `configs/ds_zero2_offload.json`) keeps the fp32 master weights, AdamW's moments and the optimizer step in CPU
 # memory. DeepSpeed refuses the project's AdamW there unless `zero_force_ds_cpu_optimizer` is false (it wants its
 # compiled `DeepSpeedCPUAdam`); with that flag, ZeRO-2 with offload matches the single process on 2 CPU processes
-# (1.6e-7 over 20 steps, `tests/test_zero.py`). On a CPU the "offload" moves nothing, so its memory was measured on
+# (1.6e-7 over 20 steps, `tests/test_zero.py`, as `docs/results.md` reports; not run here). On a CPU the "offload" moves nothing, so its memory was measured on
 # one H200, where model states dominate: `configs/bench.yaml` at hidden 1024 (230M parameters), bf16, batch 8, one
-# rank, `--report`: ZeRO-2's CUDA peak 5,819 MiB, with offload 2,328 MiB, for 2.6x the time (20 steps in 13.2 s
-# instead of 5.1 s; `zero2*_bench1024.json` in the measurements folder). For this section's bench DiT, whose states
+# rank, `--report`: ZeRO-2's CUDA peak 5,819 MiB, with offload 2,328 MiB (the last line above, from
+# `zero2*_bench1024.json` in the measurements folder), for 2.6x the time (20 steps in 13.2 s instead of 5.1 s: the
+# run's times as `docs/results.md` reports them; the JSON files hold no time). For this section's bench DiT, whose states
 # are 2% of the peak, it would save little.
 #
 # ## 3. Out of memory: the order of remedies
@@ -527,7 +539,7 @@ def hand_loop(zero_grad=True, fresh_noise=False):
     net = DiT(tiny.model)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
-    out = []
+    out, norms = [], []
     for step in range(LOOP):
         idx = torch.randint(0, len(data), (32,), generator=g)
         x0, y = data.gather(idx)
@@ -539,19 +551,26 @@ def hand_loop(zero_grad=True, fresh_noise=False):
         if zero_grad:
             opt.zero_grad()
         loss.backward()
+        # the norm of what .grad holds now: this step's gradient, or without zero_grad the sum of every step's so far
+        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()
+                                                           if p.grad is not None])).item())
         opt.step()
         out.append(loss.item())
-    return out
+    return out, norms
 
 
-curves = {"correct": hand_loop(), "no zero_grad": hand_loop(zero_grad=False),
-          "target drawn again": hand_loop(fresh_noise=True)}
+loops = {"correct": hand_loop(), "no zero_grad": hand_loop(zero_grad=False),
+         "target drawn again": hand_loop(fresh_noise=True)}
+curves = {k_: v[0] for k_, v in loops.items()}
 fig, ax = plt.subplots(figsize=(6.5, 3))
 for k_, v in curves.items():
     ax.plot(np.convolve(v, np.ones(5) / 5, mode="valid"), label=k_)
 ax.set_xlabel("step"); ax.set_ylabel("loss (5-step mean)"); ax.legend(); plt.tight_layout()
 tail = {k_: float(np.mean(v[-10:])) for k_, v in curves.items()}
 print({k_: round(v, 3) for k_, v in tail.items()})
+for k_, (_, gn) in loops.items():
+    print(f"{k_:18s}: norm of .grad after backward, step 0 {gn[0]:.3f}, step {LOOP - 1} {gn[-1]:.3f}; larger than at "
+          f"the step before at {sum(b > a for a, b in zip(gn, gn[1:]))} of {LOOP - 1} steps")
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -583,18 +602,24 @@ def demo(mode, debug="OFF"):
                         "tools/hang_demo.py", mode], capture_output=True, text=True, env=env, timeout=120)
     lines = []
     for line in r.stdout.splitlines():
-        if line.startswith("[rank"):
+        if line.startswith("[rank"):               # whole, unless it is DETAIL's long report: then its start and shapes
             shapes = re.findall(r"TensorShape=\[[0-9, ]*\]", line)
-            lines.append(line[:150] + (" ... " + ", ".join(shapes) if shapes else ""))
-    return sorted(lines)
+            lines.append(line if len(line) <= 400 else line[:150] + " ... " + ", ".join(shapes))
+    # a rank killed inside a C++ library prints no line of its own: its error and how it ended are on stderr
+    died = [x.strip() for x in r.stderr.splitlines()
+            if "what():" in x or x.strip().startswith(("rank ", "exitcode "))]
+    return sorted(lines), died
 
 
-hang = {("skip", "OFF"): demo("skip"), ("mismatch", "OFF"): demo("mismatch"),
-        ("mismatch", "DETAIL"): demo("mismatch", "DETAIL")}
+hang, died = {}, {}
+for key in (("skip", "OFF"), ("mismatch", "OFF"), ("mismatch", "DETAIL")):
+    hang[key], died[key] = demo(*key)
 for (mode, dbg), lines in hang.items():
     print(f"--- {mode}, TORCH_DISTRIBUTED_DEBUG={dbg}")
     for line in lines:
         print("  " + line)
+    for line in died[mode, dbg]:
+        print("  (stderr) " + line)
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -818,7 +843,7 @@ print("H200, 3000 steps: each wider model ends lower, and the frontier's loss fa
 # %% [markdown]
 # ## 中文要点
 #
-# 显存：模型状态（参数、梯度、AdamW 两个动量，fp32 共 16 字节/参数）常驻；激活在前向与反向之间存在，随批量×token×隐藏维度×层数增长，峰值出现在前向结束、反向开始之时。单个 block 的激活公式与计数完全一致。
+# 显存：模型状态（参数、梯度、AdamW 两个动量，fp32 共 16 字节/参数）常驻；激活在前向与反向之间存在，随批量×token×隐藏维度×层数增长，峰值出现在前向结束、反向开始之时。单个 block 的激活公式与本机 CPU 上的计数完全一致（H200 上逐 block 实测相差 0.3%）。
 #
 # 激活重计算：`train.recompute=full` 每个 block 只保存输入，反向时重算。用 `parity(..., BITWISE)` 逐步比较损失和梯度范数，三种重算方式都与保存全部激活逐位相同（PASS）。H200 上重算 12 个 block 把峰值从 18.3 GiB 降到 3.0 GiB，时间多 33%。只重算注意力核心几乎不省显存（融合注意力本就不保存 S×S 分数）。`save_on_cpu` 更省显存，但耗时为 4.7 倍。
 #

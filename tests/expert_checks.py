@@ -15,6 +15,7 @@ from dit_core.model import MoEMlp  # noqa: E402
 from dit_core.parallel import expert  # noqa: E402
 from dist_checks import out_path, rel, report, worst  # noqa: E402
 from dit_core.parallel.dist import init_from_env  # noqa: E402
+from dit_core.parallel.zero_report import CommCounter  # noqa: E402
 
 E, K, H, M, T = 4, 2, 8, 12, 10          # experts, top-k, hidden, expert width, tokens per rank
 
@@ -82,24 +83,30 @@ def main(argv=None, standalone: bool = False) -> None:
         sub = (top_i[:P * T], w[:P * T])
         c[f"unbalanced P={P}"] = worst(compare(P, groups[P], sub), groups[P])
         c[f"unbalanced P={P} tokens of expert 1"] = int((sub[0] == 1).sum())
-    # Elements sent to other ranks (P = 4, one expert per rank), one layer's forward and backward, against the
-    # routing's counts: out in the dispatch, the pairs whose expert lives elsewhere; back in the combine, the
-    # pairs the other ranks sent here. Backward sends the same two again, reversed.
+    # What one layer's all-to-alls carry (P = 4, one expert per rank), counted at the collective: CommCounter wraps
+    # torch.distributed.all_to_all_single and adds up the bytes of every call's output, what this rank receives (its
+    # own rows included). Against the routing's counts, gathered from every rank's MoE statistics (a one-hot count of
+    # its choices, not the split lists the dispatch builds): forward, the sizes exchange (E counts), the dispatch
+    # bringing the pairs routed to this rank's expert from every rank, and the combine bringing this rank's own pairs
+    # back; backward, the same two exchanges reversed.
     m = layer()
     expert.shard_experts(m, r, 4, None)
     torch.manual_seed(3 + r)
     x = torch.randn(1, T, H, requires_grad=True)
-    expert.SENT["elements"] = 0
-    y = m(x)
-    fwd = expert.SENT["elements"]
-    y.sum().backward()
+    with CommCounter() as fwd:
+        y = m(x)
+    with CommCounter() as bwd:
+        y.sum().backward()
     counts = [torch.zeros(E, dtype=torch.long) for _ in range(4)]
     dist.all_gather(counts, m.stats[0].sum(0))
-    remote_out = int(counts[r].sum() - counts[r][r])
-    remote_in = sum(int(counts[s][r]) for s in range(4) if s != r)
-    ok = fwd == (remote_out + remote_in) * H and expert.SENT["elements"] - fwd == fwd
-    c["sent == counts, every rank"] = bool(worst(float(not ok)) == 0)
-    c["sent forward, rank 0"], c["uniform formula, rank 0"] = fwd, expert.dispatch_elements(T, K, H, 4)
+    mine = int(counts[r].sum())                         # the pairs this rank routed (T x K)
+    here = sum(int(counts[s][r]) for s in range(4))     # the pairs every rank routed to this rank's expert
+    row, sizes = H * x.element_size(), E * counts[r].element_size()
+    a2a = "all_to_all_single"
+    ok = (fwd.calls[a2a] == 3 and fwd.bytes[a2a] == sizes + (here + mine) * row
+          and bwd.calls[a2a] == 2 and bwd.bytes[a2a] == (here + mine) * row)
+    c["all-to-all bytes == routing counts, every rank"] = bool(worst(float(not ok)) == 0)
+    c["all-to-all bytes forward, rank 0"], c["pairs routed to rank 0's expert"] = fwd.bytes[a2a], here
     report(c, out, r, standalone)
 
 

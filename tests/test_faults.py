@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, launcher_flags, load_launcher, parity_flags
+from dit_core.checkpoint import write_manifest
 from dit_core.errors import run_main
 from dit_core.logs import read_jsonl
 
@@ -85,6 +86,7 @@ def good_run(tmp_path_factory):
         out = d / name / "checkpoint-4"
         shutil.copytree(ck, out)
         edit(out)
+        write_manifest(out)             # as if a writer had produced it so: what each case tests is past the manifest
         return out
 
     def nan_weights(p):
@@ -107,9 +109,22 @@ def good_run(tmp_path_factory):
         state(engine="deepspeed", zero_stage=2, world_size=2)(p)
         (p / "ds").mkdir()
 
+    def flipped(name, file):
+        """The whole run folder copied, one bit of one file of its checkpoint-4 flipped (a disk's silent error)."""
+        import shutil
+        run = d / name / "run"
+        shutil.copytree(d / "run", run)
+        target = run / "checkpoint-4" / file
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        target.write_bytes(bytes(data))
+        return run / "checkpoint-4"
+
     return {"dir": d, "ckpt": ck, "nan": doctored("nan", nan_weights), "nostep": doctored("nostep", state(step=None)),
             "ds": doctored("ds", deepspeed), "acc": doctored("acc", state(engine="accelerate")),
-            "tp": doctored("tp", state(tp_degree=2, world_size=4))}
+            "tp": doctored("tp", state(tp_degree=2, world_size=4)),
+            **{f"flip {f}": flipped(f"flip-{f}", f) for f in ("model.pt", "optimizer.pt", "ema.pt",
+                                                              "training_state.json")}}
 
 
 BAD = {  # case -> (extra argv (callable of the good_run fixture and a tmp folder), words the sentence holds)
@@ -138,6 +153,11 @@ BAD = {  # case -> (extra argv (callable of the good_run fixture and a tmp folde
     "resume other timesteps": (lambda g, t: ["--resume", g["ckpt"], "--set", "diffusion.timesteps=500"],
                                ["diffusion.timesteps=1000"]),
     "resume past the end": (lambda g, t: ["--resume", g["ckpt"], "--max-steps", "2"], ["past train.max_steps"]),
+    # one flipped bit (today's disks and copies do it silently): refused by name, pointing at the checkpoint before
+    **{f"resume with a bit flipped in {f}": (lambda g, t, f=f: ["--resume", g[f"flip {f}"]],
+                                             [f"{f}' is not the file written with this checkpoint",
+                                              "sha256", "checkpoint-2'"])
+       for f in ("model.pt", "optimizer.pt", "ema.pt", "training_state.json")},
 }
 
 
@@ -153,6 +173,21 @@ def test_bad_input_is_one_sentence_and_leaves_nothing(case, good_run, tmp_path, 
     out = tmp_path / "out"
     assert not out.exists() or not [p for p in out.iterdir() if p.name != ".lock"]   # nothing written
     assert sorted(p.name for p in good_run["ckpt"].iterdir()) == before              # the source untouched
+
+
+def test_every_reader_verifies_the_manifest(good_run, capsys):
+    """evaluate and export load through model_from_checkpoint, convert through read_training_state: all verify; and
+    `python -m dit_core.checkpoint verify` says which file changed, or that all match."""
+    from dit_core.checkpoint import CheckpointError, model_from_checkpoint
+    from dit_core.checkpoint import main as checkpoint_cli
+    with pytest.raises(CheckpointError, match=r"ema.pt' is not the file written with this checkpoint.*checkpoint-2'"):
+        model_from_checkpoint(good_run["flip ema.pt"])
+    capsys.readouterr()
+    assert checkpoint_cli(["verify", str(good_run["ckpt"])]) == 0
+    assert "all 4 files match the sha256 recorded when it was written" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        checkpoint_cli(["verify", str(good_run["flip model.pt"])])
+    assert e.value.code == 2 and "model.pt' is not the file written" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- a results folder belongs to one run
@@ -200,6 +235,36 @@ def test_two_runs_on_one_folder(tmp_path):
     assert first.wait(timeout=300) == 0, first.stderr.read()
     assert [r["step"] for r in rows(d / "log.jsonl")] == list(range(400))     # the first run's, whole
     assert json.loads((d / "checkpoint-400" / "training_state.json").read_text())["step"] == 400
+
+
+def test_one_log_belongs_to_one_run(tmp_path, capsys):
+    """Two runs given one --log-jsonl outside their folders: the second is refused while the first holds it (the log
+    gets a lock of its own beside it), and after it with the first run's rows kept; --resume auto into a folder that
+    holds another run's log and no checkpoint refuses too. --overwrite discards on purpose."""
+    from dit_core.config import ConfigError, load_config
+    from dit_core.rundir import RunFolder
+    log = tmp_path / "shared" / "log.jsonl"
+    cfg = {n: load_config(None, {"run.results_dir": str(tmp_path / n), "run.log_jsonl": str(log)}) for n in "ab"}
+    with RunFolder(cfg["a"]):
+        with pytest.raises(ConfigError, match=r"--log-jsonl '.*log.jsonl' is being written by another run \(pid "):
+            RunFolder(cfg["b"]).lock()
+    assert [p.name for p in (tmp_path / "b").iterdir()] == [".lock"]          # nothing written but its lock file
+    code, err = single(flags(2) + ["--results-dir", tmp_path / "a", "--log-jsonl", log], capsys)
+    assert code == 0 and len(rows(log)) == 2
+    code, err = single(flags(2) + ["--results-dir", tmp_path / "b", "--log-jsonl", log], capsys)
+    assert code == 2 and err == [f"error: --log-jsonl '{log}' already holds another run's 2 steps; give this run "
+                                 f"another --log-jsonl, or pass --overwrite to discard them."], err
+    assert len(rows(log)) == 2                                    # the first run's rows kept
+    # --resume auto over a folder with another run's log and no checkpoint (a run that saved none)
+    other = tmp_path / "other"
+    code, _ = single(flags(2) + ["--results-dir", other, "--set", "run.save_final=false", "--set",
+                                 "train.ckpt_every=0"], capsys)
+    assert code == 0 and len(rows(other / "log.jsonl")) == 2 and not list(other.glob("checkpoint-*"))
+    code, err = single(flags(2) + ["--results-dir", other, "--resume", "auto"], capsys)
+    assert code == 2 and "--resume auto:" in err[-1] and "holds another run's log" in err[-1], err
+    assert len(rows(other / "log.jsonl")) == 2                    # not replaced
+    code, err = single(flags(2) + ["--results-dir", other, "--resume", "auto", "--overwrite"], capsys)
+    assert code == 0 and [r["step"] for r in rows(other / "log.jsonl")] == [0, 1]
 
 
 # ---------------------------------------------------------------- crashes: kill -9, then resume

@@ -20,7 +20,8 @@ def test_log_has_the_contract_keys(micro_cfg, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert set(rows[0]) == {"step", "loss", "grad_norm", "lr", "samples_seen"}
     assert rows[-1]["samples_seen"] == 48 and res.last_checkpoint.name == "checkpoint-3"
-    assert sorted(os.listdir(res.last_checkpoint)) == ["ema.pt", "model.pt", "optimizer.pt", "training_state.json"]
+    assert sorted(os.listdir(res.last_checkpoint)) == ["ema.pt", "manifest.json", "model.pt", "optimizer.pt",
+                                                        "training_state.json"]
     # no temporary leftovers; .lock is the folder's lock file (dit_core.rundir), released, kept
     assert [p for p in os.listdir(tmp_path / "run") if p.startswith(".")] == [".lock"]
 
@@ -92,11 +93,18 @@ def test_bad_checkpoints_are_clear_errors(micro_cfg, tmp_path):
         train(micro_cfg(train__max_steps=1, run__resume=str(ckpt)), quiet=True)
     data = (ckpt / "model.pt").read_bytes()
     (ckpt / "model.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="model.pt' is not the file written with this checkpoint"):
         train(micro_cfg(train__max_steps=4, run__resume=str(ckpt)), quiet=True)
     (ckpt / "ema.pt").unlink()
+    with pytest.raises(CheckpointError, match="lacks ema.pt, which its manifest lists"):
+        model_from_checkpoint(ckpt)
+    # a checkpoint written before manifests existed is read as before, and still refused when unreadable
+    (ckpt / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="lacks ema.pt"):
         model_from_checkpoint(ckpt)
+    (ckpt / "ema.pt").write_bytes(data)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train(micro_cfg(train__max_steps=4, run__resume=str(ckpt)), quiet=True)
 
 
 def test_model_from_checkpoint_rebuilds_the_ema_model(micro_cfg):

@@ -85,6 +85,24 @@ def test_bad_input_is_one_sentence(zero_runs, i):
     assert not (zero_runs["dir"] / f"bad{i}").exists() or not list((zero_runs["dir"] / f"bad{i}").glob("check*"))
 
 
+def test_a_flipped_bit_in_deepspeeds_files_is_refused(zero_runs, tmp_path):
+    """One bit of a DeepSpeed optimizer partition flipped in a copy: convert (and any resume, through the same
+    read_training_state) stops with one sentence naming the file."""
+    import shutil
+
+    from dit_core.checkpoint import CheckpointError
+    from dit_core.parallel.zero import convert_checkpoint
+    ckpt = tmp_path / "checkpoint-2"
+    shutil.copytree(zero_runs["dir"] / "stage1" / "checkpoint-2", ckpt)
+    part = sorted((ckpt / "ds").rglob("*optim_states.pt"))[-1]
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    part.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{part.name}' is not the file written with this checkpoint"):
+        convert_checkpoint(ckpt, tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+
+
 def test_bad_stage_through_the_cli_is_one_line_and_writes_nothing(tmp_path):
     import os
     import subprocess
