@@ -26,6 +26,12 @@ def peer_failure(e: BaseException) -> str | None:
     if limit is None or not isinstance(e, RuntimeError):
         return None
     low = text.lower()
+    if type(e).__name__ == "DistStoreError" or "/default_pg/" in text:
+        # init_process_group's rendezvous in the store: a rank that never came (not started, stopped, killed while
+        # it started) leaves the others waiting there, not in a collective
+        return (f"not every rank joined the process group within run.dist_timeout={limit:g} s (one never started, or "
+                f"was stopped or killed while starting), so this rank stops; check the launch, or raise the limit "
+                f"(--set run.dist_timeout=SECONDS) if ranks legitimately start slowly.")
     if "timed out" in low or "timeout" in low:
         return (f"a collective waited longer than run.dist_timeout={limit:g} s for another rank (stuck, stopped or "
                 f"dead), so this rank stops; if a step legitimately takes longer, raise it "

@@ -410,6 +410,32 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, script):
     assert not [w for w in workers if alive(w)]
 
 
+@pytest.mark.parametrize("script", ["launchers/ddp.py", "launchers/pipeline.py"])
+def test_a_rank_that_never_joins_ends_the_job_within_the_timeout(tmp_path, script):
+    """Rank 1 stopped while it starts (still importing torch), before the process group forms: rank 0 waits in the
+    rendezvous for run.dist_timeout, says so in one sentence, and stops its stuck sibling, so the job ends within the
+    timeout plus a few seconds (not after torchrun's 30 s grace, with a DistStoreError traceback)."""
+    d = tmp_path / "run"
+    job = popen(script, launcher_flags(10) + ["--results-dir", d, "--set", "run.dist_timeout=5"], nproc=2)
+    assert wait_for(lambda: len(children(job.pid)) == 2, timeout=60, every=0.01)
+    workers = children(job.pid)
+    os.kill(workers[1], signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        job.wait(timeout=120)
+    finally:
+        kill_group(job)
+    took = time.monotonic() - t0
+    err = job.stderr.read()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert job.returncode != 0 and errors, err[-2000:]
+    # (torchrun's agent prints its own ChildFailedError report; the ranks print one sentence, no DistStoreError)
+    assert "run.dist_timeout=5" in errors[0] and "joined" in errors[0] and "DistStoreError" not in err, err[-3000:]
+    assert took < 5 + 15, took        # the timeout, rank 0's start-up (importing torch) and a few seconds
+    assert not [w for w in workers if alive(w)]
+    assert not list(d.glob("checkpoint-*"))
+
+
 def test_workers_of_a_killed_agent_stop(tmp_path):
     d = tmp_path / "ddp"
     job = popen("launchers/ddp.py", launcher_flags(100000) + ["--results-dir", d], nproc=2)

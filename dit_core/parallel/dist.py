@@ -76,10 +76,10 @@ def init_from_env(device: str = "auto", launcher: str = "torchrun --nproc_per_no
         # Processes of one node share its cores: one thread each unless told otherwise.
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    TIMEOUT["seconds"] = timeout          # before the rendezvous: a rank that never joins is told in one sentence too
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout),
                                 **({"device_id": dev} if backend == "nccl" else {}), **_restart_store(rank, world, timeout))
-    TIMEOUT["seconds"] = timeout
     watch_launcher()
     return DistEnv(rank, world, local, dev, backend, timeout=timeout)
 
