@@ -160,12 +160,13 @@ print(f"bucket 0 ({len(first)} tensors) holds the first {len(first)} gradients b
 # block's modulation. Registration order is not quite backward order; torch DDP rebuilds its buckets after the first
 # iteration in the order the gradients really arrived (section 5), `DataParallel` keeps registration order.
 #
-# Whether overlap *saves time* depends on how long the communication is against the backward. On the two H200s at the end of this chapter it is
-# not visible: the naive mode (one blocking all-reduce per parameter, after backward) ran as fast as the bucketed one
-# (26,786 vs 26,730 images/s at `configs/mnist.yaml`, 8,779 vs 8,785 at `configs/bench.yaml`), because all the
-# gradients cross NVLink in about 0.44 ms of a 55.6 ms step: there is almost nothing to hide. On this CPU it is not
-# measured here (gloo's transfers would use the same two cores that compute the backward). Overlap pays where the
-# link is slow against the compute: across machines on Ethernet, or with a gradient as large as the step is short.
+# Whether overlap *saves time* depends on how long the communication is against the backward. On the two H200s at the
+# end of this chapter it is not visible: the naive mode (one blocking all-reduce per parameter, after backward) ran as
+# fast as the bucketed one (26,786 vs 26,730 images/s at `configs/mnist.yaml`, 8,779 vs 8,785 at
+# `configs/bench.yaml`), because all the gradients cross NVLink in about 0.44 ms of a 55.6 ms step: there is almost
+# nothing to hide. On this CPU it was not measured (gloo's transfers would use the same two cores that compute the
+# backward). Overlap pays where the link is slow against the compute: across machines on Ethernet, or with a gradient
+# as large as the step is short.
 #
 # ## 3. The proof: two processes train exactly like one
 #
@@ -288,7 +289,8 @@ axes[0].legend(fontsize=7); plt.tight_layout()
 # the step with `--set run.dump_grads_step=N`), and `python -m dit_core.parity grads A B` compares two dumps parameter
 # by parameter, in the model's order, and names the first one past the rung. Every run above dumped step 3: at step 0
 # adaLN-Zero leaves every gradient exactly zero except the final linear layer's (2 of the 31 parameter tensors of this
-# chapter's depth-2 model), so a step-0 comparison would pass for almost any bug; three steps later gradients reach every layer.
+# chapter's depth-2 model), so a step-0 comparison would pass for almost any bug; three steps later gradients reach
+# every layer.
 
 # %%
 from dit_core.parity import compare_grads, read_grads, format_grads

@@ -136,15 +136,14 @@ print(f"at TP = 2 a rank keeps {share:.0%} of each block (not 50%): {0.6 < share
 # **Why the modulation stays whole.** Its input is c, one vector per image, not one per token; its outputs shift and
 # scale the *whole* hidden vector that the column-parallel qkv and fc1 read. Sharding it by columns would save half
 # the modulation, a sixth of each block's weights (a rank's share would drop from 67% to 50%), and their gradients and
-# Adam state, but every block's forward would then need an
-# all-gather of the b x 6h outputs before the first layer norm, and a matching reduce-scatter in backward: two more
-# collectives per block on the critical path. The cell below counts both options in elements each rank sends per
-# step (ring collectives at P = 2), at this chapter's tiny model and the GPU bench model. The traffic is small next
-# to the 4·b·N·h of the f and g all-reduces; what it adds is two latencies per block (chapter 05: a small message's cost
-# is its latency), for memory that at these sizes is from about 49 KiB (tiny: 12,480 weights) to 1.7 MiB (bench:
-# 443,520) of fp32 weights per block and rank, four times that with the gradient and Adam's two moments. A model
-# whose blocks no longer fit one GPU
-# should shard it; here simplicity wins, and the chapter says so instead of claiming 1/P.
+# Adam state, but every block's forward would then need an all-gather of the b x 6h outputs before the first layer
+# norm, and a matching reduce-scatter in backward: two more collectives per block on the critical path. The cell below
+# counts both options in elements each rank sends per step (ring collectives at P = 2), at this chapter's tiny model
+# and the GPU bench model. The traffic is small next to the 4·b·N·h of the f and g all-reduces; what it adds is two
+# latencies per block (chapter 05: a small message's cost is its latency), for memory that at these sizes is from
+# about 49 KiB (tiny: 12,480 weights) to 1.7 MiB (bench: 443,520) of fp32 weights per block and rank, four times that
+# with the gradient and Adam's two moments. A model whose blocks no longer fit one GPU should shard it; here
+# simplicity wins, and the chapter says so instead of claiming 1/P.
 
 # %%
 from dit_core.config import load_config
@@ -302,8 +301,9 @@ for r_ in rows:
 # DDP on two GPUs 5.6 s and 6.4 s (first and second round), TP 2 8.6 s (first round only: the time limit cut the
 # second round off before it). Notice that TP 2 was slower than one GPU; with one TP run and one-GPU rounds this far
 # apart, the ordering is indicative, not a measurement of the gap. A likely reason: at hidden 384 the halved matmuls
-# are small and each block waits for two all-reduces of its activations in the forward and two in the backward. For a model that fits on one GPU, DDP is the better use of the second one;
-# tensor parallelism is for layers that do not fit.
+# are small and each block waits for two all-reduces of its activations in the forward and two in the backward. For
+# a model that fits on one GPU, DDP is the better use of the second one; tensor parallelism is for layers that do not
+# fit.
 
 # %% [markdown]
 # ## Exercises
