@@ -251,6 +251,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"Config file '{path}' is not valid YAML ({e.__class__.__name__}); fix its syntax.") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"Config file '{path}' is not a text file; pass a YAML config such as "
+                              f"configs/tiny.yaml.") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"Config file '{path}' must be a mapping of sections (model:, train:, ...).")
         for section, body in raw.items():
@@ -286,10 +289,13 @@ def _check(cond: bool, msg: str) -> None:
 
 def validate(cfg: Config) -> None:
     # One rule per field (type was checked on the way in), then the rules that tie fields together.
+    defaults = Config()
     for sec, key, _typ, rule in config_fields():
         v = getattr(getattr(cfg, sec), key)
-        _check(rule.ok(v), f"{sec}.{key}={v!r} must be {rule.need}; give another value "
-                           f"(--set {sec}.{key}=...).")
+        default = getattr(getattr(defaults, sec), key)       # always inside its own rule: a value that works
+        default = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        _check(rule.ok(v), f"{sec}.{key}={v!r} must be {rule.need}; give another value, e.g. the default "
+                           f"(--set {sec}.{key}={default}).")
     m, d, t, s = cfg.model, cfg.diffusion, cfg.train, cfg.sample
     _check(m.image_size % m.patch_size == 0,
            f"model.patch_size={m.patch_size} does not divide model.image_size={m.image_size}; "
@@ -378,6 +384,10 @@ _FLAG_KEYS = {"max_steps": "train.max_steps", "global_batch_size": "train.global
 
 def config_from_args(args) -> Config:
     overrides = parse_overrides(args.set)
+    scratch = Config()
+    for dotted, value in overrides.items():      # each --set value of the right type, even where a flag overrides it
+        if "." in dotted:
+            _apply(scratch, *dotted.split(".", 1), value, "override")
     for attr, key in _FLAG_KEYS.items():
         v = getattr(args, attr, None)
         if v is not None:

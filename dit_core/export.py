@@ -88,6 +88,21 @@ def main(argv=None) -> int:
     p.add_argument("out", help="the .onnx file to write")
     p.add_argument("--grid", help="also sample 10 digits per class with onnxruntime into this PNG")
     a = p.parse_args(argv)
+    from .config import ConfigError
+    for flag, path, suffix in (("out", a.out, ".onnx"), ("--grid", a.grid, ".png")):   # before the export's work
+        if path is None:
+            continue
+        if Path(path).is_dir() or not Path(path).resolve().parent.is_dir():
+            raise ConfigError(f"{flag} '{path}' is a folder or in a folder that does not exist; give a file path in "
+                              f"an existing folder.")
+        if Path(path).suffix.lower() != suffix:
+            raise ConfigError(f"{flag} '{path}' should end in {suffix}; e.g. {Path(path).with_suffix(suffix)}.")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ConfigError("ONNX export needs the onnx extra (onnx, onnxruntime, onnxscript); install it with "
+                          "pip install -e \".[onnx]\".") from None
     model, cfg = model_from_checkpoint(Path(a.checkpoint))
     export_onnx(model, a.out)
     session = OnnxDenoiser(a.out, cfg.model)
@@ -104,4 +119,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .errors import run_main
+    run_main(main)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -189,32 +190,63 @@ def step_timeline(cfg: Config, batch: int, snapshot: str | None = None) -> list[
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="memory of one training step, by phase and by recomputation (one GPU)")
+    p = argparse.ArgumentParser(prog="python -m dit_core.memory",
+                                description="memory of one training step, by phase and by recomputation (one GPU; "
+                                            "on the CPU the activations are counted)")
     p.add_argument("--config", default="configs/bench.yaml")
     p.add_argument("--set", action="append", default=[], help="key=value config overrides")
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="cuda: measured per phase; cpu: the saved activations counted (auto: cuda when there is one)")
     p.add_argument("--out", required=True)
-    p.add_argument("--snapshot", help="also write torch's memory snapshot of one step here (pickle)")
+    p.add_argument("--snapshot", help="also write torch's memory snapshot of one step here (pickle; GPU only)")
     a = p.parse_args(argv)
-    cfg = load_config(a.config, dict(kv.split("=", 1) for kv in a.set))
+    from .config import ConfigError, parse_overrides
+    from .engine import resolve_device
+    if a.batch < 1:
+        raise ConfigError(f"--batch {a.batch} must be at least 1.")
+    for flag, path in (("--out", a.out), ("--snapshot", a.snapshot)):      # before minutes of measuring
+        if path and (Path(path).is_dir() or not Path(path).resolve().parent.is_dir()):
+            raise ConfigError(f"{flag} '{path}' is a folder or in a folder that does not exist; give a file path "
+                              f"in an existing folder.")
+    cfg = load_config(a.config, parse_overrides(a.set))
+    device = resolve_device(a.device)
+    if a.snapshot and device.type != "cuda":
+        raise ConfigError("--snapshot records the CUDA caching allocator's history; it needs a GPU (--device cuda).")
+    modes = ([("none", 0, False)] + [("full", b, False) for b in range(1, cfg.model.depth + 1)]
+             + [("attention", 0, False), ("none", 0, True)])
     rows = []
-    for mode, blocks, offload in ([("none", 0, False)] + [("full", b, False) for b in range(1, cfg.model.depth + 1)]
-                                  + [("attention", 0, False), ("none", 0, True)]):
-        r = step_memory(cfg, a.batch, mode, blocks, offload=offload)
-        rows.append({"recompute": mode, "blocks": blocks if mode != "none" else 0, "save_on_cpu": offload, **r})
-        print(f"{mode:9s} blocks {blocks} offload {offload}: peak {r['peak'] / MIB:8.1f} MiB, activations after "
-              f"forward {(r['after_forward'] - r['start']) / MIB:8.1f} MiB, step {r['step_s'] * 1e3:6.1f} ms", flush=True)
-    timeline = step_timeline(cfg, a.batch, snapshot=a.snapshot)
-    for e in timeline:
-        print(f"  {e['what']:48s} {e['allocated'] / MIB:9.1f} MiB")
     m = cfg.model
     tokens = (m.image_size // m.patch_size) ** 2
     formula = block_activation_elements(tokens, m.hidden_size, m.num_heads, m.mlp_ratio) * 4 * a.batch
+    if device.type == "cpu":
+        for mode, blocks, offload in modes:
+            if offload:
+                continue                      # save_on_cpu moves GPU activations to the host: nothing to count here
+            torch.manual_seed(0)
+            model = DiT(cfg.model)
+            model.set_recompute(mode, blocks)
+            saved = saved_activation_bytes(model, cfg, a.batch)
+            rows.append({"recompute": mode, "blocks": blocks if mode != "none" else 0, "saved_bytes": saved})
+            print(f"{mode:9s} blocks {blocks}: activations kept for backward {saved / MIB:8.1f} MiB (counted)",
+                  flush=True)
+        report = {"device": "cpu (counted, not measured)", "rows": rows}
+    else:
+        for mode, blocks, offload in modes:
+            r = step_memory(cfg, a.batch, mode, blocks, offload=offload)
+            rows.append({"recompute": mode, "blocks": blocks if mode != "none" else 0, "save_on_cpu": offload, **r})
+            print(f"{mode:9s} blocks {blocks} offload {offload}: peak {r['peak'] / MIB:8.1f} MiB, activations after "
+                  f"forward {(r['after_forward'] - r['start']) / MIB:8.1f} MiB, step {r['step_s'] * 1e3:6.1f} ms",
+                  flush=True)
+        timeline = step_timeline(cfg, a.batch, snapshot=a.snapshot)
+        for e in timeline:
+            print(f"  {e['what']:48s} {e['allocated'] / MIB:9.1f} MiB")
+        report = {"device": torch.cuda.get_device_name(), "rows": rows, "timeline": timeline}
     with open(a.out, "w") as f:
-        json.dump({"config": a.config, "overrides": a.set, "batch": a.batch, "device": torch.cuda.get_device_name(),
-                   "torch": torch.__version__, "block_formula_bytes": formula, "rows": rows,
-                   "timeline": timeline}, f, indent=1)
+        json.dump({"config": a.config, "overrides": a.set, "batch": a.batch, "torch": torch.__version__,
+                   "block_formula_bytes": formula, **report}, f, indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    from .errors import run_main
+    run_main(main)

@@ -190,6 +190,59 @@ def test_every_reader_verifies_the_manifest(good_run, capsys):
     assert e.value.code == 2 and "model.pt' is not the file written" in capsys.readouterr().err
 
 
+CLI_BAD = {  # the other command lines: module, argv (callable of good_run and a tmp folder), words of the sentence
+    "export: folder as output": ("dit_core.export", lambda g, t: [g["ckpt"], t], ["is a folder", "give a file path"]),
+    "export: not .onnx": ("dit_core.export", lambda g, t: [g["ckpt"], t / "m.txt"], ["should end in .onnx"]),
+    "export: grid nowhere": ("dit_core.export", lambda g, t: [g["ckpt"], t / "m.onnx", "--grid", t / "no" / "g.png"],
+                             ["--grid", "does not exist"]),
+    "export: flipped ema": ("dit_core.export", lambda g, t: [g["flip ema.pt"], t / "m.onnx"],
+                            ["ema.pt' is not the file written with this checkpoint"]),
+    "memory: batch 0": ("dit_core.memory", lambda g, t: ["--batch", "0", "--out", t / "m.json"], ["--batch 0"]),
+    "memory: out nowhere": ("dit_core.memory", lambda g, t: ["--out", t / "no" / "m.json"], ["--out", "does not exist"]),
+    "memory: a GPU asked for": ("dit_core.memory", lambda g, t: ["--device", "cuda", "--out", t / "m.json"],
+                                ["no CUDA GPU is visible", "--device cpu"]),
+    "memory: bad override": ("dit_core.memory", lambda g, t: ["--set", "model.depth=x", "--out", t / "m.json"],
+                             ["model.depth='x'", "not an integer"]),
+    "checkpoint verify: not a folder": ("dit_core.checkpoint", lambda g, t: ["verify", t / "nope"], ["not a folder"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_BAD))
+def test_other_command_lines_refuse_bad_input_in_one_sentence(case, good_run, tmp_path, capsys):
+    import importlib
+    module, argv, words = CLI_BAD[case]
+    main = importlib.import_module(module).main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(main, [str(a) for a in argv(good_run, tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert all(w in err[0] for w in words), err[0]
+    assert not [p for p in tmp_path.iterdir()], "nothing written"
+
+
+def test_memory_on_the_cpu_counts_instead_of_dying(tmp_path, capsys):
+    """`python -m dit_core.memory` on a machine without a GPU counts the saved activations per recomputation mode."""
+    from dit_core.memory import main as memory_main
+    out = tmp_path / "m.json"
+    memory_main(["--config", "configs/tiny.yaml", "--set", "model.depth=2", "--set", "model.hidden_size=32",
+                 "--batch", "4", "--device", "cpu", "--out", str(out)])
+    rep = json.loads(out.read_text())
+    saved = {(r["recompute"], r["blocks"]): r["saved_bytes"] for r in rep["rows"]}
+    assert rep["device"].startswith("cpu") and saved[("none", 0)] > saved[("full", 1)] > saved[("full", 2)] > 0
+
+
+def test_config_mistakes_are_one_sentence(tmp_path, capsys):
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(bytes(range(256)))
+    for argv, want in ((["--config", binary], "is not a text file"),
+                       (["--max-steps", "5", "--set", "train.max_steps=abc"], "train.max_steps='abc' (override) is not an"),
+                       (["--set", "run.dist_timeout=0"], "e.g. the default (--set run.dist_timeout=300.0)")):
+        code, err = single(flags(2) + ["--results-dir", tmp_path / "r"] + argv, capsys)
+        assert code == 2 and len(err) == 1 and want in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
 # ---------------------------------------------------------------- a results folder belongs to one run
 
 def test_a_folder_with_a_run_refuses_a_new_one_until_overwrite(tmp_path, capsys):
