@@ -292,7 +292,8 @@ print(f"float64 sums: one and the same float32 norm for all 6 groupings: {len(se
 # %% [markdown]
 # In float32 the grouping moves the norm's last bit; the clipping factor (0.05 / norm, acting at every step) would
 # carry it into every weight, and from there into later losses. In float64 the grouping changes the sum (of 52,785
-# squares here) by some 1e-11 of it at most, far below float32's rounding step of about 6e-8, so every layout
+# squares here) by at most 3.0e-16 of it (the line above), far below float32's rounding step of about 6e-8, so every
+# layout
 # rounds to the same float32 norm (a sum within that distance of a float32 rounding boundary could still part them;
 # none did here).
 #
@@ -437,9 +438,11 @@ print("measured, FSDP2, N = 2 and 4: at least the root + two blocks (to its own 
 # root). Prefetch costs one more unit of memory (the next block arriving while this one computes); the unit size sets
 # that peak: one block here, the whole model with `--unit model`, which is plain ZeRO-1/2 memory at the moment of
 # compute. The storages agree with the implementation's counter to the byte, at 2 and 4 ranks. FSDP2's measured peak
-# is the same root and two blocks to its own padding, made differently: the root and one block as whole parameters
-# (registered on the modules) and the next block's all-gather buffer. The verdict asks FSDP2 only for *at least* that
-# much: in one earlier run on this machine (not shown here) its peak on rank 0 at N = 2 came out one block higher.
+# is made differently: the root and one block as whole parameters (registered on the modules, 432.9 KiB at N = 2)
+# and all-gather buffers. At N = 4 it is the same root and two blocks to its own padding (725.2 KiB: one block's
+# buffer); at N = 2, in this run, rank 0 held two blocks' buffers at that moment (583.5 KiB), one block more:
+# 1016.4 KiB. It varies from run to run (the earlier run in `docs/results.md`'s FSDP table measured 724.7 KiB there),
+# so the verdict asks FSDP2 only for *at least* the root and two blocks.
 #
 # ## 6. What a rank holds and sends, measured
 #
@@ -601,14 +604,16 @@ print("measured: the peak falls from N = 2 to N = 4, hand-written and FSDP2:",
 
 # %% [markdown]
 # **What to notice.** On this tiny DiT sharding does shrink a rank's memory from 2 to 4 ranks, but by less than the
-# model says (26% and 28% measured, 42% in the model), and the model is neither a floor nor a ceiling: its total is
-# 75% to 105% of the measured peak in these four runs. A real step also allocates, for a moment, what the model
+# model says (22% and 34% measured, 42% in the model). The model's total is 71% to 97% of the measured peak in these
+# four runs, so it is no ceiling; nor is it a floor: in the earlier run `docs/results.md` reports (FSDP section) it
+# was 75% to 105%, FSDP2 at N = 2 above the measured peak. A real step also allocates, for a moment, what the model
 # leaves out (gradients flowing back through the activations, each unit's whole flat gradient before its
-# reduce-scatter, the optimizer's work tensors), which does not shrink with N; and not every saved activation need be
-# alive at the moment of the peak. The measured peaks also move from one run to the next on this machine (by up to
-# about 10% between the runs `docs/results.md` reports in its FSDP section; not shown here). So read the bench table above as what it is, a model: it shows why sharding the states alone may not
-# shrink memory, not what a rank will hold. On a GPU the report records `torch.cuda.max_memory_allocated` for the same
-# step (`cuda_peak_bytes`); this chapter has no GPU run of it.
+# reduce-scatter, the optimizer's work tensors), which does not shrink with N; and not every saved activation need
+# be alive at the moment of the peak. The measured peaks also move from one run to the next on this machine (FSDP2
+# at N = 2: 4901 KiB here, 4503 KiB in the earlier run of `docs/results.md`, whose FSDP section says the peaks
+# varied by up to about 10% between runs). So read the bench table above as what it is, a model: it shows why
+# sharding the states alone may not shrink memory, not what a rank will hold. On a GPU the report records
+# `torch.cuda.max_memory_allocated` for the same step (`cuda_peak_bytes`); this chapter has no GPU run of it.
 #
 # ## 8. Checkpoints that reshard: 2 ranks write, 4 ranks and one process read
 #
@@ -722,6 +727,6 @@ if "DeepSpeed ZeRO-3" in rows:
 #
 # 反例：`--break average`（reduce-scatter 后不除以 N）在每步都裁剪时，只看损失会判为 PASS，梯度范数恰为单进程的 N = 2 倍而 FAIL：只看损失发现不了这个错误。
 #
-# 内存（本章全部数字来自 2 核 CPU 上的 gloo 进程，没有 GPU 数据）：模型状态实测在 16Ψ/N 的 1% 以内（差别是填充）；聚合峰值由存储实测（与实现自己的计数器逐字节一致）：预取时为根单元加两个 block，不预取时为根单元加一个 block；通信约 3Ψ(N-1)/N。第 7 节的内存账是模型（公式加实测的激活值）：与真实运行实测的整步峰值相比，模型总数为实测的 75%–105%；从 2 个 rank 到 4 个 rank，实测峰值下降 26%–28%，模型预测 42%。小模型时激活值占大头，增加 rank 几乎不省内存（DeepSpeed#4093 的现象）。
+# 内存（本章全部数字来自 2 核 CPU 上的 gloo 进程，没有 GPU 数据）：模型状态实测在 16Ψ/N 的 1% 以内（差别是填充）；聚合峰值由存储实测（与实现自己的计数器逐字节一致）：预取时为根单元加两个 block，不预取时为根单元加一个 block；通信约 3Ψ(N-1)/N。第 7 节的内存账是模型（公式加实测的激活值）：与真实运行实测的整步峰值相比，模型总数为实测的 71%–97%（`docs/results.md` 记录的较早一次为 75%–105%）；从 2 个 rank 到 4 个 rank，实测峰值下降 22%–34%，模型预测 42%。小模型时激活值占大头，增加 rank 几乎不省内存（DeepSpeed#4093 的现象）。
 #
 # DCP 分布式检查点可以在 2 个 rank 保存、4 个 rank、1 个 rank 或单进程恢复。`launchers/fsdp.py` 只在 CPU（gloo）上运行过，从未在 2 张以上 GPU 的 NCCL 上运行。

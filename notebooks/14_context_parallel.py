@@ -426,9 +426,10 @@ plt.tight_layout()
 # **What to notice.** Every counted number equals its formula. Activations per rank fall to about half at P = 2 and
 # about a quarter at P = 4, for both layouts (0.52x and 0.26x of one process's at 3136 tokens, 0.55x and 0.30x at
 # 16; their lines lie on each other): each rank keeps about N/P tokens' worth, Ulysses because after its all-to-all
-# it holds H/P heads of all N tokens, the ring because it keeps its own queries and one block of keys at a time. So within a memory budget both reach about P times the sequence one process reaches (at this width:
-# 741k tokens at P = 2 and 1.48M at P = 4 against 388k, on a straight line through the two longest lengths counted).
-# They differ in what they send and when:
+# it holds H/P heads of all N tokens, the ring because it keeps its own queries and one block of keys at a time. So
+# within a memory budget both reach about P times the sequence one process reaches (at this width: 741k tokens at P
+# = 2 and 1.48M at P = 4 against 388k, on a straight line through the two longest lengths counted). They differ in
+# what they send and when:
 #
 # | | Ulysses (chapter 09) | Ring (this chapter) | USP (Ulysses U x Ring R) |
 # |---|---|---|---|

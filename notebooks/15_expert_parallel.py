@@ -426,7 +426,11 @@ print(f"rows sent to the other rank: rank 0 {table[0, 2:].sum()}, rank 1 {table[
 # slice of the tokens and its E/P experts, and compares the output and the gradients (tokens, router, routing
 # weights, every expert parameter) with the whole layer in one process, for EP groups of 2 and 4; again with an
 # **unbalanced** routing in which no token chooses expert 1 (at P = 4 its rank receives nothing, yet must still
-# take part in every all-to-all of forward and backward). Then training against one process: EP 2 (2 processes),
+# take part in every all-to-all of forward and backward). The same job counts, at the collective
+# (`dit_core.parallel.zero_report.CommCounter` wraps `torch.distributed.all_to_all_single`), the bytes each rank's
+# all-to-alls carry in one layer's forward and backward (P = 4), and compares them with what the routing says, from
+# the counts of every rank's choices: the sizes, the rows for this rank's expert from every rank, and this rank's own
+# rows coming back, then the same two exchanges reversed. Then training against one process: EP 2 (2 processes),
 # EP 4 and DP 2 x EP 2 (4 processes), with gradient accumulation 1 and 2 for EP 2, and clipping active. Each run is
 # compared with `parity` (chapter 06): the loss **and** the gradient norm before clipping, at every step, within the
 # sum-order rung (1e-5). The 2-process job also runs section 5b's negative control, section 6's experiment and two
@@ -531,7 +535,7 @@ print("there, the broken run's norm is the larger (the experts' share doubled):"
 
 # %% [markdown]
 # **What to notice.** The gradient norm catches it: it leaves the tolerance first (the line above: step 3, with the
-# broken run's norm the larger), and by the end of the 30 steps it is off by up to 1.2e-2. The ratio starts at
+# broken run's norm the larger), and its largest difference, 1.2e-2, comes at step 11. The ratio starts at
 # exactly 1: adaLN-Zero's gates start at zero, so at step 0 the experts' gradient is exactly zero and doubling it
 # changes nothing, and for a few steps after the experts' share of the gradient stays small. Here the loss catches
 # it too, one step later, up to 2.4e-3: a factor on *part* of the gradient changes the direction of the update,
@@ -566,7 +570,8 @@ print(f"first step past {SUM_ORDER:.0e}: loss {first_g['loss']}, gradient norm {
       f"tokens per expert identical at step 0: {g16[0]['expert_tokens'] == g8[0]['expert_tokens']}")
 
 # %% [markdown]
-# **What to notice.** It fails from step 0, before any weight differs: the same routing, a different number. This
+# **What to notice.** The loss fails from step 0 (the gradient norm from step 1), before any weight differs: the same
+# routing (tokens per expert identical at step 0), a different balance loss, so a different total loss. This
 # is how "the balance loss depends on the number of GPUs" happens. Either reduce f and P across the ranks before the
 # product (a collective in every MoE layer, and the gradient through P must be scaled to match), or define the
 # groups so that no layout splits one (no collective): this workbook does the second.

@@ -599,20 +599,21 @@ axes[2].legend(fontsize=6, ncol=2); plt.tight_layout()
 # forces it; for this job on 2 GPUs it plans data parallelism, and DDP on 2 GPUs measured fastest (1.14x).
 #
 # The table (arithmetic with the measured constants). This workbook's DiT and DiT-XL/2 at 256 and 1024 tokens are
-# pure data parallelism (DiT-XL/2: 13.8 GiB of states per GPU; this DiT: under 0.1 GiB), and micro-batches as large as a GPU's share of the batch. The
-# 70B model shards its states first (ZeRO-3). One sample per micro-batch is all that fits beside them, so each of 64
-# replicas runs 16 micro-batches per step, and 3 x 16 passes over its shard of the weights cross InfiniBand in 132 s
-# against 69 s of compute. TP 2 inside the machine halves the shard and each sample's activations: 2 samples fit per
-# micro-batch, the count stays 16, and the traffic halves (65 s). On 80 GB GPUs one sample's activations (100 GiB) do
-# not fit at all: TP 2 for memory, then TP 4 for the traffic. The 256k-token video DiT needs all of TP 8 inside the
-# machine and CP 4 across machines. That leaves one replica, so ZeRO-3 has nothing to shard over and is dropped (TP
-# and CP alone bring it to 96 GiB per GPU). Right: the compute/communication arithmetic of TP 2 and CP 2 per block. Tensor
-# parallelism's ratio grows with the hidden size and is flat in the sequence length while the linear layers dominate;
-# context parallelism's grows with the tokens (attention is quadratic, the ring linear). The utilisation behind every
-# time here, 40.1% of the peak, is this project's best on one H100; published DiT training reports less (the DiT paper
-# about 7% of a TPU v3, Open-Sora 12% of an H800, fast-DiT about 25% of an A100: their figures, not measured here),
-# and small shapes reach far less (9.6% above). torchtitan and the Hugging Face "Ultra-Scale Playbook" (2025) give
-# the same order of decisions in more detail.
+# pure data parallelism (DiT-XL/2: 13.8 GiB of states per GPU; this DiT: under 0.1 GiB), and micro-batches as large
+# as a GPU's share of the batch. The 70B model shards its states first (ZeRO-3). One sample per micro-batch is all
+# that fits beside them, so each of 64 replicas runs 16 micro-batches per step, and 3 x 16 passes over its shard of
+# the weights cross InfiniBand in 132 s against 69 s of compute. TP 2 inside the machine halves the shard and each
+# sample's activations: 2 samples fit per micro-batch, the count stays 16, and the traffic halves (65 s). On 80 GB
+# GPUs one sample's activations (100 GiB) do not fit at all: TP 2 for memory, then TP 4 for the traffic. The
+# 256k-token video DiT needs all of TP 8 inside the machine and CP 4 across machines. That leaves one replica, so
+# ZeRO-3 has nothing to shard over and is dropped (TP and CP alone bring it to 96 GiB per GPU). Right: the
+# compute/communication arithmetic of TP 2 and CP 2 per block. Tensor parallelism's ratio grows with the hidden size
+# and is flat in the sequence length while the linear layers dominate; context parallelism's grows with the tokens
+# (attention is quadratic, the ring linear). The utilisation behind every time here, 40.1% of the peak, is this
+# project's best on one H100; published DiT training reports less (the DiT paper about 7% of a TPU v3, Open-Sora 12%
+# of an H800, fast-DiT about 25% of an A100: their figures, not measured here), and small shapes reach far less
+# (9.6% above). torchtitan and the Hugging Face "Ultra-Scale Playbook" (2025) give the same order of decisions in
+# more detail.
 #
 # ## Exercises
 #

@@ -583,8 +583,9 @@ print("no zero_grad: worse than the correct loop:", tail["no zero_grad"] > tail[
 # variance) means the model predicts zero, the best it can do against noise it cannot see. The forgotten
 # `zero_grad` is sneakier: the loss still falls for a while, because AdamW normalises the ever-growing sum, but the
 # update points along the *history* of the gradients, not the current one. Checks that catch both early: the loss of
-# an untrained model (1.0 for eps), overfitting one small batch (the loss must approach 0), and the gradient norm
-# (here it grows step after step).
+# an untrained model (1.0 for eps), overfitting one small batch (the loss must approach 0), and the gradient norm:
+# without `zero_grad` the norm of what `.grad` holds grew at 143 of the 149 steps here, from 0.195 to 10.7, while the
+# correct loop's rose at 72 and ended at 0.149 (the lines above).
 #
 # ## 8. A distributed job that hangs
 #
@@ -630,12 +631,15 @@ print("DETAIL names the mismatch and the collective's shape on each side:",
           and "TensorShape=[5]" in line for line in hang["mismatch", "DETAIL"]))
 
 # %% [markdown]
-# Without `DETAIL` the mismatched shapes end in a crash on one rank and "Connection reset by peer" on the other,
-# which names neither the bug nor its place. What to reach for, in order: the timeout (so nothing hangs forever;
-# `docs/faults.md`), `TORCH_DISTRIBUTED_DEBUG=DETAIL` (collective signatures checked, at a cost: use it to debug, not
-# to train), `NCCL_DEBUG=INFO` on GPUs (NCCL prints its rings, transports and errors; `NCCL_DEBUG_SUBSYS=COLL` every
-# collective), and `py-spy dump --pid PID` on a stuck rank (`pip install py-spy`): the Python stack of every thread,
-# which shows the line each rank waits in. Ranks that wait in *different* collectives are the bug.
+# Without `DETAIL` the mismatched shapes end with rank 0 killed by SIGABRT inside gloo, which printed no line of its
+# own (its stderr: "Received data size doesn't match expected size. Is there a distributed collective mismatch in
+# your code?"), and "Connection reset by peer" on rank 1: a guess at the kind of bug on one rank, a lost connection
+# on the other, and neither names the collective, the shapes or the line. What to reach for, in order: the timeout
+# (so nothing hangs forever; `docs/faults.md`), `TORCH_DISTRIBUTED_DEBUG=DETAIL` (collective signatures checked, at
+# a cost: use it to debug, not to train), `NCCL_DEBUG=INFO` on GPUs (NCCL prints its rings, transports and errors;
+# `NCCL_DEBUG_SUBSYS=COLL` every collective), and `py-spy dump --pid PID` on a stuck rank (`pip install py-spy`):
+# the Python stack of every thread, which shows the line each rank waits in. Ranks that wait in *different*
+# collectives are the bug.
 #
 # ## 9. Ranks that disagree
 #
