@@ -25,7 +25,10 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -79,7 +82,7 @@ def foreign(folder: Path, state: dict, reader: str) -> CheckpointError:
 # ---------------------------------------------------------------- the manifest: every file's sha256
 
 MANIFEST = "manifest.json"
-_VERIFIED: dict = {}             # (folder, manifest's mtime) -> True: a resume reads the state several times
+_VERIFIED: set = set()           # (folder, every listed file's size and mtime): a resume reads the state several times
 
 
 def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
@@ -118,15 +121,20 @@ def verify_checkpoint(folder: str | Path) -> None:
     man = folder / MANIFEST
     if not man.is_file():
         return
-    key = (str(folder.resolve()), man.stat().st_mtime_ns)
-    if key in _VERIFIED:
-        return
     try:
         files = json.loads(man.read_text())["files"]
         items = [(str(rel), int(e["bytes"]), str(e["sha256"])) for rel, e in files.items()]
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise CheckpointError(f"'{man}' is not a valid manifest; the checkpoint is corrupt: "
                               f"{_earlier(folder)}.") from None
+    # A file rewritten since the last verification (same process) changes its size or mtime: hashed again then.
+    try:
+        key = (str(folder.resolve()), man.stat().st_mtime_ns,
+               tuple((rel, (folder / rel).stat().st_size, (folder / rel).stat().st_mtime_ns) for rel, _, _ in items))
+    except OSError:
+        key = None
+    if key in _VERIFIED:
+        return
     for rel, size, digest in items:
         f = folder / rel
         if not f.is_file():
@@ -135,7 +143,8 @@ def verify_checkpoint(folder: str | Path) -> None:
         if f.stat().st_size != size or file_sha256(f) != digest:
             raise CheckpointError(f"'{f}' is not the file written with this checkpoint (its sha256 differs from the "
                                   f"manifest's): it was changed or corrupted on disk; {_earlier(folder)}.")
-    _VERIFIED[key] = True
+    if key is not None:
+        _VERIFIED.add(key)
 
 
 # ---------------------------------------------------------------- reading
@@ -167,6 +176,19 @@ def read_training_state(path: str | Path) -> dict:
         raise CheckpointError(f"'{path / 'training_state.json'}' says step {state['step']}; the checkpoint is "
                               f"corrupt: pick another one.")
     return state
+
+
+def check_archives(checkpoint: Path, files) -> None:
+    """Every PyTorch file among `files` whole to its end: torch.save writes a zip archive whose directory is its last
+    bytes, so a file cut short (a copy interrupted, a crash while a checkpoint without a manifest was written) has
+    none. Reads each file's first and last bytes only; names the file, before a library's own reader fails somewhere
+    inside it (on one rank, in a collective) with a traceback. Files in torch's old, unzipped format are skipped."""
+    for f in sorted(files):
+        with open(f, "rb") as fh:
+            zipped = fh.read(4) == b"PK\x03\x04"
+        if zipped and not zipfile.is_zipfile(f):
+            raise CheckpointError(f"'{f}' is truncated (it ends before its archive's directory); the checkpoint is "
+                                  f"corrupt: {_earlier(checkpoint)}.")
 
 
 def torch_load(file: Path, map_location):
@@ -237,13 +259,62 @@ def check_resume(state: dict, cfg: Config, path: Path) -> list[str]:
     return changes
 
 
+def check_fits(sd: dict, like: nn.Module, file: Path) -> dict:
+    """`sd`, read from `file`, holds the weights of `like`: every parameter, each of its shape, nothing another model
+    has. Else one sentence naming the first entry that differs (with both shapes), instead of load_state_dict's
+    size-mismatch traceback. A file that does not fit the model its own checkpoint was trained as (training_state.json
+    says which, and a resume has checked that against the config) belongs to another checkpoint."""
+    want = like.state_dict()
+    params = {n for n, _ in like.named_parameters()}
+    fix = f"it belongs to another model, not to this checkpoint: put the checkpoint's own {file.name} back, or " \
+          f"{_earlier(file.parent)}"
+    for k, v in want.items():
+        if k not in sd:
+            if k in params:
+                raise CheckpointError(f"'{file}' has no {k} (this checkpoint's model has {len(want)} entries, the "
+                                      f"file {len(sd)}); {fix}.")
+            continue
+        have = tuple(getattr(sd[k], "shape", ()))
+        if have != tuple(v.shape):
+            raise CheckpointError(f"'{file}' holds {k} of shape {have}, but the model this checkpoint was trained as "
+                                  f"has {tuple(v.shape)}; {fix}.")
+    extra = [k for k in sd if k not in want]
+    if extra:
+        raise CheckpointError(f"'{file}' holds {extra[0]}, which the model this checkpoint was trained as does not "
+                              f"have ({len(extra)} such entries); {fix}.")
+    return sd
+
+
+def config_of(state: dict, path: Path) -> Config:
+    """The whole config a checkpoint was trained with (its training_state.json), as this version reads it."""
+    from .config import ConfigError, load_config
+    overrides = {f"{s}.{k}": v for s, body in state["config"].items() if isinstance(body, dict)
+                 for k, v in body.items()}
+    try:
+        return load_config(None, overrides)
+    except ConfigError as e:
+        raise CheckpointError(f"Checkpoint '{path}' holds a config this version cannot read ({e})") from None
+
+
+def load_ema(folder: str | Path, map_location="cpu", like: nn.Module | None = None) -> dict:
+    """A checkpoint's ema.pt for a resume: readable, finite, and the weights of the model the checkpoint was trained
+    as (`like`, or the DiT of its training_state.json built on the meta device: no memory, no time)."""
+    folder = Path(folder)
+    file = folder / "ema.pt"
+    sd = load_state_file(file, map_location)
+    if like is None:
+        with torch.device("meta"):
+            like = DiT(config_of(read_training_state(folder), folder).model)
+    return check_fits(sd, like, file)
+
+
 def load_model_weights(path: str | Path, model: nn.Module, file: str = "model.pt") -> None:
     path = Path(path)
     if not (path / file).is_file() and file == "model.pt" and (path / "ds").is_dir():
         raise CheckpointError(f"'{path}' is a DeepSpeed checkpoint without plain weights; convert it first: "
                               f"python -m dit_core.parallel.zero convert {path} {path}-plain")
     check_files(path, (file,))
-    sd = load_state_file(path / file)
+    sd = check_fits(load_state_file(path / file), model, path / file)
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
@@ -254,15 +325,8 @@ def load_model_weights(path: str | Path, model: nn.Module, file: str = "model.pt
 
 def model_from_checkpoint(path: str | Path, device="cpu", ema: bool = True) -> tuple[DiT, Config]:
     """Rebuild the DiT a checkpoint was trained with and load its (EMA) weights."""
-    from .config import ConfigError, load_config
-
     state = read_training_state(path)
-    overrides = {f"{s}.{k}": v for s, body in state["config"].items() if isinstance(body, dict)
-                 for k, v in body.items()}
-    try:
-        cfg = load_config(None, overrides)
-    except ConfigError as e:
-        raise CheckpointError(f"Checkpoint '{path}' holds a config this version cannot read ({e})") from None
+    cfg = config_of(state, Path(path))
     model = DiT(cfg.model)
     load_model_weights(path, model, "ema.pt" if ema else "model.pt")
     return model.to(device).eval(), cfg
@@ -270,18 +334,100 @@ def model_from_checkpoint(path: str | Path, device="cpu", ema: bool = True) -> t
 
 # ---------------------------------------------------------------- writing
 
+# What torch's C++ writer says when the operating system refused a write (torch.save into a path: the OSError
+# itself is lost; into a Python file, it is the RuntimeError's __context__).
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "inline_container.cc", "file write failed", "iostream error",
+                       "basic_ios::clear")
+
+
+def write_error(e: BaseException, folder: Path) -> OSError | None:
+    """The operating system's refusal behind a failed checkpoint write into `folder`, or None if `e` is not one (a
+    bug keeps its traceback). It hides in four places: an OSError (Python's own writes), the RuntimeError of torch's
+    C++ writer (torch.save into a path, as DeepSpeed saves), safetensors' error (Accelerate), and DCP's
+    CheckpointException (a BaseException gathering every rank's error). Where torch's writer lost the OSError, the
+    disk's free space tells a full disk (a failed write leaves it at about zero): call this before the half-written
+    files are removed."""
+    from .data import DataError
+    if isinstance(e, (CheckpointError, DataError, ValueError)):        # a bad input (ConfigError is a ValueError)
+        return None
+    todo, seen, torch_said = [e], set(), None
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError):
+            return x
+        if type(x) is RuntimeError and any(m in str(x) for m in _TORCH_WRITE_FAILED):
+            torch_said = torch_said or str(x).strip().splitlines()[0]
+        code = re.search(r"\(os error (\d+)\)", str(x)) if type(x).__name__ == "SafetensorError" else None
+        if code:                                                     # safetensors (Accelerate's model files)
+            return OSError(int(code[1]), os.strerror(int(code[1])), str(folder))
+        todo += [x.__cause__, None if x.__suppress_context__ else x.__context__]
+        failures = getattr(x, "failures", None)                      # DCP: {rank: (exception, traceback)}
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    if torch_said is None:
+        return None
+    where = Path(folder)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        st = os.statvfs(where)
+        full = st.f_bavail * st.f_frsize < 16 << 20
+    except (OSError, AttributeError):        # AttributeError: no statvfs (Windows)
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+    return OSError(errno.EIO, f"torch could not write a file: {torch_said}", str(folder))
+
+
+@contextmanager
+def written_whole(tmp: Path, sentence):
+    """Around the writes of a checkpoint into its temporary folder `tmp`: a write the operating system refused (a full
+    disk, a lost mount, a read-only folder), however the library reports it, removes `tmp` and becomes
+    `sentence(oserror)`, one CheckpointError; anything else (a bad input, a bug) passes unchanged."""
+    try:
+        yield
+    except BaseException as e:
+        why = write_error(e, tmp)
+        if why is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise sentence(why) from None
+
+
+def _why(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "because the disk is full"
+    if e.errno == errno.EDQUOT:
+        return "because the disk quota is used up"
+    at = f" at '{e.filename}'" if e.filename else ""
+    return f"({e.strerror or e.__class__.__name__}{at})"
+
+
+def _fix(e: OSError) -> str:
+    return "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that (the folder, its disk or mount)"
+
+
 def write_plain(src: Path, dst: Path, state: dict, sd: dict) -> Path:
     """A plain checkpoint folder converted from `src` (a sharded one): `sd` as model.pt, src's ema.pt, its training
     state marked as converted. Written into a hidden folder and renamed, like every checkpoint."""
     tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(sd, tmp / "model.pt")
-    shutil.copy(src / "ema.pt", tmp / "ema.pt")
-    (tmp / "training_state.json").write_text(json.dumps({**state, "engine": "torch", "converted_from": str(src)},
-                                                        indent=1))
-    write_manifest(tmp)
-    tmp.rename(dst)
+    check_archives(src, [src / "ema.pt"])          # copied unread: whole, or refused (a legacy folder has no manifest)
+
+    def failed(e: OSError) -> CheckpointError:
+        return CheckpointError(f"Writing '{dst}' failed {_why(e)}; its half-written files were removed and '{src}' is "
+                               f"unchanged: {_fix(e)}, then convert again.")
+    with written_whole(tmp, failed):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(sd, tmp / "model.pt")
+        shutil.copy(src / "ema.pt", tmp / "ema.pt")
+        (tmp / "training_state.json").write_text(json.dumps({**state, "engine": "torch", "converted_from": str(src)},
+                                                            indent=1))
+        write_manifest(tmp)
+        tmp.rename(dst)
     return dst
 
 
@@ -314,19 +460,22 @@ def checkpoint_steps(folder: Path) -> list[int]:
 
 
 def save_checkpoint(results_dir: str | Path, step: int, engine, ema, cfg: Config, samples_seen: int,
-                    par=None) -> Path | None:
+                    par=None, guard: dict | None = None) -> Path | None:
     """Write checkpoint-<step>/ into a hidden temporary folder, then rename: never half-written.
 
     Every rank calls this. Rank 0 writes the EMA and the training state; the engine's files come
     from rank 0 alone (full weights) or, under DeepSpeed and tensor parallelism, from every rank.
     The caller has checked the weights finite (`train` does at every read-back); the EMA is checked
     here. The final name never exists already: the run folder's rules (dit_core.rundir) remove or
-    refuse later checkpoints before a run starts, so a rename never has to replace one."""
+    refuse later checkpoints before a run starts, so a rename never has to replace one. `guard`: what the
+    divergence guard needs to judge a resumed run's first steps (its recent losses)."""
     from .engine import Parallel
     par = par or Parallel()
     final = Path(results_dir) / f"checkpoint-{step}"
     tmp = final.with_name(f".{final.name}.tmp")
-    try:
+    # A write that fails (a full disk: an OSError, torch's RuntimeError, or DCP's CheckpointException on every rank)
+    # removes the temporary folder on the rank that saw it and stops with one sentence; earlier checkpoints stay.
+    with written_whole(tmp, lambda e: write_failed(final, e)):
         if par.is_main:
             if final.exists():
                 raise CheckpointError(f"'{final}' already exists; another run writes into '{results_dir}': "
@@ -346,24 +495,23 @@ def save_checkpoint(results_dir: str | Path, step: int, engine, ema, cfg: Config
         torch.save(ema_sd, tmp / "ema.pt")
         (tmp / "training_state.json").write_text(json.dumps(
             {"step": step, "samples_seen": samples_seen, "engine": engine.name, **engine.state_info(),
-             "config": cfg.to_dict()}, indent=1))
+             "config": cfg.to_dict(), **({"guard": guard} if guard else {})}, indent=1))
         write_manifest(tmp)
         _fsync_tree(tmp)
         os.rename(tmp, final)
         return final
-    except OSError as e:
-        if par.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failed(final, e) from None
 
 
 def write_failed(final: Path, e: OSError) -> CheckpointError:
     """The sentence for a checkpoint whose write failed (its temporary folder already removed)."""
     latest = checkpoint_steps(final.parent)
-    keep = f"checkpoint-{latest[-1]} is the latest complete one" if latest else "no checkpoint was kept"
-    why = "the disk is full" if e.errno == errno.ENOSPC else f"{e.strerror or e.__class__.__name__}"
-    return CheckpointError(f"Writing '{final}' failed ({why}); nothing half-written was left and {keep}: "
-                           f"free space or fix the folder, then resume.")
+    if latest:
+        last = final.parent / f"checkpoint-{latest[-1]}"
+        keep, then = f"checkpoint-{latest[-1]} is the latest complete one", f"resume with --resume {last}"
+    else:
+        keep, then = "this run has no complete checkpoint yet", "start the run again"
+    return CheckpointError(f"Writing '{final}' failed {_why(e)}; its half-written files were removed and {keep}: "
+                           f"{_fix(e)}, then {then}.")
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -278,9 +278,9 @@ class TorchEngine(Accumulating):
             self.scaler.load_state_dict(opt_state["scaler"])
         apply_schedule(self.optimizer, self.scheduler, self.cfg, read_training_state(folder)["step"])
 
-    def nonfinite(self) -> torch.Tensor:
-        """How many of this rank's weights are not finite (0-dim tensor; read with the step's loss)."""
-        return nonfinite_count(self.params)
+    def weight_stats(self) -> torch.Tensor:
+        """This rank's weights: [how many are not finite, their sum of squares] (read with the step's loss)."""
+        return weight_stats(self.params)
 
 
 class RankFilesEngine(TorchEngine):
@@ -332,11 +332,16 @@ def clip_by_norm_(grads, norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def nonfinite_count(params) -> torch.Tensor:
+def weight_stats(params) -> torch.Tensor:
+    """[non-finite entries, sum of squares] of `params` (this rank's pieces): summed over ranks, the first stops a
+    NaN run and the second gives the weights' norm, which the divergence guard compares with its value at
+    initialisation. A parameter replicated on k ranks counts k times both then and now, so the ratio holds."""
     params = [p.detach() for p in params if p.numel()]
     if not params:
-        return torch.zeros(())
-    return torch.stack([(~torch.isfinite(p)).sum() for p in params]).sum().float()
+        return torch.zeros(2)
+    bad = torch.stack([(~torch.isfinite(p)).sum() for p in params]).sum().float()
+    sq = torch.stack([torch.linalg.vector_norm(p.float()) for p in params]).square().sum()
+    return torch.stack([bad, sq])
 
 
 def writer_of(state: dict) -> str:

@@ -38,6 +38,7 @@ class RunFolder:
         self.log = Path(run.log_jsonl) if run.log_jsonl else self.dir / "log.jsonl"
         self.resume = Path(run.resume) if run.resume else None
         self.overwrite = run.overwrite
+        self.dump_grads = run.dump_grads
         self.key = None
 
     # ------------------------------------------------------------ the lock
@@ -55,6 +56,8 @@ class RunFolder:
         if self.log.is_dir():
             raise ConfigError(f"--log-jsonl '{self.log}' is a folder; give a file path (default: "
                               f"<results-dir>/log.jsonl).")
+        if self.dump_grads:
+            check_output(self.dump_grads, "--dump-grads", "grads.pt")     # written at a step: known good before
         self.key = str(self.dir.resolve())
         if self.key in _HELD:
             _HELD[self.key][1] += 1
@@ -131,6 +134,44 @@ class RunFolder:
         if self.resume is None or not inside:
             shutil.rmtree(self.dir / "tb", ignore_errors=True)
         truncate_log(self.log, start)
+
+
+def check_output(path, flag: str, example: str | None = None) -> None:
+    """A file the run writes later (a report, a timeline, a gradient dump): refused now, before any training step,
+    if it cannot be written: a folder, or a place whose folder cannot be made or written to. Makes the missing
+    folders (the writer would) and tests the folder with a file of its own, removed at once: as root, permission
+    bits allow everything, but a read-only or lost mount does not."""
+    import tempfile
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} '{path}' is a folder; give a file path, e.g. "
+                          f"{path / (example or flag.lstrip('-') + '.json')}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            with open(path, "ab"):
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+                pass
+    except OSError as e:
+        why = e.strerror or e.__class__.__name__
+        raise ConfigError(f"{flag} '{path}' cannot be written ({why}{f': {e.filename!r}' if e.filename else ''}); "
+                          f"give a path in a folder you can write to.") from None
+
+
+def check_outputs(par, outputs: dict) -> None:
+    """Rank 0 checks every {flag: path} the run writes at its end (check_output; None: not asked for), and every rank
+    stops with its sentence, before the run's work starts."""
+    error = None
+    if par.is_main:
+        try:
+            for flag, path in outputs.items():
+                if path:
+                    check_output(path, flag)
+        except ConfigError as e:
+            error = e
+    par.agree(error)
 
 
 def _take(path: Path, refused, stamp: bool = True):

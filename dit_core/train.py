@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,51 +35,185 @@ from .rundir import RunFolder
 
 
 class DivergenceError(RuntimeError):
-    """The loss or the weights stopped being finite: the run stops and saves nothing after it."""
+    """The run diverged (a non-finite loss, gradient or weight, a loss far above its running level, or weights far
+    from where they began): the run stops and saves nothing after it."""
 
 
 class DivergenceGuard:
-    """Stops a run whose loss, gradients or weights are no longer finite, before anything is saved from it.
+    """Stops a diverging run before anything is saved from it, and says which checkpoint is still safe.
 
-    fp32 and bf16: the first non-finite loss or gradient norm stops the run (the step it produced would
-    put NaN into the weights). fp16: the loss scaler skips a step whose gradients overflow and halves its
-    scale, so a few skipped steps are the scaler working; `train.max_nonfinite_steps` skipped steps in a
-    row mean no scale helps any more, and stop it. Any non-finite weight stops every precision."""
+    Non-finite: fp32 and bf16 stop at the first non-finite loss or gradient norm (the step it produced would put
+    NaN into the weights). fp16: the loss scaler skips a step whose gradients overflow and halves its scale, so a
+    few skipped steps are the scaler working; `train.max_nonfinite_steps` skipped steps in a row mean no scale
+    helps any more. Any non-finite weight stops every precision.
 
-    def __init__(self, cfg: Config, results_dir: Path):
+    Finite but diverged, as users meet it: a loss above `train.diverge_loss` times its running level (the median
+    of the last WINDOW finite losses, checked once SETTLE are known, so the first steps' fall is not judged), or
+    weights whose norm is above `train.diverge_weights` times their norm at initialisation.
+
+    Where it began: walking back from the step that stopped the run while the loss stays above CLIMB x the level
+    gives the first step of the climb, s. The loss at step s was computed with checkpoint-s's weights, so the
+    checkpoints from s on are unsafe: they are renamed diverged-checkpoint-N (kept for a look, never resumed by
+    --resume auto) and the message names the last one before s. The last WINDOW losses travel in each checkpoint
+    (training_state.json), so a resumed run judges its first steps against the level before it."""
+
+    WINDOW, SETTLE, CLIMB = 50, 20, 2.0
+
+    def __init__(self, cfg: Config, results_dir: Path, start: int = 0, history=(), resumed: str = "",
+                 changes=(), is_main: bool = True):
         self.t, self.results = cfg.train, Path(results_dir)
         self.allowed = self.t.max_nonfinite_steps if self.t.precision == "fp16" else 1
         self.run_of: list[int] = []
+        self.losses: list[tuple[int, float]] = [(int(s), float(v)) for s, v in history][-self.WINDOW:]
+        self.start, self.resumed, self.is_main = start, resumed, is_main
+        self.lr_changed = any(c.startswith(("train.lr ", "train.warmup_steps ")) for c in changes)
+        self.norm0 = None                # the weights' norm at initialisation (all ranks' pieces)
 
-    def _stop(self, what: str, step: int, lr: float) -> DivergenceError:
+    # ---------------------------------------------------------------- what a checkpoint carries
+    def state(self) -> dict:
+        return {"recent_losses": [[s, v] for s, v in self.losses[-self.WINDOW:]]}
+
+    @staticmethod
+    def history(training_state: dict) -> list:
+        got = (training_state.get("guard") or {}).get("recent_losses") or []
+        return [(s, v) for s, v in got if isinstance(s, int) and isinstance(v, (int, float))]
+
+    # ---------------------------------------------------------------- the weights
+    def baseline(self, stats) -> None:
+        """`stats`: weight_stats of the freshly initialised model, summed over ranks."""
+        sq = float(stats[1])
+        self.norm0 = math.sqrt(sq) if sq > 0 else None
+
+    def ratio(self, stats) -> float | None:
+        if self.norm0 is None:
+            return None
+        return math.sqrt(max(float(stats[1]), 0.0)) / self.norm0 if math.isfinite(float(stats[1])) else math.inf
+
+    def check_loaded(self, stats, path: str) -> None:
+        """A checkpoint whose weights are non-finite, or far from any healthy run's, is refused before training."""
+        folder = Path(path)
+        earlier = [n for n in checkpoint_steps(folder.parent) if n < read_training_state(folder)["step"]]
+
+        def _earlier(_):
+            return (f"resume from the checkpoint before it, '{folder.parent / f'checkpoint-{earlier[-1]}'}'" if earlier
+                    else f"no earlier checkpoint is in '{folder.parent}': start the run again, with a lower train.lr")
+        if float(stats[0]) > 0:
+            raise CheckpointError(f"Checkpoint '{path}' holds {int(float(stats[0]))} non-finite weights: the run "
+                                  f"that wrote it had diverged (or the file was damaged); {_earlier(Path(path))}.")
+        r, k = self.ratio(stats), self.t.diverge_weights
+        if k and r is not None and r > k:
+            raise CheckpointError(f"Checkpoint '{path}' holds weights whose norm is {r:.3g} x a freshly initialised "
+                                  f"model's (train.diverge_weights={k:g}; healthy runs stay within a few times): the "
+                                  f"run that wrote it had diverged; {_earlier(Path(path))}.")
+
+    def weights(self, stats, step: int, lr: float) -> None:
+        bad = float(stats[0])
+        if bad > 0:
+            raise self._stop(f"{int(bad)} weights became non-finite by step {step}", step + 1, lr, finite=False)
+        r, k = self.ratio(stats), self.t.diverge_weights
+        if k and r is not None and r > k:
+            raise self._stop(f"the weights' norm grew to {r:.3g} x its value at initialisation by step {step} "
+                             f"(train.diverge_weights={k:g})", step + 1, lr)
+
+    # ---------------------------------------------------------------- the loss
+    def step(self, step: int, loss: float, grad_norm: float, lr: float) -> None:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.run_of.append(step)
+            if len(self.run_of) >= self.allowed:
+                what = (f"the {'loss' if not math.isfinite(loss) else 'gradient norm'} became "
+                        f"{loss if not math.isfinite(loss) else grad_norm} at step {step}" if self.allowed == 1 else
+                        f"the fp16 loss scaler skipped {len(self.run_of)} steps in a row (non-finite loss or "
+                        f"gradients at steps {self.run_of[0]}-{step}; train.max_nonfinite_steps={self.allowed})")
+                raise self._stop(what, self.run_of[0], lr, finite=False)
+            return
+        self.run_of.clear()
+        k = self.t.diverge_loss
+        if k and len(self.losses) >= self.SETTLE:
+            level = self._level()
+            if level > 0 and loss > k * level:
+                raise self._stop(f"the loss was {loss:.3g} at step {step}, {loss / level:.3g} x its running level "
+                                 f"{level:.3g} (the median of the last {min(len(self.losses), self.WINDOW)} steps; "
+                                 f"train.diverge_loss={k:g})", step, lr)
+        self.losses.append((step, loss))
+        del self.losses[:-4 * self.WINDOW]      # enough to walk back a climb; a checkpoint keeps WINDOW
+
+    def _level(self, upto: int | None = None) -> float:
+        """The running level: the median of the last WINDOW finite losses (before index `upto`)."""
+        past = self.losses[:upto] if upto is not None else self.losses
+        return statistics.median(v for _, v in past[-self.WINDOW:])
+
+    def _onset(self, first_bad: int) -> int:
+        """The first step of the climb that ends at `first_bad`: walking back, each loss above CLIMB x the level
+        of the steps before it belongs to the climb. Without SETTLE steps before it, a step is not judged."""
+        onset = first_bad
+        for i in range(len(self.losses) - 1, self.SETTLE - 1, -1):
+            s, v = self.losses[i]
+            if s >= first_bad:
+                continue
+            if v > self.CLIMB * self._level(i):
+                onset = s
+            else:
+                break
+        return onset
+
+    # ---------------------------------------------------------------- the sentence
+    def _stop(self, what: str, first_bad: int, lr: float, finite: bool = True) -> DivergenceError:
+        """`first_bad`: the lowest checkpoint index whose weights are known bad (a loss at step s used
+        checkpoint-s's weights; weights wrong after step s are checkpoint-(s+1)'s)."""
         t = self.t
-        kept = checkpoint_steps(self.results)
-        after = (f"resume from {self.results / f'checkpoint-{kept[-1]}'}" if kept else "start again")
+        onset = self._onset(first_bad)
+        unsafe = [n for n in _steps(self.results, "checkpoint-", "diverged-checkpoint-") if n >= onset]
+        if self.is_main:
+            _set_aside(self.results, unsafe)
+        kept = [n for n in checkpoint_steps(self.results) if n < onset]
+        began = f"the loss began to climb at step {onset}" if onset < first_bad else f"step {first_bad}"
+        if kept:
+            after = f"resume from {self.results / f'checkpoint-{kept[-1]}'}, the last written before {began}"
+        else:
+            after = f"start again: no checkpoint was written before {began}"
+        if unsafe:
+            after += (f" (checkpoint-{', checkpoint-'.join(map(str, unsafe))}, written after it, "
+                      f"{'is' if len(unsafe) == 1 else 'are'} renamed diverged-checkpoint-N and never resumed)")
+        if not finite and self.resumed and first_bad <= self.start + 1 and not self.lr_changed:
+            # the same rate trained this run healthily up to the checkpoint: the checkpoint is the suspect
+            from .checkpoint import _earlier
+            return DivergenceError(f"{what}, the first step after resuming from '{self.resumed}' at the rate that "
+                                   f"run trained with, so that checkpoint (its weights or optimizer state) is the "
+                                   f"likely cause, not the learning rate; {_earlier(Path(self.resumed))}.")
         fix = (f"lower train.lr (the rate at that step was {lr:.3g}, train.lr={t.lr:g})" if t.grad_clip > 0 else
                f"turn on clipping (train.grad_clip=0 now, e.g. --set train.grad_clip=1.0) or lower train.lr "
                f"(the rate at that step was {lr:.3g})")
         return DivergenceError(f"{what}, in {t.precision} with train.grad_clip={t.grad_clip:g}; the run stopped and "
                                f"saved nothing from it: {fix}, then {after}.")
 
-    def step(self, step: int, loss: float, grad_norm: float, lr: float) -> None:
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.run_of.clear()
-            return
-        self.run_of.append(step)
-        if len(self.run_of) >= self.allowed:
-            what = (f"the {'loss' if not math.isfinite(loss) else 'gradient norm'} became "
-                    f"{loss if not math.isfinite(loss) else grad_norm} at step {step}" if self.allowed == 1 else
-                    f"the fp16 loss scaler skipped {len(self.run_of)} steps in a row (non-finite loss or gradients "
-                    f"at steps {self.run_of[0]}-{step}; train.max_nonfinite_steps={self.allowed})")
-            raise self._stop(what, step, lr)
 
-    def weights(self, bad: float, step: int, lr: float) -> None:
-        if bad > 0:
-            raise self._stop(f"{int(bad)} weights became non-finite by step {step}", step, lr)
+def _steps(results: Path, *prefixes: str) -> list[int]:
+    """The steps of the folders in `results` named <prefix><step>."""
+    if not results.is_dir():
+        return []
+    return sorted({int(p.name[len(pre):]) for p in results.iterdir() for pre in prefixes
+                   if p.is_dir() and p.name.startswith(pre) and p.name[len(pre):].isdigit()})
+
+
+def _set_aside(results: Path, steps: list[int]) -> None:
+    """Rename checkpoint-N to diverged-checkpoint-N (rank 0, holding the folder's lock): kept for a look, never
+    picked by --resume auto nor mistaken for a healthy state."""
+    for n in steps:
+        try:
+            (results / f"checkpoint-{n}").rename(results / f"diverged-checkpoint-{n}")
+        except OSError:
+            pass                        # gone already, or a read-only folder: the sentence still names them
 
 
 def check_data_fits(cfg: Config, data: MNIST) -> None:
-    """The model's data-facing settings must describe the images it will be given."""
+    """The model's data-facing settings must describe the images it will be given, and the images be numbers: a NaN
+    in the data would show as a NaN loss and be blamed on the learning rate."""
+    from .data import DataError
+    if data.images.is_floating_point():
+        bad = ~torch.isfinite(data.images.reshape(len(data), -1)).all(dim=1)
+        if bool(bad.any()):
+            raise DataError(f"{int(bad.sum())} of the {len(data)} training images hold non-finite values (the first "
+                            f"is image {int(bad.nonzero()[0])}): the data are damaged, not the run; rebuild them.")
     m = cfg.model
     for key, want, have in (("in_channels", data.channels, m.in_channels), ("image_size", data.images.shape[-1],
                             m.image_size), ("num_classes", data.num_classes, m.num_classes)):
@@ -233,7 +368,7 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
     check_moe(cfg, par)
     fast = fast_enabled(t.fast, device, alone, t.precision) and not cfg.model.num_experts
 
-    start, samples_seen, changes = 0, 0, []
+    start, samples_seen, changes, state = 0, 0, [], {}
     if run.resume:
         state = read_training_state(run.resume)
         changes = check_resume(state, cfg, Path(run.resume))
@@ -247,8 +382,10 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
     folder = RunFolder(cfg)
     par.agree(_first_error(folder.lock) if par.is_main else None)   # rank 0 owns the folder from here
     try:
+        guard = DivergenceGuard(cfg, Path(run.results_dir), start, DivergenceGuard.history(state), run.resume,
+                                changes, par.is_main)
         return _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, folder, quiet, stop_at,
-                      model_fn)
+                      model_fn, guard)
     finally:
         folder.release()
 
@@ -262,7 +399,8 @@ def _first_error(fn, *args) -> Exception | None:
     return None
 
 
-def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, folder, quiet, stop_at, model_fn):
+def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, folder, quiet, stop_at, model_fn,
+           guard):
     t, run = cfg.train, cfg.run
     accum, W = t.grad_accum, par.data_world_size
     torch.manual_seed(t.seed)  # same initial weights on every rank and every run
@@ -275,13 +413,14 @@ def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, fo
     if run.dump_grads:
         engine.grad_probe = GradDump(engine, cfg, par, fast, start)
     ema = engine.make_ema()
+    weights = lambda: par.all_reduce_sum(engine.weight_stats().to(device)).tolist()   # noqa: E731
+    guard.baseline(weights())                # the freshly initialised weights' norm: what divergence is judged by
     if run.resume:
         engine.load(Path(run.resume), device)
-        ema.load_state_dict(_load_ema(Path(run.resume), device))
-        # whatever the engine's files (DeepSpeed's partitions, one optimizer file per stage): finite, or refused
-        if float(par.all_reduce_sum(engine.nonfinite().to(device))) > 0:
-            raise CheckpointError(f"Checkpoint '{run.resume}' holds non-finite weights: that run had diverged; "
-                                  f"resume from an earlier checkpoint.")
+        ema.load_state_dict(_load_ema(Path(run.resume), device, model if model_fn else None))
+        # whatever the engine's files (DeepSpeed's partitions, one optimizer file per stage): finite and near a
+        # healthy run's norm, or refused
+        guard.check_loaded(weights(), run.resume)
     # Everything checked: only now may the folder's old contents change (truncate, discard).
     par.agree(_first_error(folder.prepare, start) if par.is_main else None)
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
@@ -300,7 +439,6 @@ def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, fo
     read_every = t.log_every if fast else 1
 
     results = Path(run.results_dir)
-    guard = DivergenceGuard(cfg, results)
     logger = tb = bar = None
     if par.is_main:
         if changes:
@@ -333,14 +471,14 @@ def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, fo
             r["loss"] = values[i]
             if norms_on_device:
                 r["grad_norm"] = values[n + i]
-        bad = float(par.all_reduce_sum(engine.nonfinite().to(device)))
+        stats = weights()
         if par.is_main:
             for r in pending:
                 logger.write(r)      # the log keeps the step that diverged: the evidence
         for r in pending:
             guard.step(r["step"], r["loss"], r["grad_norm"], r["lr"])
             out.losses.append(r["loss"])
-        guard.weights(bad, pending[-1]["step"], pending[-1]["lr"])
+        guard.weights(stats, pending[-1]["step"], pending[-1]["lr"])
         if par.is_main:
             for r in pending:
                 if tb is not None and (r["step"] % t.log_every == 0 or r["step"] == t.max_steps - 1):
@@ -375,13 +513,13 @@ def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, fo
                 read_back()
             if t.ckpt_every and done % t.ckpt_every == 0 and done != end:
                 read_back()                  # the weights about to be saved were just checked finite
-                save_checkpoint(results, done, engine, ema, cfg, samples_seen, par)
+                save_checkpoint(results, done, engine, ema, cfg, samples_seen, par, guard.state())
         out.seconds = time.perf_counter() - t0
         out.steps = end
         if not run.save_final:
             out.last_checkpoint = None       # a measurement: its log (and report) is what it leaves
         elif end > start or not run.resume:
-            out.last_checkpoint = save_checkpoint(results, end, engine, ema, cfg, samples_seen, par)
+            out.last_checkpoint = save_checkpoint(results, end, engine, ema, cfg, samples_seen, par, guard.state())
         elif par.is_main:
             out.last_checkpoint = Path(run.resume)      # nothing trained: the resumed checkpoint is the last
     finally:
@@ -394,6 +532,7 @@ def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, fo
     return out
 
 
-def _load_ema(folder: Path, device) -> dict:
-    from .checkpoint import check_finite
-    return check_finite(torch_load(folder / "ema.pt", device), folder / "ema.pt")
+def _load_ema(folder: Path, device, like: nn.Module | None = None) -> dict:
+    """ema.pt, checked against the model the checkpoint was trained as (a variant's own module when `like` is given)."""
+    from .checkpoint import load_ema
+    return load_ema(folder, device, like)

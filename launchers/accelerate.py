@@ -32,11 +32,11 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from dit_core.batch import GlobalBatchStream, stack_samples  # noqa: E402
 from dit_core.checkpoint import (CheckpointError, check_finite, check_resume, foreign,  # noqa: E402
-                                 read_training_state, write_failed, write_manifest)
+                                 read_training_state, write_failed, write_manifest, written_whole)
 from dit_core.config import ConfigError, config_from_args, launcher_parser  # noqa: E402
 from dit_core.data import load_mnist  # noqa: E402
 from dit_core.diffusion import Diffusion  # noqa: E402
-from dit_core.engine import EMA, apply_schedule, build_optimizer, nonfinite_count  # noqa: E402
+from dit_core.engine import EMA, apply_schedule, build_optimizer, weight_stats  # noqa: E402
 from dit_core.errors import run_main  # noqa: E402
 from dit_core.model import DiT  # noqa: E402
 from dit_core.parallel.dist import TIMEOUT, DistParallel, check_batch_split, exit_process, watch_launcher  # noqa: E402
@@ -102,11 +102,12 @@ def check_deepspeed_config(accelerator: Accelerator, cfg) -> None:
                               f"({value}); set it to {value} or auto in the YAML.")
 
 
-def save(accelerator, folder: Path, model, ema: EMA, progress: Progress, cfg) -> None:
+def save(accelerator, folder: Path, model, ema: EMA, progress: Progress, cfg, guard: dict) -> None:
     """checkpoint-<step>/: Accelerate's state (exact resume) plus the project's plain files, written
     into a temporary folder and renamed when every process is done; weights checked finite first."""
     tmp = folder.with_name(f".{folder.name}.tmp")
-    try:
+    # a refused write (a full disk: OSError, or torch's or safetensors' own error) removes tmp: one sentence
+    with written_whole(tmp, lambda e: write_failed(folder, e)):
         if accelerator.is_main_process:
             if folder.exists():
                 raise CheckpointError(f"'{folder}' already exists; another run writes into '{folder.parent}': "
@@ -119,15 +120,12 @@ def save(accelerator, folder: Path, model, ema: EMA, progress: Progress, cfg) ->
             torch.save(check_finite(weights, tmp / "model.pt"), tmp / "model.pt")
             torch.save(check_finite(ema.state_dict(), tmp / "ema.pt"), tmp / "ema.pt")
             (tmp / "training_state.json").write_text(json.dumps(
-                {**progress.state_dict(), "engine": "accelerate", "config": cfg.to_dict()}, indent=1))
+                {**progress.state_dict(), "engine": "accelerate", "config": cfg.to_dict(), "guard": guard},
+                indent=1))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_manifest(tmp)                                        # every file's sha256, checked on reading
             os.rename(tmp, folder)
-    except OSError as e:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failed(folder, e) from None
 
 
 class Ranks(DistParallel):
@@ -155,7 +153,7 @@ def main(argv=None):
     if cfg.run.dump_grads:
         raise ConfigError("--dump-grads is written by dit_core's training loop, and launchers/accelerate.py runs "
                           "Accelerate's own loop; dump from launchers/ddp.py or launchers/zero.py, the same backends.")
-    start, changes = 0, []
+    start, changes, state = 0, [], {}
     if cfg.run.resume:
         state = read_training_state(cfg.run.resume)
         if state.get("engine") != "accelerate" or not (Path(cfg.run.resume) / "accelerate").is_dir():
@@ -190,16 +188,20 @@ def main(argv=None):
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     ema, progress = EMA(accelerator.unwrap_model(model)), Progress()
     accelerator.register_for_checkpointing(ema, progress)
+    results = Path(cfg.run.results_dir)
+    guard = DivergenceGuard(cfg, results, start, DivergenceGuard.history(state), cfg.run.resume, changes,
+                            accelerator.is_main_process)
+    weights = lambda: ranks.all_reduce_sum(weight_stats(model.parameters())).tolist()   # noqa: E731
+    guard.baseline(weights())                        # the freshly initialised weights' norm
 
     if cfg.run.resume:
         accelerator.load_state(str(Path(cfg.run.resume) / "accelerate"))
         check_finite(accelerator.unwrap_model(model).state_dict(), Path(cfg.run.resume) / "accelerate")
         check_finite(ema.state_dict(), Path(cfg.run.resume) / "accelerate")
+        guard.check_loaded(weights(), cfg.run.resume)
         apply_schedule(optimizer.optimizer, scheduler.scheduler, cfg, progress.step)
         loader = accelerator.skip_first_batches(loader, progress.step * t.grad_accum)
     ranks.agree(_first_error(folder.prepare, start) if ranks.is_main else None)
-    results = Path(cfg.run.results_dir)
-    guard = DivergenceGuard(cfg, results)
     logger = None
     if accelerator.is_main_process:
         if changes:
@@ -237,13 +239,13 @@ def main(argv=None):
             if progress.step % t.log_every == 0:
                 accelerator.print(f"step {progress.step}: loss {mean_loss:.4f}")
         guard.step(progress.step, mean_loss, float(grad_norm), lr)
-        guard.weights(float(ranks.all_reduce_sum(nonfinite_count(model.parameters()))), progress.step, lr)
+        guard.weights(weights(), progress.step, lr)
         progress.step += 1
         if t.ckpt_every and progress.step % t.ckpt_every == 0 and progress.step != t.max_steps:
-            save(accelerator, results / f"checkpoint-{progress.step}", model, ema, progress, cfg)
+            save(accelerator, results / f"checkpoint-{progress.step}", model, ema, progress, cfg, guard.state())
     seconds = time.perf_counter() - t0
     if progress.step > start or not cfg.run.resume:
-        save(accelerator, results / f"checkpoint-{progress.step}", model, ema, progress, cfg)
+        save(accelerator, results / f"checkpoint-{progress.step}", model, ema, progress, cfg, guard.state())
     if logger is not None:
         logger.close()
     folder.release()

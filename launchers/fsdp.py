@@ -12,6 +12,7 @@ from dit_core.config import config_from_args, launcher_parser  # noqa: E402
 from dit_core.errors import run_main  # noqa: E402
 from dit_core.parallel.dist import finish, init_from_env  # noqa: E402
 from dit_core.parallel.fsdp_train import IMPLS, FSDPReport, FSDPStrategy  # noqa: E402
+from dit_core.rundir import check_outputs  # noqa: E402
 from dit_core.train import train  # noqa: E402
 
 
@@ -30,6 +31,7 @@ def main(argv=None):
     env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
     strategy = FSDPStrategy(env, args.impl, prefetch=not args.no_prefetch, unit=args.unit,
                             broken=args.broken)
+    check_outputs(strategy, {"--report": args.report})          # before the work, not after it
     hooks = FSDPReport(args.report, cfg, strategy) if args.report else None
     result = train(cfg, parallel=strategy, quiet=not env.is_main, hooks=hooks)
     if env.is_main:

@@ -15,6 +15,7 @@ from dit_core.errors import run_main  # noqa: E402
 from dit_core.parallel.dist import finish, init_from_env  # noqa: E402
 from dit_core.parallel.pipeline import (SCHEDULES, PipelineStrategy, TorchPipelineEngine, check_pipeline,  # noqa: E402
                                       describe_split)
+from dit_core.rundir import check_outputs  # noqa: E402
 from dit_core.train import train  # noqa: E402
 
 
@@ -40,6 +41,7 @@ def main(argv=None):
     check_pipeline(cfg, args.pp_degree, env.world_size, args.microbatches, args.schedule, dp, args.virtual_stages)
     strategy = PipelineStrategy(env, args.pp_degree, args.microbatches, args.schedule, args.broken,
                                 timeline=bool(args.timeline), chunks=args.virtual_stages)
+    check_outputs(strategy, {"--timeline": args.timeline})      # before the work, not after it
     if args.impl == "torch":
         strategy.make_engine = lambda model, c, device: TorchPipelineEngine(model, strategy, c, device)
     if env.is_main:

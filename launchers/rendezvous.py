@@ -4,8 +4,10 @@ and rank 0 lists what the rendezvous store holds.
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT launchers/rendezvous.py
     torchrun --nnodes 2 --nproc-per-node 8 --node-rank R --master-addr HOST --master-port PORT launchers/rendezvous.py
     ... launchers/rendezvous.py --out rdzv.json        # the same, written as JSON (chapter 16 reads it)
+
+`python -m dit_core.multinode` in place of torchrun (the same flags) waits at most --timeout for the other machines
+and ends a launch that cannot start with one sentence.
 """
-import argparse
 import json
 import os
 import socket
@@ -17,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from dit_core.config import parser  # noqa: E402
 from dit_core.errors import run_main  # noqa: E402
+from dit_core.multinode import CHECK_TIMEOUT, seconds  # noqa: E402
 from dit_core.parallel.dist import finish, init_from_env  # noqa: E402
 
 ENV = ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -25,9 +29,10 @@ ENV = ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MA
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds a collective waits (default 60)")
+    p.add_argument("--timeout", type=seconds, default=CHECK_TIMEOUT,
+                   help=f"seconds the launch and each collective may wait (default {CHECK_TIMEOUT:g})")
     p.add_argument("--out", help="write every rank's report and the store's keys here (JSON)")
     args = p.parse_args(argv)
     env = init_from_env(args.device, timeout=args.timeout)

@@ -13,6 +13,7 @@ from dit_core.config import config_from_args, launcher_parser  # noqa: E402
 from dit_core.errors import run_main  # noqa: E402
 from dit_core.parallel.dist import finish, init_from_env  # noqa: E402
 from dit_core.parallel.zero import ZeroStrategy, check_stage  # noqa: E402
+from dit_core.rundir import check_outputs  # noqa: E402
 from dit_core.train import train  # noqa: E402
 
 
@@ -35,6 +36,7 @@ def main(argv=None):
     env = init_from_env(cfg.run.device, launcher="deepspeed --num_gpus N", timeout=cfg.run.dist_timeout)
     strategy = ZeroStrategy(env, args.stage, args.ds_config, args.persistence_threshold, args.bucket_elements,
                             args.broken)
+    check_outputs(strategy, {"--report": args.report})          # before the work, not after it
     hooks = None
     if args.report:
         from dit_core.parallel.zero_report import StepReport

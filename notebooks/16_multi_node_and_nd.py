@@ -24,7 +24,8 @@
 # strategy that composes the project's own tensor-parallel, context-parallel and pipeline pieces, and the checks)
 # and `dit_core/parallel/plan.py` (which axes to use first):
 #
-#     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT launchers/rendezvous.py
+#     python -m dit_core.multinode --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT \
+#         launchers/rendezvous.py
 #     torchrun --nproc_per_node 8 launchers/nd.py --dp 2 --pp 2 --tp 2 --device cpu
 #     torchrun --nproc_per_node 8 launchers/nd.py --pp 2 --cp 2 --tp 2 --device cpu
 #
@@ -144,25 +145,30 @@ ax.set_xlim(0, 10); ax.set_ylim(0, 3.3); ax.axis("off"); plt.tight_layout()
 # assigned (`torchelastic/...`). Under c10d the workers get a fresh store of their own (another port). In both cases
 # each rank's address is one key of about 186 bytes. That is all the store carries; gradients never go through it.
 #
-# **A machine that never comes.** The rendezvous waits, but not forever. Start only machine 0 of 2, with
-# `join_timeout` lowered from its default of 600 s to 5 s:
+# **A machine that never comes.** The rendezvous waits, but not forever. The commands below start torch's own agent
+# through `python -m dit_core.multinode` (torchrun's flags, torchrun's code), which bounds every rendezvous wait by
+# the script's `run.dist_timeout` and turns a failed launch into one sentence. Start only machine 0 of 2, with the
+# wait lowered from 300 s to 5 s:
 
 # %%
 (rc, seconds, err), = run_nodes("torchrun-c10d", "launchers/ddp.py", SMALL + ["--results-dir", "/tmp/ch16/alone"],
                                 start=[0], join_timeout=5, timeout=120)
-print(f"machine 0 alone: exit code {rc} after {seconds:.1f} s;",
-      [line for line in err.splitlines() if "RendezvousTimeoutError" in line][-1].strip()[:160])
+last = err.strip().splitlines()[-1]
+print(f"machine 0 alone: exit code {rc} after {seconds:.1f} s;\n{last}")
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print("a 2-machine job with one machine missing ends with RendezvousTimeoutError, within 60 s, having written "
-      "nothing:", rc != 0 and seconds < 60 and "RendezvousTimeoutError" in err and not os.path.exists("/tmp/ch16/alone"))
+print("a 2-machine job with one machine missing ends with one sentence naming RendezvousTimeoutError, within 60 s, "
+      "having written nothing:", rc != 0 and seconds < 60 and last.startswith("error: ") and "RendezvousTimeoutError"
+      in last and "Traceback" not in err and not os.path.exists("/tmp/ch16/alone"))
 
 # %% [markdown]
-# The timeouts, and how to change them: `--rdzv-conf join_timeout=S` (c10d: agents waiting for each other),
-# `--rdzv-conf timeout=S` (static: machines dialling machine 0), and after the start `run.dist_timeout` (300 s by
-# default: every collective, `docs/faults.md`). A wrong address stops a static launch after its timeout, with the
-# address it tried in the message.
+# The timeouts, and how to change them: through the entry every wait is the script's `run.dist_timeout` (300 s by
+# default: the rendezvous, and after the start every collective, `docs/faults.md`); an explicit `--rdzv-conf
+# join_timeout=S` (c10d: agents waiting for each other) or `--rdzv-conf timeout=S` (static: machines dialling machine
+# 0) wins. Raw `torchrun` works the same with torch's defaults (600 s) and a traceback instead of the sentence. A
+# wrong address stops a static launch after its timeout, with the address it tried in the sentence
+# (`docs/multinode.md` lists every case, measured).
 #
 # ## 2. Two machines train the single-process curve
 #
@@ -635,7 +641,7 @@ axes[2].legend(fontsize=6, ncol=2); plt.tight_layout()
 #
 # 多机多卡：每台机器运行同一条命令，只是节点编号（node rank）不同；各进程在会合（rendezvous）处相遇，会合点是第一台机器上的一个键值存储，每个 rank 在其中写下自己的地址并读取其他 rank 的地址，梯度从不经过它。两台“机器”（torchrun 的 c10d 与静态会合、Accelerate、DeepSpeed）训练出的损失和梯度范数在每一步都与单进程一致。
 #
-# c10d 弹性会合：所有机器命令相同，等待 `--nnodes` 台机器加入，最多 `join_timeout` 秒；静态方式：0 号机器托管存储，其他机器拨号直到超时。缺席的机器会在超时后让作业以明确的错误结束，而不是无限等待。
+# c10d 弹性会合：所有机器命令相同，等待 `--nnodes` 台机器加入；静态方式：0 号机器托管存储，其他机器拨号直到超时。通过 `python -m dit_core.multinode`（torchrun 的参数、torchrun 自己的代码）启动时，所有会合等待都以脚本的 `run.dist_timeout` 为上限：本章只启动 2 台中的 1 台、上限 5 秒，作业在超时后以一句指出 RendezvousTimeoutError 的错误结束，没有回溯，而不是无限等待。
 #
 # 设备网格（device mesh）：rank = ((d·P + p)·C + c)·T + t，张量并行在最内层（相邻 rank，同一台机器），然后是上下文并行、流水线并行，数据并行在最外层。每次运行还会独立调用 torch 的 `init_device_mesh` 建一个同形状的网格：三种布局中每个 rank 的坐标和各进程组都与它一致。
 #

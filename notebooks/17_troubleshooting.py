@@ -481,12 +481,17 @@ print("onnxruntime == PyTorch, outputs (<= 1e-5) and sampled images (<= 1e-4):",
       float((a_img - b_img).abs().max()) <= 1e-4)
 
 # %% [markdown]
-# ## 6. The loss is NaN
+# ## 6. The loss is NaN, or far too large
 #
 # Two usual causes. **fp16 without a loss scaler**: fp16's largest number is 65504 and its smallest normal one
 # 6.1e-5 (chapter 04), so a large activation overflows to inf, inf - inf is NaN, and small gradients round to 0.
 # **A learning rate too high**: the weights jump out of the region where the loss is smooth, activations grow each
-# step, and the loss overflows even in fp32. Both, small:
+# step, and the loss overflows even in fp32. Before it overflows, a diverging run is finite and looks like a run:
+# it writes checkpoints, with a loss of 1e15 and weights thousands of times a healthy run's. So the loop judges
+# divergence (发散) by two finite measures as well (chapter 04): the weights' norm against its value at
+# initialisation (`train.diverge_weights`, 100x) and each step's loss against its running level
+# (`train.diverge_loss`, 10x the median of the last 50 steps). Both causes, small, first with the guard as it ships,
+# then with the two finite checks turned off so that only the NaN check is left:
 
 # %%
 x = torch.tensor([300.0, 1e-8], dtype=torch.float16)
@@ -494,9 +499,12 @@ print("fp16: 300² =", (x[0] * x[0]).item(), "| 300² - 300² =", (x[0] * x[0] -
       "| a gradient of 1e-8 becomes", x[1].item(), "| scaled by 2^16 first it is",
       f"{torch.tensor(1e-8 * 2 ** 16).half().item():.3e}", "in fp16, unscaled in fp32:",
       f"{torch.tensor(1e-8 * 2 ** 16).half().float().item() / 2 ** 16:.3e}")
+HOT = ["--set", "train.lr=1e3", "--set", "train.warmup_steps=0"]
+OFF = ["--set", "train.diverge_loss=0", "--set", "train.diverge_weights=0"]
 verdicts = {}
-for name, extra in (("fp16, lr 1000", ["--precision", "fp16", "--set", "train.lr=1e3", "--set", "train.warmup_steps=0"]),
-                    ("fp32, lr 1000", ["--set", "train.lr=1e3", "--set", "train.warmup_steps=0"])):
+for name, extra in (("fp32, lr 1000", HOT), ("fp16, lr 1000", ["--precision", "fp16"] + HOT),
+                    ("fp16, lr 1000, finite checks off", ["--precision", "fp16"] + HOT + OFF),
+                    ("fp32, lr 1000, finite checks off", HOT + OFF)):
     try:
         run_here("launchers/single.py", [SMALL + ["--max-steps", "40", "--results-dir", "/tmp/ch17/nan"] + extra])
         verdicts[name] = None
@@ -506,17 +514,24 @@ for name, extra in (("fp16, lr 1000", ["--precision", "fp16", "--set", "train.lr
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print("fp16: the loss scaler skips the overflowing steps, then the run stops in one sentence:",
-      "loss scaler skipped" in (verdicts["fp16, lr 1000"] or ""))
-print("fp32: the first non-finite loss stops the run, naming the rate:",
-      "the rate at that step was" in (verdicts["fp32, lr 1000"] or ""))
+print("as shipped, fp32 and fp16 stop at step 0 on the weights' norm, naming the rate:",
+      all("by step 0 (train.diverge_weights=100)" in (verdicts[k] or "") and "the rate at that step was"
+          in verdicts[k] for k in ("fp32, lr 1000", "fp16, lr 1000")))
+print("finite checks off, fp16: the loss scaler skips the overflowing steps, then the run stops in one sentence:",
+      "loss scaler skipped" in (verdicts["fp16, lr 1000, finite checks off"] or ""))
+print("finite checks off, fp32: the first non-finite loss stops the run, naming the rate:",
+      "the rate at that step was" in (verdicts["fp32, lr 1000, finite checks off"] or ""))
 
 # %% [markdown]
-# The training loop checks every step: in fp16 the `GradScaler` halves its scale and skips a step whose gradients
-# overflowed (a few skips are the scaler working), and `train.max_nonfinite_steps` skips in a row stop the run with
-# the sentence above. In fp32 the first non-finite loss stops it. No checkpoint with non-finite weights is written
-# (`tests/test_faults.py`). Remedies: lower `train.lr` or lengthen `train.warmup_steps`, keep `train.grad_clip`,
-# and prefer bf16 to fp16 (fp32's range, no scaler needed).
+# One AdamW step moves every weight by about the learning rate, so at lr 1000 the weights' norm is already about two
+# thousand times its initial value after step 0 (the number above); a healthy run grows it by 1.6x over 2000 steps
+# (`docs/faults.md`). The guard stops there, before the loss has overflowed, and says which checkpoint is still safe.
+# With the finite checks off you see the older, last line of defence: in fp16 the `GradScaler` halves its scale and
+# skips a step whose gradients overflowed (a few skips are the scaler working), and `train.max_nonfinite_steps`
+# skips in a row stop the run; in fp32 the first non-finite loss stops it. Either way no checkpoint with diverged
+# weights is written (`tests/test_faults.py`), and a checkpoint left by an older run with such weights is refused on
+# resume. Remedies: lower `train.lr` or lengthen `train.warmup_steps`, keep `train.grad_clip`, and prefer bf16 to
+# fp16 (fp32's range, no scaler needed).
 #
 # ## 7. The loss does not fall
 #
@@ -857,7 +872,7 @@ print("H200, 3000 steps: each wider model ends lower, and the frontier's loss fa
 #
 # ONNX：导出去噪网络，onnxruntime 的输出与 PyTorch 一致（≤1e-5），可以直接用于采样。
 #
-# 故障排查：NaN（fp16 无缩放、学习率过大）、损失不降（忘记 zero_grad、目标与输入无关）、分布式卡住（超时、TORCH_DISTRIBUTED_DEBUG=DETAIL、NCCL_DEBUG=INFO、py-spy）。
+# 故障排查：NaN（fp16 无缩放、学习率过大）；发散在变成 NaN 之前就被判定：lr=1000 时第 0 步后权重范数已是初始值的约 2000 倍（上限 `train.diverge_weights`=100），fp32 与 fp16 都在第 0 步停止且不保存检查点；关掉这两项有限值检查后，fp16 的损失缩放器连续跳过 10 步才停止，fp32 在第 3 步出现 NaN 时停止；损失不降（忘记 zero_grad、目标与输入无关）、分布式卡住（超时、TORCH_DISTRIBUTED_DEBUG=DETAIL、NCCL_DEBUG=INFO、py-spy）。
 #
 # 各 rank 不一致：`tools/rank_checksums.py` 在真实的 2 进程 DDP 作业结束后收集每个 rank 的权重哈希。正确的运行和"按 rank 设种子、但有初始广播"的运行，两个 rank 的权重逐位相同，且与单进程一致（PASS）；去掉广播后两个 rank 的权重不同（最大差 0.60），与单进程比较为 FAIL。
 #

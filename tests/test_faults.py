@@ -380,6 +380,7 @@ def test_a_full_disk_during_a_checkpoint_leaves_the_last_one_whole(tmp_path, cap
 
 DIVERGE = ["--precision", "fp16", "--set", "train.lr=1e3", "--set", "train.warmup_steps=0", "--set",
            "train.ckpt_every=5"]
+NO_FINITE_GUARD = ["--set", "train.diverge_loss=0", "--set", "train.diverge_weights=0"]
 
 
 def nonfinite_checkpoints(d):
@@ -391,22 +392,128 @@ def nonfinite_checkpoints(d):
     return bad
 
 
-def test_fp16_divergence_stops_and_saves_nothing_nonfinite(tmp_path, capsys):
+def test_a_rate_of_1000_stops_at_its_first_step_and_saves_nothing(tmp_path, capsys):
+    """Divergence without NaN: one AdamW step at lr 1e3 moves every weight by about 1e3; the weights' norm is then
+    far above diverge_weights x its initial value (measured 1.99e3 x for this model), and the run stops there."""
+    for name, extra in (("fp32", DIVERGE[2:]), ("fp16", DIVERGE)):
+        d = tmp_path / name
+        code, err = single(launcher_flags(40) + extra + ["--results-dir", d], capsys)
+        assert code == 2 and len(err) == 1, err
+        assert "the weights' norm grew to" in err[0] and "by step 0 (train.diverge_weights=100)" in err[0], err
+        assert "lower train.lr (the rate at that step was 1e+03" in err[0] and "start again" in err[0], err
+        assert len(rows(d / "log.jsonl")) == 1 and not list(d.glob("checkpoint-*"))
+
+
+def test_nonfinite_is_the_last_line_with_the_finite_checks_off(tmp_path, capsys):
     d = tmp_path / "run"
-    code, err = single(launcher_flags(40) + DIVERGE + ["--results-dir", d], capsys)
+    code, err = single(launcher_flags(40) + DIVERGE + NO_FINITE_GUARD + ["--results-dir", d], capsys)
     assert code == 2 and len(err) == 1
     assert "loss scaler skipped 10 steps in a row" in err[0] and "train.lr=1000" in err[0], err
     log = rows(d / "log.jsonl")
     assert len(log) < 40 and not nonfinite_checkpoints(d)
     # fp32: the first non-finite loss stops, naming the rate that step used
-    code, err = single(launcher_flags(40) + DIVERGE[2:] + ["--results-dir", tmp_path / "fp32"], capsys)
+    code, err = single(launcher_flags(40) + DIVERGE[2:] + NO_FINITE_GUARD + ["--results-dir", tmp_path / "fp32"],
+                       capsys)
     assert code == 2 and "became nan" in err[0] and "the rate at that step was" in err[0], err
     assert not nonfinite_checkpoints(tmp_path / "fp32")
 
 
+def test_a_loss_far_above_its_level_stops_the_resumed_run(tmp_path, capsys):
+    """The last 50 losses travel in the checkpoint, so a resume at a rate 300x higher is judged against the level
+    the run had reached: its first step's loss is hundreds of times that level, and the run stops before saving."""
+    d = tmp_path / "run"
+    assert single(launcher_flags(30, **{"train.ckpt_every": 10}) + ["--results-dir", d], capsys)[0] == 0
+    state = json.loads((d / "checkpoint-30" / "training_state.json").read_text())
+    assert [s for s, _ in state["guard"]["recent_losses"]] == list(range(30))
+    code, err = single(launcher_flags(60, **{"train.ckpt_every": 2, "train.lr": 1.0, "train.diverge_weights": 0})
+                       + ["--results-dir", d, "--resume", d / "checkpoint-30"], capsys)
+    assert code == 2 and err[-1].startswith("error: the loss was") and "x its running level" in err[-1], err
+    stopped = int(err[-1].split(" at step ")[1].split(",")[0])         # 31 here: step 30's loss still looked healthy
+    assert stopped >= 30 and f"resume from {d / 'checkpoint-30'}, the last written before step {stopped}." in err[-1]
+    assert sorted(p.name for p in d.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+
+
+def test_a_climb_sets_aside_the_checkpoints_written_during_it(tmp_path):
+    """The guard on a loss curve written out: a level near 0.5 for 30 steps, then a climb from step 30 that passes
+    10x the level at step 33. Checkpoints 30 and 32 hold weights whose losses were already climbing: renamed, and
+    the sentence points at checkpoint-20."""
+    from dit_core.config import load_config
+    from dit_core.train import DivergenceError, DivergenceGuard
+    for n in (10, 20, 30, 32):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+        (tmp_path / f"checkpoint-{n}" / "training_state.json").write_text("{}")
+    guard = DivergenceGuard(load_config("configs/tiny.yaml"), tmp_path)
+    curve = [0.5 + 0.05 * ((7 * i) % 5 - 2) for i in range(30)] + [1.2, 2.0, 3.0, 6.0]
+    with pytest.raises(DivergenceError) as e:
+        for step, loss in enumerate(curve):
+            guard.step(step, loss, 1.0, 1e-3)
+    msg = str(e.value)
+    assert msg.startswith("the loss was 6 at step 33, 12 x its running level 0.5"), msg
+    assert f"resume from {tmp_path / 'checkpoint-20'}, the last written before the loss began to climb at step 30" \
+        in msg and "checkpoint-30, checkpoint-32, written after it, are renamed diverged-checkpoint-N" in msg, msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-20",
+                                                          "diverged-checkpoint-30", "diverged-checkpoint-32"]
+    # the same curve, one step short of the trigger: nothing is judged diverged, nothing renamed
+    guard = DivergenceGuard(load_config("configs/tiny.yaml"), tmp_path)
+    for step, loss in enumerate(curve[:-1]):
+        guard.step(step, loss, 1.0, 1e-3)
+
+
+def test_a_checkpoint_far_from_a_healthy_norm_is_refused(tmp_path, capsys):
+    """What happened before this guard: lr 1e3 wrote finite checkpoints whose weights were thousands of times a
+    healthy run's, and a resume trained on from them. Such a checkpoint (made here with the guards off) is now
+    refused before a step."""
+    d = tmp_path / "bad"
+    assert single(launcher_flags(2) + DIVERGE[2:4] + DIVERGE[4:6] + NO_FINITE_GUARD + ["--results-dir", d],
+                  capsys)[0] == 0
+    code, err = single(launcher_flags(4) + ["--results-dir", d, "--resume", d / "checkpoint-2"], capsys)
+    assert code == 2 and len(err) == 1 and "holds weights whose norm is" in err[0], err
+    assert "x a freshly initialised model's (train.diverge_weights=100" in err[0] and "had diverged" in err[0], err
+    assert len(rows(d / "log.jsonl")) == 2          # nothing trained, nothing truncated
+
+
+def test_nan_after_resuming_at_the_same_rate_blames_the_checkpoint(tmp_path, capsys):
+    """A checkpoint whose optimizer state holds a NaN (a legacy folder without a manifest, damaged): the weights go
+    NaN at the first step after the resume, at the rate the run trained with. The learning rate is not blamed."""
+    d = tmp_path / "run"
+    assert single(flags(4) + ["--results-dir", d], capsys)[0] == 0
+    ck = d / "checkpoint-2"
+    opt = torch.load(ck / "optimizer.pt")
+    first = next(iter(opt["optimizer"]["state"].values()))
+    first["exp_avg"].view(-1)[0] = float("nan")
+    torch.save(opt, ck / "optimizer.pt")
+    (ck / "manifest.json").unlink()
+    code, err = single(flags(4) + ["--results-dir", d, "--resume", ck, "--overwrite"], capsys)
+    assert code == 2 and "first step after resuming from" in err[-1] and "checkpoint (its weights or optimizer " \
+        "state) is the likely cause, not the learning rate" in err[-1], err
+    assert "lower train.lr" not in err[-1]
+    # the same checkpoint resumed at another rate: now the rate is as likely a cause, and the sentence names it
+    code, err = single(flags(4, **{"train.lr": 2e-3}) + ["--results-dir", d, "--resume", ck], capsys)
+    assert code == 2 and "lower train.lr (the rate at that step was" in err[-1], err
+
+
+def test_nonfinite_training_images_are_refused_as_data(tmp_path):
+    from dit_core.config import load_config
+    from dit_core.data import MNIST, DataError
+    from dit_core.train import train
+    images = torch.zeros(64, 28, 28)
+    images[37, 3, 4] = float("nan")
+    cfg = load_config("configs/tiny.yaml", {"run.results_dir": str(tmp_path), "run.device": "cpu",
+                                            "train.max_steps": 1, "train.tensorboard": False})
+    with pytest.raises(DataError, match=r"1 of the 64 training images hold non-finite values \(the first is "
+                                        r"image 37\): the data are damaged, not the run"):
+        train(cfg, data=MNIST(images, torch.zeros(64, dtype=torch.long)), quiet=True)
+    assert not (tmp_path / "log.jsonl").exists()
+
+
 def test_fp16_divergence_under_accelerate(tmp_path):
+    # Accelerate's own loop runs the same guard: the weights' norm stops lr 1e3 at its first step
+    r = popen("launchers/accelerate.py", launcher_flags(40) + DIVERGE + ["--results-dir", tmp_path / "norm"])
+    out, err = r.communicate(timeout=300)
+    assert r.returncode == 2 and err.count("error:") == 1 and "the weights' norm grew to" in err, err[-2000:]
+    assert not list((tmp_path / "norm").glob("checkpoint-*"))
     d = tmp_path / "acc"
-    r = popen("launchers/accelerate.py", launcher_flags(40) + DIVERGE + ["--results-dir", d])
+    r = popen("launchers/accelerate.py", launcher_flags(40) + DIVERGE + NO_FINITE_GUARD + ["--results-dir", d])
     out, err = r.communicate(timeout=300)
     # Accelerate's fp16 on a CPU has no loss scaler to skip steps: the weight check is what stops it
     assert r.returncode == 2 and err.count("error:") == 1, err[-2000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, check_files, read_training_state, write_plain
+from ..checkpoint import CheckpointError, _earlier, check_files, read_training_state, write_plain
 
 
 def chunks(full: dict, mesh) -> dict:
@@ -23,14 +23,51 @@ def chunks(full: dict, mesh) -> dict:
     return {n: distribute_tensor(t.contiguous(), mesh, [Shard(0)], src_data_rank=None) for n, t in full.items()}
 
 
+def check_shards(folder: Path, metadata) -> None:
+    """Every shard file DCP's metadata names is there and long enough for every piece it says the file holds: a
+    missing or cut-short `.distcp` (a checkpoint without a manifest, from before manifests) is named here, on every
+    rank alike, instead of inside DCP's collective load."""
+    need: dict = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        if hasattr(info, "relative_path"):
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(need.items()):
+        f = folder / "dcp" / name
+        if not f.is_file():
+            raise CheckpointError(f"Checkpoint '{folder}' lacks the shard dcp/{name}, which its DCP metadata lists; "
+                                  f"it is incomplete: {_earlier(folder)}.")
+        if f.stat().st_size < end:
+            raise CheckpointError(f"'{f}' is truncated ({f.stat().st_size} bytes; the checkpoint's DCP metadata puts "
+                                  f"data up to byte {end}); the checkpoint is corrupt: {_earlier(folder)}.")
+
+
+def dcp_failure(e: BaseException) -> str:
+    """What went wrong in a DCP load, in a few words: the first rank's error (a CheckpointException's str is every
+    rank's whole traceback)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    text = str(e).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(e).strip() else ""
+    text = text if len(text) <= 120 else text[:117] + "..."
+    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
+
+
 def read_dcp(folder: Path, shapes: dict, mesh, fqns: list[str]) -> dict:
     """Read an FSDP checkpoint's DCP folder into whole tensors ({"model": {...}, "optim": {...}, "optim_step"}).
     `mesh` None: one process (single.py, or every DDP rank reading all of it)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
     folder = Path(folder)
     check_files(folder, ("dcp/.metadata",))
-    meta = FileSystemReader(str(folder / "dcp")).read_metadata().state_dict_metadata
+    try:
+        metadata = FileSystemReader(str(folder / "dcp")).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"'{folder / 'dcp' / '.metadata'}' cannot be read ({e.__class__.__name__}); the "
+                              f"checkpoint is corrupt: {_earlier(folder)}.") from None
+    check_shards(folder, metadata)
+    meta = metadata.state_dict_metadata
     missing = [n for n in fqns if f"model.{n}" not in meta]
     if missing:
         raise CheckpointError(f"'{folder / 'dcp'}' has no {missing[0]} ({len(missing)} weights missing): it was "
@@ -53,9 +90,9 @@ def read_dcp(folder: Path, shapes: dict, mesh, fqns: list[str]) -> dict:
         with warnings.catch_warnings():      # one process on purpose: DCP's "assuming a single process" is noise
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(folder / "dcp"), **({"no_dist": True} if mesh is None else {}))
-    except Exception as e:
-        raise CheckpointError(f"'{folder / 'dcp'}' cannot be read ({e.__class__.__name__}); the checkpoint is "
-                              f"corrupt or truncated: pick another one.") from None
+    except (Exception, CheckpointException) as e:       # DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"'{folder / 'dcp'}' cannot be read ({dcp_failure(e)}); the checkpoint is corrupt or "
+                              f"truncated: {_earlier(folder)}.") from None
 
     def whole(d):
         return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t) for n, t in d.items()}

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..checkpoint import foreign, read_training_state
 from ..config import ConfigError
-from ..engine import EMA, TorchEngine, apply_schedule, clip_by_norm_, ema_decay, nonfinite_count
+from ..engine import EMA, TorchEngine, apply_schedule, clip_by_norm_, ema_decay, weight_stats
 from ..train import TrainHooks
 from .dist import DistParallel
 from .fsdp import FullyShardedDiT
@@ -164,8 +164,8 @@ class FSDPEngine(TorchEngine):
     def update_ema(self, ema, decay: float, num_updates: int) -> None:
         ema.update(self.model, decay, num_updates)
 
-    def nonfinite(self) -> torch.Tensor:
-        return nonfinite_count([self.layout.local(p) for p in self.params])
+    def weight_stats(self) -> torch.Tensor:
+        return weight_stats([self.layout.local(p) for p in self.params])
 
     def state_info(self) -> dict:
         return {"fsdp_impl": self.par.impl, "world_size": self.par.world_size}

@@ -25,8 +25,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import Config, ConfigError
-from ..checkpoint import CheckpointError, foreign, read_training_state, torch_load, write_plain
-from ..engine import EMA, Accumulating, apply_schedule, build_scheduler, ema_decay, nonfinite_count
+from ..checkpoint import (CheckpointError, _earlier, check_archives, foreign, read_training_state, torch_load,
+                          write_plain)
+from ..engine import EMA, Accumulating, apply_schedule, build_scheduler, ema_decay, weight_stats
 from .dist import DistParallel
 
 STAGES = (0, 1, 2, 3)
@@ -244,10 +245,10 @@ class DeepSpeedEngine(Accumulating):
         # DeepSpeed writes folder/ds/: the module (stages 0-2) and one optimizer partition per rank.
         self.engine.save_checkpoint(str(folder), tag="ds")
 
-    def nonfinite(self) -> torch.Tensor:
-        """Non-finite weights on this rank: its partition under ZeRO-3, the whole module otherwise."""
+    def weight_stats(self) -> torch.Tensor:
+        """This rank's weights (its partition under ZeRO-3, the whole module otherwise): non-finite, sum of squares."""
         params = list(self.model.parameters())
-        return nonfinite_count([p.ds_tensor for p in params] if self.stage == 3 else params)
+        return weight_stats([p.ds_tensor for p in params] if self.stage == 3 else params)
 
     def load(self, folder: Path, device: torch.device) -> None:
         state = read_training_state(folder)
@@ -258,6 +259,7 @@ class DeepSpeedEngine(Accumulating):
             diff = "; ".join(f"{k}: checkpoint {have[k]!r} vs now {want[k]!r}" for k in want if want[k] != have[k])
             raise CheckpointError(f"Checkpoint '{folder}' was written by another ZeRO setup ({diff}); "
                                   f"resume with the same stage, world size and precision.")
+        check_archives(folder, (folder / "ds").glob("*.pt"))      # every rank alike, before DeepSpeed reads its part
         path, _ = self.engine.load_checkpoint(str(folder), tag="ds", load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
@@ -304,12 +306,27 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
         raise CheckpointError(f"'{src}' is not a DeepSpeed checkpoint (no ds/ folder); it needs no conversion.")
     if dst.exists():
         raise CheckpointError(f"'{dst}' already exists; pass a new folder to write the plain checkpoint into.")
-    if state.get("zero_stage", 0) == 0:
-        sd = torch_load(src / "ds" / "mp_rank_00_model_states.pt", "cpu")["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(src), tag="ds")
-    return write_plain(src, dst, state, {k: v.float().contiguous() for k, v in sd.items()})
+    check_archives(src, (src / "ds").glob("*.pt"))             # a file cut short (no manifest to tell): named
+    try:
+        if state.get("zero_stage", 0) == 0:
+            sd = torch_load(src / "ds" / "mp_rank_00_model_states.pt", "cpu")["module"]
+        else:
+            import contextlib
+            import io
+
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            with contextlib.redirect_stderr(io.StringIO()):       # its progress bar: convert says what it did
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(src), tag="ds")
+        sd = {k: v.float().contiguous() for k, v in sd.items()}
+    except CheckpointError:
+        raise
+    except Exception as e:             # zero_to_fp32 on a folder missing a partition, or holding a damaged one
+        text = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+        text = f": {text.replace(repr(str(src / 'ds')), 'it')[:150]}" if text else ""
+        raise CheckpointError(f"DeepSpeed cannot merge the partitions in '{src / 'ds'}' "
+                              f"({e.__class__.__name__}{text}); the checkpoint is incomplete or corrupt: "
+                              f"{_earlier(src)}.") from None
+    return write_plain(src, dst, state, sd)
 
 
 def main(argv=None) -> int:
