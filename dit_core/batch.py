@@ -18,6 +18,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 _INDEX_STREAM, _BATCH_STREAM = 0, 1
 
 
@@ -157,3 +159,12 @@ class GlobalBatchStream(torch.utils.data.Dataset):
 def stack_samples(batch):
     """collate_fn for GlobalBatchStream: `__getitems__` already returns whole tensors."""
     return batch
+
+
+def check_batch_split(global_batch: int, world_size: int, accumulation: int) -> None:
+    """Every rank gets the same number of whole micro-batches of the global batch, or one sentence says which
+    multiple to use."""
+    if global_batch % (world_size * accumulation):
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} is not divisible by world size {world_size} x "
+            f"train.grad_accum={accumulation}; use a multiple of {world_size * accumulation}.")

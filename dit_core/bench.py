@@ -331,5 +331,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .errors import run_main
+    from .process import run_main
     run_main(main)

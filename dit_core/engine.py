@@ -83,6 +83,21 @@ class Parallel:
         return TorchEngine(model, self, cfg, device)
 
 
+class TrainHooks:
+    """Points inside a step where a measurement may look (every rank calls them): the loop calls them, a
+    strategy's engine calls `after_backward`, and a lab tool (bench, reports, chapters) overrides them."""
+
+    def step_begin(self, step: int, engine) -> None: ...
+
+    def after_backward(self, step: int, micro: int, engine) -> None: ...
+
+    def step_end(self, step: int, engine) -> None: ...
+
+    def logged(self, records: list, ema: "EMA", seconds: float) -> None:
+        """Rank 0, after `records` (one per step) were read back and written; `seconds` since the
+        loop started, the GPU's work included (reading the loss waited for it)."""
+
+
 def compiled(fn, mode: str):
     """torch.compile with the config's mode ("none": the function itself)."""
     return fn if mode == "none" else torch.compile(fn, mode=mode)
@@ -254,7 +269,7 @@ class TorchEngine(Accumulating):
         state = read_training_state(folder)
         if writer_of(state) == "fsdp":
             # A sharded DCP checkpoint: this process reads every chunk of every weight and moment.
-            from .parallel.fsdp_checkpoint import load_into_plain
+            from .checkpoint_dcp import load_into_plain
             load_into_plain(folder, unwrap(self.model), self.optimizer)
             self.scheduler.last_epoch = state["step"]
             apply_schedule(self.optimizer, self.scheduler, self.cfg, state["step"])

@@ -220,7 +220,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv=None):
-    from .config import parser
+    from .process import parser
     p = parser(description="Score a DiT checkpoint's samples with an MNIST classifier.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint-<step> folder")
     p.add_argument("--n-per-class", type=int, default=100)
@@ -247,5 +247,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .errors import run_main
+    from .process import run_main
     run_main(main)

@@ -119,5 +119,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .errors import run_main
+    from .process import run_main
     run_main(main)

@@ -41,7 +41,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from .errors import run_main
+    from .process import run_main
     from .parallel.dist import finish
 
     run_main(lambda argv: main(sys.argv[1:]))

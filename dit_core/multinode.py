@@ -230,7 +230,8 @@ def script_timeout(script: str, script_args: list[str]) -> tuple[float, str, str
     """The timeout the script itself will use, its name and how to set it: launchers/rendezvous.py's --timeout, any
     other launcher's run.dist_timeout (its --config and --set, as the launcher reads them); torch's 600 s for a
     script that is not one of the workbook's launchers."""
-    from .config import config_from_args, launcher_parser, parser
+    from .cli import config_from_args, launcher_parser
+    from .process import parser
     name = Path(script).name
     if name == "rendezvous.py":
         p = parser(prog=name, add_help=False)
@@ -245,7 +246,8 @@ def script_timeout(script: str, script_args: list[str]) -> tuple[float, str, str
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .errors import os_failure, say, user_errors
+    from .errors import os_failure, user_errors
+    from .process import say
     # torch's C++ store logs each failed connect with a C++ stack; the sentence below says what happened. Quiet for
     # this agent only: the level is read when torch loads, and the ranks it starts get the environment as it was.
     quiet = "TORCH_CPP_LOG_LEVEL" not in os.environ

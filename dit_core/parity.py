@@ -130,7 +130,7 @@ def run_here(script: str, runs: list[list[str]]) -> list[list[dict]]:
     (tests/test_ddp.py checks it), without a process start-up per run."""
     import torch
 
-    from .config import config_from_args, launcher_parser
+    from .cli import config_from_args, launcher_parser
     from .scratch import scratch_dir
     from .train import train
     if Path(script).name != "single.py":
@@ -190,7 +190,7 @@ def format_grads(rows: list[dict], rtol: float, limit: int = 0) -> str:
 
 
 def main(argv=None) -> int:
-    from .config import parser
+    from .process import parser
     p = parser(prog="python -m dit_core.parity",
                                 description="Compare two runs step by step: the loss and the gradient norm.")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -18,25 +18,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .batch import global_batch, shard
+from .batch import check_batch_split, global_batch, shard
 from .checkpoint import (CheckpointError, check_model_config, check_resume, checkpoint_steps,  # noqa: F401
                          load_model_weights, model_from_checkpoint, read_training_state, save_checkpoint,
                          torch_load)
 from .config import Config, ConfigError
 from .data import MNIST, load_mnist
 from .diffusion import Diffusion
-from .engine import (EMA, Parallel, TorchEngine, apply_schedule, autocast_ctx, build_optimizer,  # noqa: F401
+from .engine import (EMA, Parallel, TorchEngine, TrainHooks, apply_schedule, autocast_ctx, build_optimizer,  # noqa: F401
                      build_scheduler, compiled, ema_decay, ema_update, lr_factor, resolve_device, unwrap)
 from .fast import DeviceBatches, fast_enabled
 from .model import DiT, balance_loss, moe_layers
-from .parallel.dist import check_batch_split
 from .logs import JsonlLogger
 from .rundir import RunFolder
-
-
-class DivergenceError(RuntimeError):
-    """The run diverged (a non-finite loss, gradient or weight, a loss far above its running level, or weights far
-    from where they began): the run stops and saves nothing after it."""
+from .errors import DivergenceError  # noqa: F401  (its name stays importable from here)
 
 
 class DivergenceGuard:
@@ -275,20 +270,6 @@ def check_moe(cfg: Config, par) -> None:
 
 
 # ---------------------------------------------------------------- the loop
-
-class TrainHooks:
-    """Points inside a step where a measurement may look (every rank calls them)."""
-
-    def step_begin(self, step: int, engine) -> None: ...
-
-    def after_backward(self, step: int, micro: int, engine) -> None: ...
-
-    def step_end(self, step: int, engine) -> None: ...
-
-    def logged(self, records: list, ema: "EMA", seconds: float) -> None:
-        """Rank 0, after `records` (one per step) were read back and written; `seconds` since the
-        loop started, the GPU's work included (reading the loss waited for it)."""
-
 
 class GradDump:
     """Writes every parameter's gradient of step run.dump_grads_step (synchronised across ranks, unscaled,

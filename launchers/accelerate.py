@@ -33,11 +33,12 @@ from torch.utils.data import DataLoader  # noqa: E402
 from dit_core.batch import GlobalBatchStream, stack_samples  # noqa: E402
 from dit_core.checkpoint import (CheckpointError, check_finite, check_resume, foreign,  # noqa: E402
                                  read_training_state, write_failed, write_manifest, written_whole)
-from dit_core.config import ConfigError, config_from_args, launcher_parser  # noqa: E402
+from dit_core.config import ConfigError  # noqa: E402
+from dit_core.cli import config_from_args, launcher_parser  # noqa: E402
 from dit_core.data import load_mnist  # noqa: E402
 from dit_core.diffusion import Diffusion  # noqa: E402
 from dit_core.engine import EMA, apply_schedule, build_optimizer, weight_stats  # noqa: E402
-from dit_core.errors import run_main  # noqa: E402
+from dit_core.process import run_main  # noqa: E402
 from dit_core.model import DiT  # noqa: E402
 from dit_core.parallel.dist import TIMEOUT, DistParallel, check_batch_split, exit_process, watch_launcher  # noqa: E402
 from dit_core.logs import JsonlLogger  # noqa: E402

@@ -9,8 +9,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from dit_core.config import config_from_args, launcher_parser  # noqa: E402
-from dit_core.errors import run_main  # noqa: E402
+from dit_core.cli import config_from_args, launcher_parser  # noqa: E402
+from dit_core.process import run_main  # noqa: E402
 from dit_core.evaluate import evaluate_checkpoint, format_report, grid_order  # noqa: E402
 from dit_core.parity import read_jsonl  # noqa: E402
 from dit_core.plots import loss_curve, sample_grid  # noqa: E402

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from dit_core.config import parser  # noqa: E402
-from dit_core.errors import run_main  # noqa: E402
+from dit_core.process import parser  # noqa: E402
+from dit_core.process import run_main  # noqa: E402
 from dit_core.multinode import CHECK_TIMEOUT, seconds  # noqa: E402
 from dit_core.parallel.dist import finish, init_from_env  # noqa: E402
 

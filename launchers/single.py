@@ -7,8 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from dit_core.config import config_from_args, launcher_parser  # noqa: E402
-from dit_core.errors import run_main  # noqa: E402
+from dit_core.cli import config_from_args, launcher_parser  # noqa: E402
+from dit_core.process import run_main  # noqa: E402
 from dit_core.train import train  # noqa: E402
 
 

@@ -21,7 +21,7 @@
 # | ZeRO-3 / FSDP | 4Ψ/N | 4Ψ/N | 8Ψ/N | all-gather ×2 + reduce-scatter: 3Ψ(N-1)/N |
 #
 # This chapter builds FSDP by hand (`dit_core/parallel/fsdp.py`, ~300 lines; `fsdp_train.py` plugs it and FSDP2 into
-# the training loop, `fsdp_checkpoint.py` reads and writes the sharded checkpoints), runs FSDP2 on the same units as the
+# the training loop, `dit_core/checkpoint_dcp.py` reads and writes the sharded checkpoints), runs FSDP2 on the same units as the
 # reference (`launchers/fsdp.py --impl {hand,torch}`), proves both equal to one process on the loss and the gradient
 # norm, breaks the hand-written one on purpose to show what the loss alone cannot see, draws when each unit is
 # gathered and freed, measures what a rank holds and sends, explains why sharding sometimes saves nothing, and

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import PARITY, launcher_flags, perturbed_dit  # noqa: E402
 from dit_core.batch import global_batch, shard  # noqa: E402
-from dit_core.config import config_from_args, launcher_parser  # noqa: E402
+from dit_core.cli import config_from_args, launcher_parser  # noqa: E402
 from dit_core.data import load_mnist  # noqa: E402
 from dit_core.diffusion import Diffusion  # noqa: E402
 from dit_core.parallel.dist import finish, init_from_env  # noqa: E402

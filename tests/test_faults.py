@@ -16,7 +16,7 @@ import torch
 
 from conftest import ROOT, launcher_flags, load_launcher, parity_flags
 from dit_core.checkpoint import write_manifest
-from dit_core.errors import run_main
+from dit_core.process import run_main
 from dit_core.logs import read_jsonl
 
 SINGLE = load_launcher("single")

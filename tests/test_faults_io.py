@@ -20,7 +20,7 @@ import torch
 from conftest import MICRO, ROOT, declare, job_dir, launcher_flags, load_launcher
 from dit_core.checkpoint import (CheckpointError, load_ema, read_training_state, verify_checkpoint, write_error,
                                  write_failed, write_manifest, written_whole)
-from dit_core.errors import run_main
+from dit_core.process import run_main
 from faults_io_checks import mount, umount
 
 D = job_dir() / "faults_io"

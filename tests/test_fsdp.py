@@ -9,7 +9,7 @@ from conftest import GRAD_DUMP, assert_parity, declare, job_dir, load_launcher, 
 from conftest import PARITY_STEPS as STEPS
 from dit_core.checkpoint import CheckpointError, load_state_file, model_from_checkpoint
 from dit_core.config import ConfigError
-from dit_core.parallel.fsdp_checkpoint import convert_checkpoint
+from dit_core.checkpoint_dcp import convert_checkpoint
 from dit_core.parity import BITWISE, SUM_ORDER, compare_grads, read_grads, read_jsonl
 
 D = job_dir() / "fsdp"

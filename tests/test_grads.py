@@ -24,7 +24,7 @@ def test_two_processes_have_the_single_process_gradients(jobs, reference, run, d
 def load_model_names():
     """The parameter names of the parity runs' model (the flags every 2-process parity test shares)."""
     from conftest import parity_flags
-    from dit_core.config import config_from_args, launcher_parser
+    from dit_core.cli import config_from_args, launcher_parser
     from dit_core.model import DiT
     cfg = config_from_args(launcher_parser("").parse_args(parity_flags()))
     return (n for n, _ in DiT(cfg.model).named_parameters())

@@ -143,3 +143,25 @@ def test_deepspeed_launcher_resume_and_plain_weights(reference, tmp_path):
     with pytest.raises(CheckpointError, match="converted from the DeepSpeed checkpoint"):
         load_launcher("single").main(parity_flags() + ["--results-dir", str(tmp_path / "s"),
                                                        "--resume", str(tmp_path / "plain")])
+
+
+def test_the_weights_guard_reads_only_the_weights_of_a_zero3_partition(monkeypatch):
+    """DeepSpeed pads each parameter to a multiple of the world size and allocates every partition with torch.empty,
+    so the last rank's tail is whatever memory held: once it read as 1e38 and the divergence guard stopped a healthy
+    ZeRO-3 run at step 0 ("the weights' norm grew to inf x", chapter 16 in CI). A 5-element parameter on 2 ranks: 3
+    per partition, rank 1 owns 2 and a padding slot, here filled with inf."""
+    import torch.distributed as dist
+    from dit_core.engine import weight_stats
+    from dit_core.parallel.zero import DeepSpeedEngine
+
+    full = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    for rank, part in ((0, [1.0, 2.0, 3.0]), (1, [4.0, 5.0, float("inf")])):
+        p = torch.nn.Parameter(torch.empty(0))
+        p.ds_numel, p.ds_tensor = full.numel(), torch.tensor(part)
+        p.ds_tensor.ds_numel = 3
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_rank", lambda group=None, r=rank: r)
+        owned = DeepSpeedEngine._owned(p)
+        assert owned.tolist() == part[:3 - rank]
+        assert weight_stats([owned]).tolist() == pytest.approx([0.0, sum(v * v for v in part[:3 - rank])], rel=1e-6)
+    assert weight_stats([p.ds_tensor]).tolist() == [1.0, float("inf")]     # the whole partition: the false alarm

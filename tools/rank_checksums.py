@@ -58,7 +58,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from dit_core.errors import run_main
+    from dit_core.process import run_main
     from dit_core.parallel.dist import finish
 
     run_main(lambda argv: main(sys.argv[1:]))

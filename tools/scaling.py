@@ -28,7 +28,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
     import torch
-    from dit_core.config import config_from_args, launcher_parser
+    from dit_core.cli import config_from_args, launcher_parser
     from dit_core.model import DiT
     from dit_core.parity import read_jsonl
     from dit_core.train import train

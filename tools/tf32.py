@@ -44,7 +44,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=300)
     a = p.parse_args()
-    from dit_core.config import config_from_args, launcher_parser
+    from dit_core.cli import config_from_args, launcher_parser
     from dit_core.parity import read_jsonl
     from dit_core.train import train
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "matmul": [], "train": {}}

@@ -121,5 +121,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from dit_core.errors import run_main
+    from dit_core.process import run_main
     run_main(main)

@@ -15,14 +15,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
+from ..batch import check_batch_split  # noqa: F401  (the launchers' name for it)
 from ..engine import Parallel
+from ..errors import ConfigError, LaunchError, user_errors
+from ..process import TIMEOUT, exit_process, stop_local_peers, watch_launcher  # noqa: F401
 
 REQUIRED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-class LaunchError(RuntimeError):
-    """The process was not started by a distributed launcher (or the launch is inconsistent)."""
 
 
 @dataclass
@@ -38,10 +36,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-# The process group's timeout, for the one sentence a timed-out collective becomes (dit_core.errors).
-TIMEOUT = {"seconds": None}
 
 
 def init_from_env(device: str = "auto", launcher: str = "torchrun --nproc_per_node N",
@@ -84,26 +78,6 @@ def init_from_env(device: str = "auto", launcher: str = "torchrun --nproc_per_no
     return DistEnv(rank, world, local, dev, backend, timeout=timeout)
 
 
-def watch_launcher(interval: float = 0.5) -> None:
-    """Stop this rank when the process that launched it dies (kill -9 of the torchrun agent): without a
-    supervisor nobody would stop it, and it would train on alone. A daemon thread notices that the
-    parent changed (the orphan is re-parented) within `interval` seconds."""
-    parent = os.getppid()
-    if parent <= 1:
-        return
-
-    def watch():
-        while True:
-            time.sleep(interval)
-            if os.getppid() != parent:
-                from ..errors import say
-                say(f"error: this rank's launcher (pid {parent}) is gone; rank "
-                    f"{os.environ.get('RANK', '?')} stops too.")
-                os._exit(1)
-
-    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
-
-
 def _restart_store(rank: int, world: int, timeout: float) -> dict:
     """After a torchrun restart (--max-restarts): the group's store under a prefix of its own attempt.
 
@@ -117,36 +91,6 @@ def _restart_store(rank: int, world: int, timeout: float) -> dict:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=not agent and rank == 0, timeout=datetime.timedelta(seconds=timeout))
     return {"store": dist.PrefixStore(f"dit-attempt-{attempt}", store)}
-
-
-def stop_local_peers() -> list[int]:
-    """After a collective timed out: SIGKILL the other ranks this rank's launcher started on this node.
-
-    One of them is stuck (stopped, deadlocked, in an endless loop) and cannot answer a polite signal: a
-    stopped process keeps a SIGTERM pending, so torchrun would wait its 30 s grace period before its own
-    SIGKILL. Ending the siblings now ends the job within run.dist_timeout. (Ranks on other nodes time out
-    in their own collectives and do the same there.) Linux only: elsewhere the launcher's grace applies."""
-    if "LOCAL_RANK" not in os.environ or not os.path.isdir("/proc"):
-        return []
-    me, parent = os.getpid(), os.getppid()
-    killed = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                is_rank = b"LOCAL_RANK=" in f.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == parent and is_rank:
-            try:
-                os.kill(int(entry), 9)
-                killed.append(int(entry))
-            except OSError:
-                pass
-    return killed
 
 
 class DistParallel(Parallel):
@@ -165,7 +109,6 @@ class DistParallel(Parallel):
         return t
 
     def agree(self, error: Exception | None) -> None:
-        from ..errors import user_errors
         kinds = {k.__name__: k for k in user_errors()}
         box = [None if error is None else (type(error).__name__, str(error))]
         dist.broadcast_object_list(box, src=0)
@@ -191,32 +134,12 @@ def finish() -> None:
     exit_process(0)
 
 
-def check_batch_split(global_batch: int, world_size: int, accumulation: int) -> None:
-    if global_batch % (world_size * accumulation):
-        raise ConfigError(
-            f"train.global_batch_size={global_batch} is not divisible by world size {world_size} x "
-            f"train.grad_accum={accumulation}; use a multiple of {world_size * accumulation}.")
-
-
 def free_port() -> int:
     """A TCP port nobody listens on now, for a rendezvous on this machine."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def exit_process(code: int = 0) -> None:
-    """End a launched rank without Python's interpreter finalization.
-
-    Gloo's worker threads can still hold finished asynchronous work (and its tensors) when the
-    interpreter tears down; destroying those under a dying interpreter occasionally aborts the rank
-    with "terminate called without an active exception" (a known PyTorch issue, seen here about once
-    in 30 CPU runs). Everything this project writes is closed by then, so leave directly.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 # ---------------------------------------------------------------- 2-D layouts (DP x SP, DP x TP)

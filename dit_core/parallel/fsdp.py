@@ -26,7 +26,7 @@ Gradient accumulation (梯度累积) without communication: inside `no_sync` a u
 gradient (an fp32 copy of its weights: the whole model's size, not 1/N, for the micro-steps of a step)
 and reduce-scatters the sum at the last micro-step; that memory is what the saved communication costs.
 
-Checkpoints (dit_core.parallel.fsdp_checkpoint) are `torch.distributed.checkpoint` (DCP) folders: every parameter and AdamW moment under its
+Checkpoints (dit_core.checkpoint_dcp) are `torch.distributed.checkpoint` (DCP) folders: every parameter and AdamW moment under its
 single-process name, each rank writing the dim-0 chunk FSDP2 would own (a DTensor sharded on dim 0). DCP
 stores chunk metadata, so any number of ranks (or one process, or DDP) reads them back, each loading the
 pieces it needs: hand-written and FSDP2 runs write the same checkpoint and resume each other's.
@@ -285,7 +285,7 @@ class FullyShardedDiT:
 
 def main(argv=None) -> int:
     from ..checkpoint import convert_main
-    from .fsdp_checkpoint import convert_checkpoint
+    from ..checkpoint_dcp import convert_checkpoint
     return convert_main("python -m dit_core.parallel.fsdp", "FSDP (DCP)", convert_checkpoint, argv)
 
 

@@ -15,10 +15,10 @@ import torch.nn as nn
 from ..checkpoint import foreign, read_training_state
 from ..config import ConfigError
 from ..engine import EMA, TorchEngine, apply_schedule, clip_by_norm_, ema_decay, weight_stats
-from ..train import TrainHooks
+from ..engine import TrainHooks
 from .dist import DistParallel
 from .fsdp import FullyShardedDiT
-from .fsdp_checkpoint import chunks, load_moments, read_dcp
+from ..checkpoint_dcp import chunks, load_moments, read_dcp
 
 IMPLS = ("hand", "torch")
 

@@ -248,7 +248,18 @@ class DeepSpeedEngine(Accumulating):
     def weight_stats(self) -> torch.Tensor:
         """This rank's weights (its partition under ZeRO-3, the whole module otherwise): non-finite, sum of squares."""
         params = list(self.model.parameters())
-        return weight_stats([p.ds_tensor for p in params] if self.stage == 3 else params)
+        return weight_stats([self._owned(p) for p in params] if self.stage == 3 else params)
+
+    @staticmethod
+    def _owned(p: torch.Tensor) -> torch.Tensor:
+        """The elements of a ZeRO-3 partition that hold weights. DeepSpeed pads every parameter to a multiple of the
+        world size and allocates each partition with torch.empty: the last ranks' tails are uninitialised memory,
+        which once read as a weight of 1e38 (its square inf) and stopped a healthy run (seen in CI)."""
+        import torch.distributed as dist
+        size = p.ds_tensor.ds_numel
+        rank = dist.get_rank(group=getattr(p, "ds_process_group", None)) if dist.is_initialized() else 0
+        valid = max(0, min(size, p.ds_numel - rank * size))
+        return p.ds_tensor.narrow(0, 0, valid)
 
     def load(self, folder: Path, device: torch.device) -> None:
         state = read_training_state(folder)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..train import TrainHooks
+from ..engine import TrainHooks
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "buffers")
 
