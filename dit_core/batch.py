@@ -23,14 +23,14 @@ from .errors import ConfigError
 _INDEX_STREAM, _BATCH_STREAM = 0, 1
 
 
-def _seed(*words: int) -> int:
+def mix_seed(*words: int) -> int:
     """A 63-bit seed mixed from integers (SeedSequence avoids seed+step collisions)."""
     return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @lru_cache(maxsize=4)
 def _epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(_seed(seed, _INDEX_STREAM, epoch))
+    g = torch.Generator().manual_seed(mix_seed(seed, _INDEX_STREAM, epoch))
     return torch.randperm(n, generator=g)
 
 
@@ -74,7 +74,7 @@ def global_batch(seed: int, step: int, batch_size: int, n_data: int, timesteps: 
                  label_dropout: float, image_shape=(1, 28, 28)) -> Batch:
     """The global batch of optimizer step `step`: a pure function of its arguments."""
     idx = sample_indices(seed, step, batch_size, n_data)
-    g = torch.Generator().manual_seed(_seed(seed, _BATCH_STREAM, step))
+    g = torch.Generator().manual_seed(mix_seed(seed, _BATCH_STREAM, step))
     t = torch.randint(0, timesteps, (batch_size,), generator=g)
     noise = torch.randn((batch_size, *image_shape), generator=g)
     drop = torch.rand(batch_size, generator=g) < label_dropout

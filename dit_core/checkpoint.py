@@ -101,7 +101,7 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps({"algorithm": "sha256", "files": entries}, indent=1))
 
 
-def _earlier(folder: Path) -> str:
+def resume_instead(folder: Path) -> str:
     """What to do instead of reading a bad checkpoint: the one before it, where there is one."""
     tail = folder.name.split("-", 1)[-1]
     step = int(tail) if tail.isdigit() else None
@@ -123,7 +123,7 @@ def verify_checkpoint(folder: str | Path) -> None:
         items = [(str(rel), int(e["bytes"]), str(e["sha256"])) for rel, e in files.items()]
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise CheckpointError(f"'{man}' is not a valid manifest; the checkpoint is corrupt: "
-                              f"{_earlier(folder)}.") from None
+                              f"{resume_instead(folder)}.") from None
     # A file rewritten since the last verification (same process) changes its size or mtime: hashed again then.
     try:
         key = (str(folder.resolve()), man.stat().st_mtime_ns,
@@ -136,10 +136,10 @@ def verify_checkpoint(folder: str | Path) -> None:
         f = folder / rel
         if not f.is_file():
             raise CheckpointError(f"Checkpoint '{folder}' lacks {rel}, which its manifest lists; it is incomplete: "
-                                  f"{_earlier(folder)}.")
+                                  f"{resume_instead(folder)}.")
         if f.stat().st_size != size or file_sha256(f) != digest:
             raise CheckpointError(f"'{f}' is not the file written with this checkpoint (its sha256 differs from the "
-                                  f"manifest's): it was changed or corrupted on disk; {_earlier(folder)}.")
+                                  f"manifest's): it was changed or corrupted on disk; {resume_instead(folder)}.")
     if key is not None:
         _VERIFIED.add(key)
 
@@ -185,7 +185,7 @@ def check_archives(checkpoint: Path, files) -> None:
             zipped = fh.read(4) == b"PK\x03\x04"
         if zipped and not zipfile.is_zipfile(f):
             raise CheckpointError(f"'{f}' is truncated (it ends before its archive's directory); the checkpoint is "
-                                  f"corrupt: {_earlier(checkpoint)}.")
+                                  f"corrupt: {resume_instead(checkpoint)}.")
 
 
 def torch_load(file: Path, map_location):
@@ -264,7 +264,7 @@ def check_fits(sd: dict, like: nn.Module, file: Path) -> dict:
     want = like.state_dict()
     params = {n for n, _ in like.named_parameters()}
     fix = f"it belongs to another model, not to this checkpoint: put the checkpoint's own {file.name} back, or " \
-          f"{_earlier(file.parent)}"
+          f"{resume_instead(file.parent)}"
     for k, v in want.items():
         if k not in sd:
             if k in params:

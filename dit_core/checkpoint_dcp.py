@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, _earlier, check_files, read_training_state, write_plain
+from .checkpoint import CheckpointError, resume_instead, check_files, read_training_state, write_plain
 
 
 def chunks(full: dict, mesh) -> dict:
@@ -35,10 +35,10 @@ def check_shards(folder: Path, metadata) -> None:
         f = folder / "dcp" / name
         if not f.is_file():
             raise CheckpointError(f"Checkpoint '{folder}' lacks the shard dcp/{name}, which its DCP metadata lists; "
-                                  f"it is incomplete: {_earlier(folder)}.")
+                                  f"it is incomplete: {resume_instead(folder)}.")
         if f.stat().st_size < end:
             raise CheckpointError(f"'{f}' is truncated ({f.stat().st_size} bytes; the checkpoint's DCP metadata puts "
-                                  f"data up to byte {end}); the checkpoint is corrupt: {_earlier(folder)}.")
+                                  f"data up to byte {end}); the checkpoint is corrupt: {resume_instead(folder)}.")
 
 
 def dcp_failure(e: BaseException) -> str:
@@ -65,7 +65,7 @@ def read_dcp(folder: Path, shapes: dict, mesh, fqns: list[str]) -> dict:
         metadata = FileSystemReader(str(folder / "dcp")).read_metadata()
     except Exception as e:
         raise CheckpointError(f"'{folder / 'dcp' / '.metadata'}' cannot be read ({e.__class__.__name__}); the "
-                              f"checkpoint is corrupt: {_earlier(folder)}.") from None
+                              f"checkpoint is corrupt: {resume_instead(folder)}.") from None
     check_shards(folder, metadata)
     meta = metadata.state_dict_metadata
     missing = [n for n in fqns if f"model.{n}" not in meta]
@@ -92,7 +92,7 @@ def read_dcp(folder: Path, shapes: dict, mesh, fqns: list[str]) -> dict:
             dcp.load(state, checkpoint_id=str(folder / "dcp"), **({"no_dist": True} if mesh is None else {}))
     except (Exception, CheckpointException) as e:       # DCP's CheckpointException is a BaseException
         raise CheckpointError(f"'{folder / 'dcp'}' cannot be read ({dcp_failure(e)}); the checkpoint is corrupt or "
-                              f"truncated: {_earlier(folder)}.") from None
+                              f"truncated: {resume_instead(folder)}.") from None
 
     def whole(d):
         return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t) for n, t in d.items()}

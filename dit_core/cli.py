@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .checkpoint import checkpoint_steps
-from .config import Config, ConfigError, _apply, load_config, parse_overrides
+from .config import Config, ConfigError, apply_value, load_config, parse_overrides
 from .process import parser, say
 
 
@@ -49,7 +49,7 @@ def config_from_args(args) -> Config:
     scratch = Config()
     for dotted, value in overrides.items():      # each --set value of the right type, even where a flag overrides it
         if "." in dotted:
-            _apply(scratch, *dotted.split(".", 1), value, "override")
+            apply_value(scratch, *dotted.split(".", 1), value, "override")
     for attr, key in _FLAG_KEYS.items():
         v = getattr(args, attr, None)
         if v is not None:

@@ -232,7 +232,7 @@ def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
     return str(value)
 
 
-def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+def apply_value(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
     if section not in _SECTIONS:
         raise ConfigError(
             f"Unknown config section '{section}' ({source}); valid sections are: {', '.join(_SECTIONS)}.")
@@ -266,12 +266,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 raise ConfigError(
                     f"Config section '{section}' in '{path}' must be a mapping of keys, got {body!r}.")
             for key, value in body.items():
-                _apply(cfg, section, key, value, str(path))
+                apply_value(cfg, section, key, value, str(path))
     for dotted, value in (overrides or {}).items():
         if "." not in dotted:
             raise ConfigError(f"Override '{dotted}' must look like section.key=value, e.g. train.lr=1e-3.")
         section, key = dotted.split(".", 1)
-        _apply(cfg, section, key, value, "override")
+        apply_value(cfg, section, key, value, "override")
     validate(cfg)
     return cfg
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .batch import Batch, _seed
+from .batch import Batch, mix_seed
 
 _DEVICE_INDEX_STREAM, _DEVICE_BATCH_STREAM = 2, 3      # apart from the contract's streams (0, 1)
 
@@ -46,7 +46,7 @@ class DeviceBatches:
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            self.gen.manual_seed(_seed(self.seed, _DEVICE_INDEX_STREAM, epoch))
+            self.gen.manual_seed(mix_seed(self.seed, _DEVICE_INDEX_STREAM, epoch))
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
             self._perms[epoch] = torch.randperm(len(self.data), generator=self.gen, device=self.device)
         return self._perms[epoch]
@@ -63,7 +63,7 @@ class DeviceBatches:
 
     def __call__(self, step: int) -> Batch:
         idx = self.indices(step)
-        g = self.gen.manual_seed(_seed(self.seed, _DEVICE_BATCH_STREAM, step))
+        g = self.gen.manual_seed(mix_seed(self.seed, _DEVICE_BATCH_STREAM, step))
         t = torch.randint(0, self.T, (self.B,), generator=g, device=self.device)
         noise = torch.randn((self.B, *self.shape), generator=g, device=self.device)
         drop = torch.rand(self.B, generator=g, device=self.device) < self.p_drop

@@ -89,17 +89,17 @@ class DivergenceGuard:
         folder = Path(path)
         earlier = [n for n in checkpoint_steps(folder.parent) if n < read_training_state(folder)["step"]]
 
-        def _earlier(_):
+        def instead() -> str:
             return (f"resume from the checkpoint before it, '{folder.parent / f'checkpoint-{earlier[-1]}'}'" if earlier
                     else f"no earlier checkpoint is in '{folder.parent}': start the run again, with a lower train.lr")
         if float(stats[0]) > 0:
             raise CheckpointError(f"Checkpoint '{path}' holds {int(float(stats[0]))} non-finite weights: the run "
-                                  f"that wrote it had diverged (or the file was damaged); {_earlier(Path(path))}.")
+                                  f"that wrote it had diverged (or the file was damaged); {instead()}.")
         r, k = self.ratio(stats), self.t.diverge_weights
         if k and r is not None and r > k:
             raise CheckpointError(f"Checkpoint '{path}' holds weights whose norm is {r:.3g} x a freshly initialised "
                                   f"model's (train.diverge_weights={k:g}; healthy runs stay within a few times): the "
-                                  f"run that wrote it had diverged; {_earlier(Path(path))}.")
+                                  f"run that wrote it had diverged; {instead()}.")
 
     def weights(self, stats, step: int, lr: float) -> None:
         bad = float(stats[0])
@@ -171,10 +171,10 @@ class DivergenceGuard:
                       f"{'is' if len(unsafe) == 1 else 'are'} renamed diverged-checkpoint-N and never resumed)")
         if not finite and self.resumed and first_bad <= self.start + 1 and not self.lr_changed:
             # the same rate trained this run healthily up to the checkpoint: the checkpoint is the suspect
-            from .checkpoint import _earlier
+            from .checkpoint import resume_instead
             return DivergenceError(f"{what}, the first step after resuming from '{self.resumed}' at the rate that "
                                    f"run trained with, so that checkpoint (its weights or optimizer state) is the "
-                                   f"likely cause, not the learning rate; {_earlier(Path(self.resumed))}.")
+                                   f"likely cause, not the learning rate; {resume_instead(Path(self.resumed))}.")
         fix = (f"lower train.lr (the rate at that step was {lr:.3g}, train.lr={t.lr:g})" if t.grad_clip > 0 else
                f"turn on clipping (train.grad_clip=0 now, e.g. --set train.grad_clip=1.0) or lower train.lr "
                f"(the rate at that step was {lr:.3g})")
@@ -361,7 +361,7 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
     check_data_fits(cfg, data)
 
     folder = RunFolder(cfg)
-    par.agree(_first_error(folder.lock) if par.is_main else None)   # rank 0 owns the folder from here
+    par.agree(first_error(folder.lock) if par.is_main else None)   # rank 0 owns the folder from here
     try:
         guard = DivergenceGuard(cfg, Path(run.results_dir), start, DivergenceGuard.history(state), run.resume,
                                 changes, par.is_main)
@@ -371,7 +371,7 @@ def train(cfg: Config, parallel: Parallel | None = None, data: MNIST | None = No
         folder.release()
 
 
-def _first_error(fn, *args) -> Exception | None:
+def first_error(fn, *args) -> Exception | None:
     from .errors import user_errors
     try:
         fn(*args)
@@ -403,7 +403,7 @@ def _train(cfg, par, hooks, device, fast, start, samples_seen, changes, data, fo
         # healthy run's norm, or refused
         guard.check_loaded(weights(), run.resume)
     # Everything checked: only now may the folder's old contents change (truncate, discard).
-    par.agree(_first_error(folder.prepare, start) if par.is_main else None)
+    par.agree(first_error(folder.prepare, start) if par.is_main else None)
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
     if fast:
         # The fast path: batches drawn on the GPU, the whole loss compiled, losses read back only

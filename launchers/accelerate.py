@@ -43,7 +43,7 @@ from dit_core.model import DiT  # noqa: E402
 from dit_core.parallel.dist import TIMEOUT, DistParallel, check_batch_split, exit_process, watch_launcher  # noqa: E402
 from dit_core.logs import JsonlLogger  # noqa: E402
 from dit_core.rundir import RunFolder  # noqa: E402
-from dit_core.train import DivergenceGuard, _first_error, check_data_fits, check_moe  # noqa: E402
+from dit_core.train import DivergenceGuard, first_error, check_data_fits, check_moe  # noqa: E402
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -172,7 +172,7 @@ def main(argv=None):
     check_moe(cfg, ranks)                   # a mixture-of-experts DiT: single.py or moe.py
     check_deepspeed_config(accelerator, cfg)
     folder = RunFolder(cfg)
-    ranks.agree(_first_error(folder.lock) if ranks.is_main else None)
+    ranks.agree(first_error(folder.lock) if ranks.is_main else None)
     if accelerator.device.type == "cuda":           # fp32 parity runs compare exact float32 math
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.precision != "fp32"
 
@@ -202,7 +202,7 @@ def main(argv=None):
         guard.check_loaded(weights(), cfg.run.resume)
         apply_schedule(optimizer.optimizer, scheduler.scheduler, cfg, progress.step)
         loader = accelerator.skip_first_batches(loader, progress.step * t.grad_accum)
-    ranks.agree(_first_error(folder.prepare, start) if ranks.is_main else None)
+    ranks.agree(first_error(folder.prepare, start) if ranks.is_main else None)
     logger = None
     if accelerator.is_main_process:
         if changes:

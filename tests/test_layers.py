@@ -137,3 +137,14 @@ def test_the_checker_catches_an_upward_import_a_cycle_and_an_unmapped_module(tmp
     (pkg / "low.py").write_text("X = 1\n")                    # the upward import gone: the cycle goes with it
     (pkg / "__init__.py").write_text('"""Toy.\n\n    0  low, stray: the bottom\n    1  mid: x\n    2  top: y\n"""\n')
     assert problems(pkg) == []
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A name with a leading underscore is its module's own: another module that needs it gets a public name."""
+    found = []
+    for p in sorted((ROOT / "dit_core").rglob("*.py")) + sorted((ROOT / "launchers").glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("dit_core")):
+                found += [f"{p.relative_to(ROOT)}:{node.lineno} imports {a.name}" for a in node.names
+                          if a.name.startswith("_")]
+    assert not found, "\n".join(found)

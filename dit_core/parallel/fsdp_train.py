@@ -266,8 +266,8 @@ class FSDPStrategy(DistParallel):
 
 def memory_ledger(engine: FSDPEngine) -> dict:
     """Bytes this rank holds now, by category, from the tensors themselves (each storage counted once)."""
-    from .zero_report import _Tally
-    t, lay = _Tally(), engine.layout
+    from .zero_report import Tally
+    t, lay = Tally(), engine.layout
     for p in engine.params:
         t.add("parameters", lay.local(p))
         if p.grad is not None:

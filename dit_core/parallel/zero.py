@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import Config, ConfigError
-from ..checkpoint import (CheckpointError, _earlier, check_archives, foreign, read_training_state, torch_load,
+from ..checkpoint import (CheckpointError, resume_instead, check_archives, foreign, read_training_state, torch_load,
                           write_plain)
 from ..engine import EMA, Accumulating, apply_schedule, build_scheduler, ema_decay, weight_stats
 from .dist import DistParallel
@@ -336,7 +336,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
         text = f": {text.replace(repr(str(src / 'ds')), 'it')[:150]}" if text else ""
         raise CheckpointError(f"DeepSpeed cannot merge the partitions in '{src / 'ds'}' "
                               f"({e.__class__.__name__}{text}); the checkpoint is incomplete or corrupt: "
-                              f"{_earlier(src)}.") from None
+                              f"{resume_instead(src)}.") from None
     return write_plain(src, dst, state, sd)
 
 

@@ -27,7 +27,7 @@ CATEGORIES = ("parameters", "gradients", "optimizer", "buffers")
 
 # ---------------------------------------------------------------- memory
 
-class _Tally:
+class Tally:
     """Bytes per category, each storage counted once (flat buffers are shared by many views)."""
 
     def __init__(self):
@@ -72,7 +72,7 @@ def measure_memory(engine) -> dict:
     opt = engine.engine.optimizer          # DeepSpeed's ZeRO optimizer (or the client one, stage 0)
     inner = getattr(opt, "optimizer", opt)  # the torch AdamW inside it
     params = list(engine.model.parameters())
-    t = _Tally()
+    t = Tally()
     # Parameters: the module's weights. Stages 1-2 keep them as views of one flat buffer;
     # stage 3 keeps a partition (ds_tensor) and the full tensor only while gathered or persistent.
     for p in params:
