@@ -314,8 +314,36 @@ class RankFilesEngine(TorchEngine):
     def load_whole_state_dict(self, sd: dict) -> None:
         raise NotImplementedError
 
-    def check_layout(self, folder: Path, state: dict) -> None:
+    # What a subclass says about its layout, for the one check below: the launcher that resumes it, how the
+    # optimizer state is split, and the flags that describe a layout (state_info's keys: a dict -> "--tp-degree 2").
+    launcher = ""
+    split = "one file per rank"
+    layout_defaults: dict = {}
+
+    def layout_flags(self, d: dict) -> str:
         raise NotImplementedError
+
+    def resume_flags(self, d: dict) -> str:
+        return self.layout_flags(d)
+
+    def wrote(self, state: dict) -> bool:
+        """Whether `state` (a training_state.json) is this kind of engine's checkpoint."""
+        return state.get("engine") == self.name
+
+    def check_layout(self, folder: Path, state: dict) -> None:
+        """Only the layout that wrote the optimizer files resumes them: another kind of checkpoint, or this kind for
+        another layout, is one sentence naming the command that resumes it."""
+        if not self.wrote(state):
+            raise foreign(folder, state, self.launcher)
+        want = self.state_info()
+        have = {k: state.get(k, self.layout_defaults.get(k)) for k in want}
+        if have != want:
+            raise CheckpointError(
+                f"Checkpoint '{folder}' was written with {self.layout_flags(have)} on {have['world_size']} processes, "
+                f"not {self.layout_flags(want)} on {want['world_size']} processes; its optimizer state is "
+                f"{self.split}: resume with torchrun --nproc_per_node {have['world_size']} {self.launcher} "
+                f"{self.resume_flags(have)} (its model.pt and ema.pt are whole weights: launchers/single.py and "
+                f"python -m dit_core.evaluate read them).")
 
     def save(self, folder: Path) -> None:
         sd = self.whole_state_dict()

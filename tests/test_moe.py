@@ -148,7 +148,7 @@ def test_checkpoint_resumes_bitwise_and_holds_whole_weights(jobs, tmp_path):
     assert_parity(full[10:], resumed, rtol=0.0, steps=STEPS - 10)                   # bitwise, loss and norm
     model, cfg = model_from_checkpoint(D / "ckpt" / f"checkpoint-{STEPS}", ema=False)
     assert cfg.model.num_experts == 4 and moe_layers(model)[0].w1.shape[0] == 4     # every expert, gathered
-    assert "--ep-degree 2 on 2 processes, not 1 on 2" in logs["moe resumed by ep 1"]
+    assert "--ep-degree 2 on 2 processes, not --ep-degree 1 on 2 processes" in logs["moe resumed by ep 1"]
 
 
 def test_bad_layouts_through_the_launchers_are_one_sentence(jobs):

@@ -71,12 +71,18 @@ def test_two_ranks_sharing_every_layer_match_one_process(tp_runs, reference, tmp
 
 
 def test_tensor_parallel_layout_mismatch_is_one_sentence(tmp_path):
-    from dit_core.parallel.tensor import check_tp_layout
-    check_tp_layout(tmp_path, {"tp_degree": 2, "world_size": 4}, {"tp_degree": 2, "world_size": 4})
-    with pytest.raises(CheckpointError, match=r"--tp-degree 2 on 2 processes, not 2 on 4.*--nproc_per_node 2"):
-        check_tp_layout(tmp_path, {"tp_degree": 2, "world_size": 2}, {"tp_degree": 2, "world_size": 4})
+    """The one layout check every rank-files engine shares (dit_core.engine.RankFilesEngine.check_layout), as the
+    tensor-parallel engine fills it in: its layout is state_info(), here a DP 2 x TP 2 job's."""
+    from dit_core.parallel.tensor import TensorParallelEngine
+    engine = TensorParallelEngine.__new__(TensorParallelEngine)
+    engine.state_info = lambda: {"tp_degree": 2, "world_size": 4}
+    engine.check_layout(tmp_path, {"tp_degree": 2, "world_size": 4})
+    with pytest.raises(CheckpointError, match=r"--tp-degree 2 on 2 processes, not --tp-degree 2 on 4 processes; its "
+                                              r"optimizer state is sliced per rank: resume with torchrun "
+                                              r"--nproc_per_node 2 launchers/tp.py --tp-degree 2 \(its model.pt"):
+        engine.check_layout(tmp_path, {"tp_degree": 2, "world_size": 2})
     with pytest.raises(CheckpointError, match="written by a torch run, which launchers/tp.py cannot resume"):
-        check_tp_layout(tmp_path, {"step": 3}, {"tp_degree": 2, "world_size": 2})
+        engine.check_layout(tmp_path, {"step": 3})
 
 
 def test_dp2_x_tp2_matches_one_process(reference, jobs):

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, foreign
+from ..checkpoint import CheckpointError
 from ..config import ConfigError, ModelConfig
 from ..engine import EMA, RankFilesEngine, clip_by_norm_
 from ..model import MoEMlp, combine, moe_layers
@@ -173,18 +173,13 @@ class ExpertParallelEngine(RankFilesEngine):
     def load_whole_state_dict(self, sd):
         load_full_state_dict(self.model, sd, self.par.ep_rank, self.par.ep_size)
 
-    def check_layout(self, folder, state):
-        if "ep_degree" not in state:
-            raise foreign(folder, state, "launchers/moe.py")
-        want = self.state_info()
-        have = {k: state.get(k) for k in want}
-        if have != want:
-            raise CheckpointError(
-                f"Checkpoint '{folder}' was written with --ep-degree {have['ep_degree']} on {have['world_size']} "
-                f"processes, not {want['ep_degree']} on {want['world_size']}; its optimizer state is split by "
-                f"expert per rank: resume with torchrun --nproc_per_node {have['world_size']} launchers/moe.py "
-                f"--ep-degree {have['ep_degree']} (its model.pt and ema.pt are whole weights that python -m "
-                f"dit_core.evaluate reads).")
+    launcher, split = "launchers/moe.py", "split by expert per rank"
+
+    def wrote(self, state):
+        return "ep_degree" in state
+
+    def layout_flags(self, d):
+        return f"--ep-degree {d['ep_degree']}"
 
     def state_info(self) -> dict:
         return {"ep_degree": self.par.ep_size, "world_size": self.par.world_size}

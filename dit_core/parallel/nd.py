@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import CheckpointError, foreign
 from ..config import Config, ConfigError
 from ..engine import clip_by_norm_
 from ..model import DiT, patch_tokens
@@ -260,18 +259,16 @@ class NDEngine(PipelineEngine):
     def state_info(self) -> dict:
         return {"nd_flags": self.par.layout.flags(), "world_size": self.par.world_size}
 
-    def check_layout(self, folder, state):
-        if state.get("engine") != self.name:
-            raise foreign(folder, state, "launchers/nd.py")
-        want = self.state_info()
-        have = {k: state.get(k) for k in want}
-        if have != want:
-            raise CheckpointError(
-                f"Checkpoint '{folder}' was written with {have['nd_flags']} on {have['world_size']} processes, not "
-                f"{want['nd_flags']} on {want['world_size']} processes; its optimizer state is one file per rank, "
-                f"sliced for that layout: resume with torchrun --nproc_per_node {have['world_size']} launchers/nd.py "
-                f"{have['nd_flags']} (its model.pt and ema.pt are whole weights: launchers/single.py and python -m "
-                f"dit_core.evaluate read them).")
+    launcher, split, layout_defaults = "launchers/nd.py", "one file per rank, sliced for that layout", {}
+
+    def wrote(self, state):                        # not the pipeline's: an N-D checkpoint names its own engine
+        return state.get("engine") == self.name
+
+    def layout_flags(self, d):
+        return d["nd_flags"]
+
+    def resume_flags(self, d):
+        return d["nd_flags"]
 
 
 def mesh_record(par: NDStrategy) -> list[dict] | None:

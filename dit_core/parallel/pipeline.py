@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, foreign
 from ..config import Config, ConfigError
 from ..engine import EMA, RankFilesEngine, autocast_ctx, clip_by_norm_
 from ..model import DiT, sdpa_attention
@@ -391,24 +390,18 @@ class PipelineEngine(RankFilesEngine):
     def load_whole_state_dict(self, sd):
         self.stage.load_state_dict(self.stage.local_state(sd))
 
-    def check_layout(self, folder, state):
-        if state.get("engine") != "pipeline":
-            raise foreign(folder, state, "launchers/pipeline.py")
-        want = self.state_info()
-        have = {k: state.get(k, 1 if k == "virtual_stages" else None) for k in want}
-        if have != want:
-            def layout(d):
-                return (f"--pp-degree {d['pp_degree']}" + (f" --virtual-stages {d['virtual_stages']}"
-                                                           if d["virtual_stages"] != 1 else "")
-                        + f" on {d['world_size']} processes")
-            raise CheckpointError(
-                f"Checkpoint '{folder}' was written with {layout(have)}, not {layout(want)}; its optimizer state is "
-                f"one file per stage: resume with torchrun --nproc_per_node {have['world_size']} launchers/pipeline.py "
-                f"--pp-degree {have['pp_degree']}"
-                + (f" --schedule interleaved --virtual-stages {have['virtual_stages']}" if have["virtual_stages"] != 1
-                   else "")
-                + " (its model.pt and ema.pt are whole weights: launchers/single.py and python -m dit_core.evaluate "
-                  "read them).")
+    launcher, split, layout_defaults = "launchers/pipeline.py", "one file per stage", {"virtual_stages": 1}
+
+    def wrote(self, state):
+        return state.get("engine") == "pipeline"
+
+    def layout_flags(self, d):
+        return f"--pp-degree {d['pp_degree']}" + (f" --virtual-stages {d['virtual_stages']}"
+                                                  if d["virtual_stages"] != 1 else "")
+
+    def resume_flags(self, d):
+        return f"--pp-degree {d['pp_degree']}" + (f" --schedule interleaved --virtual-stages {d['virtual_stages']}"
+                                                  if d["virtual_stages"] != 1 else "")
 
     def make_ema(self):
         return PipelineEMA(self.stage, self.par)

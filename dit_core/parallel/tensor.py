@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
 from ..model import DiT
-from ..checkpoint import CheckpointError, foreign
 from ..engine import EMA, RankFilesEngine, clip_by_norm_
 from .ddp import DataParallel, MeshStrategy
 from .dist import DistEnv, check_degree
@@ -213,20 +212,6 @@ class TensorParallelEMA(EMA):
         load_full_state_dict(self.module, sd)
 
 
-def check_tp_layout(folder, state: dict, want: dict) -> None:
-    """The optimizer state of a TP checkpoint is one file per rank, sliced for its degree: only the same
-    TP degree and world size can resume it (its model.pt and ema.pt are whole and load anywhere)."""
-    if "tp_degree" not in state:
-        raise foreign(folder, state, "launchers/tp.py")
-    have = {k: state.get(k) for k in want}
-    if have != want:
-        raise CheckpointError(
-            f"Checkpoint '{folder}' was written with --tp-degree {have['tp_degree']} on {have['world_size']} "
-            f"processes, not {want['tp_degree']} on {want['world_size']}; its optimizer state is sliced per rank: "
-            f"resume with torchrun --nproc_per_node {have['world_size']} launchers/tp.py --tp-degree "
-            f"{have['tp_degree']}.")
-
-
 class TensorParallelEngine(RankFilesEngine):
     """Whole (gathered) weights in model.pt, one optimizer file per rank (its slices' moments)."""
 
@@ -239,8 +224,13 @@ class TensorParallelEngine(RankFilesEngine):
     def load_whole_state_dict(self, sd):
         load_full_state_dict(self.model, sd)
 
-    def check_layout(self, folder, state):
-        check_tp_layout(folder, state, self.state_info())
+    launcher, split = "launchers/tp.py", "sliced per rank"
+
+    def wrote(self, state):
+        return "tp_degree" in state
+
+    def layout_flags(self, d):
+        return f"--tp-degree {d['tp_degree']}"
 
     def state_info(self) -> dict:
         return {"tp_degree": self.par.mesh.inner_size, "world_size": self.par.world_size}
