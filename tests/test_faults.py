@@ -549,6 +549,18 @@ def children(pid):
     return [int(x) for x in out.split()]
 
 
+def stop_and_wait(job, worker: int, limit: float) -> tuple[float, str]:
+    """SIGSTOP one worker of `job`, wait for the job to end (at most `limit` s, then kill it): (seconds it took after
+    the stop, the job's stderr)."""
+    os.kill(worker, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        job.wait(timeout=limit)
+    finally:
+        kill_group(job)
+    return time.monotonic() - t0, job.stderr.read()
+
+
 @pytest.mark.parametrize("script", ["launchers/ddp.py", "launchers/pipeline.py"])
 def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, script):
     """DDP waits in a collective, the pipeline in a point-to-point receive: both are bounded."""
@@ -557,14 +569,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, script):
     assert wait_for(lambda: len(rows(d / "log.jsonl")) >= 3)
     workers = children(job.pid)
     assert len(workers) == 2
-    os.kill(workers[1], signal.SIGSTOP)
-    t0 = time.monotonic()
-    try:
-        job.wait(timeout=60)
-    finally:
-        kill_group(job)
-    took = time.monotonic() - t0
-    err = job.stderr.read()
+    took, err = stop_and_wait(job, workers[1], 60)
     assert job.returncode != 0 and "run.dist_timeout=5" in err, err[-2000:]
     assert took < 5 + 10, took                                   # the timeout plus a few seconds
     assert not [w for w in workers if alive(w)]
@@ -579,14 +584,7 @@ def test_a_rank_that_never_joins_ends_the_job_within_the_timeout(tmp_path, scrip
     job = popen(script, launcher_flags(10) + ["--results-dir", d, "--set", "run.dist_timeout=5"], nproc=2)
     assert wait_for(lambda: len(children(job.pid)) == 2, timeout=60, every=0.01)
     workers = children(job.pid)
-    os.kill(workers[1], signal.SIGSTOP)
-    t0 = time.monotonic()
-    try:
-        job.wait(timeout=120)
-    finally:
-        kill_group(job)
-    took = time.monotonic() - t0
-    err = job.stderr.read()
+    took, err = stop_and_wait(job, workers[1], 120)
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert job.returncode != 0 and errors, err[-2000:]
     # (torchrun's agent prints its own ChildFailedError report; the ranks print one sentence, no DistStoreError)
