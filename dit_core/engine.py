@@ -1,9 +1,10 @@
-"""Who does a step's backward and optimizer work: the `Parallel` seam a strategy plugs into, and the
-plain-PyTorch engine (backward, gradient sync, clipping, AdamW, the LR schedule, the EMA, its files).
+"""Who does a step's backward and optimizer work: the plain-PyTorch engine (backward, gradient sync, clipping,
+AdamW, the LR schedule, the EMA, its checkpoint files), the engine of strategies whose ranks hold different pieces of
+the model, and the small pieces every engine shares (autocast, the LR schedule, the EMA's update).
 
-A strategy is a `Parallel` (which slice of the global batch a rank sees, how the loss is reduced, how
-the gradient norm is clipped) plus the engine its `make_engine` returns. DeepSpeed (parallel/zero.py)
-and tensor parallelism (parallel/tensor.py) bring their own engines with the same members.
+What the loop calls on an engine is listed on one page in `strategy.py` (`Engine`); a strategy's `make_engine`
+returns one. DeepSpeed (parallel/zero.py), FSDP, tensor, pipeline and expert parallelism bring their own engines with
+the same members.
 """
 from __future__ import annotations
 
@@ -17,85 +18,7 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError, check_files, foreign, load_model_weights, read_training_state, torch_load
 from .config import Config, ConfigError
-from .diffusion import Diffusion
 from .model import DiT, sdpa_attention
-
-
-class Parallel:
-    """Single process. Parallel strategies (dit_core.parallel.*) provide the same few members."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device | None = None   # None: from run.device
-    trains_moe: bool = True              # one process: a mixture-of-experts DiT trains as any other
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def data_rank(self) -> int:
-        """Which slice of the global batch this rank trains on. Ranks that split one sample's work
-        (sequence or tensor parallelism) share a data rank."""
-        return self.rank
-
-    @property
-    def data_world_size(self) -> int:
-        return self.world_size
-
-    def loss(self, diffusion: Diffusion, model, x0, y, t, noise, drop) -> torch.Tensor:
-        """This rank's loss of one micro-batch (sequence parallelism: its share of it)."""
-        return diffusion.loss(model, x0, y, t, noise, drop)
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def no_sync(self, model: nn.Module):
-        """Context for micro-steps whose gradients must not be synchronised yet."""
-        return contextlib.nullcontext()
-
-    def finish_gradient_sync(self, model: nn.Module) -> None:
-        """Called after the last backward of a step, before clipping and the optimizer."""
-
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
-        """Clip to the norm of the whole model's gradient; returns the norm before clipping. (Tensor
-        parallelism overrides it: there each rank holds only slices of some gradients.)"""
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    def barrier(self) -> None:
-        """Wait for every rank (checkpoints written by several ranks)."""
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over every rank (counts: non-finite weights)."""
-        return t
-
-    def agree(self, error: Exception | None) -> None:
-        """Every rank learns rank 0's verdict: rank 0 found `error` (or None), and every rank raises it,
-        so a bad input stops all ranks with the same sentence instead of leaving them waiting."""
-        if error is not None:
-            raise error
-
-    def make_engine(self, model: nn.Module, cfg: Config, device: torch.device) -> "TorchEngine":
-        """Who does backward and the optimizer step. DeepSpeed hands back its own engine."""
-        return TorchEngine(model, self, cfg, device)
-
-
-class TrainHooks:
-    """Points inside a step where a measurement may look (every rank calls them): the loop calls them, a
-    strategy's engine calls `after_backward`, and a lab tool (bench, reports, chapters) overrides them."""
-
-    def step_begin(self, step: int, engine) -> None: ...
-
-    def after_backward(self, step: int, micro: int, engine) -> None: ...
-
-    def step_end(self, step: int, engine) -> None: ...
-
-    def logged(self, records: list, ema: "EMA", seconds: float) -> None:
-        """Rank 0, after `records` (one per step) were read back and written; `seconds` since the
-        loop started, the GPU's work included (reading the loss waited for it)."""
 
 
 def compiled(fn, mode: str):
@@ -109,6 +32,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device='cuda' but no CUDA GPU is visible; use --device cpu or --device auto.")
     return torch.device(name)
+
+
+def use_tf32(device: torch.device, precision: str) -> None:
+    """TF32 matmuls on a CUDA GPU for mixed precision only: fp32 runs are the parity proofs, which compare exact
+    float32 math (TF32 rounds a matmul's inputs to 10 bits of mantissa)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = precision != "fp32"
 
 
 def autocast_ctx(precision: str, device: torch.device):
@@ -204,21 +135,21 @@ class TorchEngine(Accumulating):
     saves_on_every_rank = False      # DeepSpeed: every rank writes its own partition
     gradients_are_whole = True       # after the sync every rank holds every parameter's whole gradient
 
-    def __init__(self, model: nn.Module, par: Parallel, cfg: Config, device: torch.device):
-        t = cfg.train
-        self.model, self.par, self.cfg = model, par, cfg
-        self.autocast = t.precision      # fp32 params, bf16/fp16 matmuls (DeepSpeed casts the model instead)
+    def __init__(self, model: nn.Module, strategy, cfg: Config, device: torch.device):   # strategy: a Strategy
+        tc = cfg.train
+        self.model, self.strategy, self.cfg = model, strategy, cfg
+        self.autocast = tc.precision      # fp32 params, bf16/fp16 matmuls (DeepSpeed casts the model instead)
         self.optimizer, self.scheduler = build_optimizer(model, cfg, device)
-        self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
-        self.accum = t.grad_accum
-        self.clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        self.scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
+        self.accum = tc.grad_accum
+        self.clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.wrapped = par.wrap(model)
-        self.forward = compiled(self.wrapped, t.compile_mode) if t.compile else self.wrapped
+        self.wrapped = strategy.wrap(model)
+        self.forward = compiled(self.wrapped, tc.compile_mode) if tc.compile else self.wrapped
 
     def micro_step(self, last: bool):
         """Context of one micro-batch's forward and backward: only the last one synchronises."""
-        return contextlib.nullcontext() if last else self.par.no_sync(self.wrapped)
+        return contextlib.nullcontext() if last else self.strategy.no_sync(self.wrapped)
 
     def backward(self, loss: torch.Tensor) -> None:
         # Each micro-batch is 1/accum of this rank's share: the gradient of the mean.
@@ -231,12 +162,12 @@ class TorchEngine(Accumulating):
     def step(self) -> torch.Tensor:
         """Synchronise, clip, step, zero, schedule; returns the gradient norm before clipping (a
         tensor: reading it would make the host wait for the GPU, so the loop reads it at log steps)."""
-        self.par.finish_gradient_sync(self.wrapped)
+        self.strategy.finish_gradient_sync(self.wrapped)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.grad_probe is not None:
             self.grad_probe(self)
-        grad_norm = self.par.clip_grad_norm_(self.params, self.clip)
+        grad_norm = self.strategy.clip_grad_norm_(self.params, self.clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -347,16 +278,16 @@ class RankFilesEngine(TorchEngine):
 
     def save(self, folder: Path) -> None:
         sd = self.whole_state_dict()
-        if self.par.is_main:
+        if self.strategy.is_main:
             torch.save(sd, folder / "model.pt")
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   folder / f"optimizer-rank{self.par.rank}.pt")
+                   folder / f"optimizer-rank{self.strategy.rank}.pt")
 
     def load(self, folder: Path, device: torch.device) -> None:
         from .checkpoint import load_state_file
         state = read_training_state(folder)
         self.check_layout(folder, state)
-        name = f"optimizer-rank{self.par.rank}.pt"
+        name = f"optimizer-rank{self.strategy.rank}.pt"
         check_files(folder, ("model.pt", name))
         self.load_whole_state_dict(load_state_file(folder / "model.pt", device))
         opt = torch_load(folder / name, device)
@@ -397,26 +328,26 @@ def apply_schedule(optimizer, scheduler, cfg: Config, step: int) -> None:
     take effect at `step`, as if the run had used them from the start. (LambdaLR's state holds its
     base rates, and AdamW's param groups their lr, betas and decay: loaded as they were, they would
     silently override the command line.) Unchanged settings give bitwise the rates of the checkpoint."""
-    t = cfg.train
-    scheduler.base_lrs = [t.lr for _ in optimizer.param_groups]
-    lrs = [t.lr * lr_factor(step, t.warmup_steps, t.max_steps, t.min_lr_ratio) for _ in optimizer.param_groups]
+    tc = cfg.train
+    scheduler.base_lrs = [tc.lr for _ in optimizer.param_groups]
+    lrs = [tc.lr * lr_factor(step, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio) for _ in optimizer.param_groups]
     for g, lr in zip(optimizer.param_groups, lrs):
-        g["initial_lr"], g["lr"] = t.lr, lr
-        g["betas"], g["weight_decay"] = tuple(t.betas), t.weight_decay
+        g["initial_lr"], g["lr"] = tc.lr, lr
+        g["betas"], g["weight_decay"] = tuple(tc.betas), tc.weight_decay
     scheduler._last_lr = lrs
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device):
-    t = cfg.train
+    tc = cfg.train
     fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                             **({"fused": True} if fused else {}))
     return opt, build_scheduler(opt, cfg)
 
 
 def build_scheduler(optimizer, cfg: Config):
-    t = cfg.train
+    tc = cfg.train
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
 
 

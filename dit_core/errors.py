@@ -36,3 +36,13 @@ def os_failure(e: OSError) -> str:
     if e.errno == errno.ENOSPC:
         return f"the disk is full (writing{where}); free space, then resume from the latest checkpoint."
     return f"{e.strerror or e.__class__.__name__}{where}; check the path and its permissions."
+
+
+def first_error(fn, *args) -> Exception | None:
+    """Run `fn(*args)`; the user error it raised (one of USER_ERRORS), or None. Rank 0 checks something this way and
+    the strategy's `agree` hands the verdict to every rank."""
+    try:
+        fn(*args)
+    except USER_ERRORS as e:
+        return e
+    return None

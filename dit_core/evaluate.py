@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import data_dir, load_mnist
+from .scratch import write_atomic
 
 CLASSIFIER_FILE = "classifier-v1.pt"
 
@@ -113,10 +114,7 @@ def load_classifier(device="cpu", verbose: bool = True) -> tuple[MnistCNN, float
     if verbose:
         print("[classifier] training the MNIST classifier used for evaluation ...", file=sys.stderr, flush=True)
     clf, acc = train_classifier(device, verbose=verbose)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": clf.state_dict(), "test_accuracy": acc}, tmp)
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: torch.save({"state_dict": clf.state_dict(), "test_accuracy": acc}, tmp))
     return clf, acc
 
 

@@ -10,7 +10,6 @@ graph exactly as with the module. Needs the `onnx` extra: pip install -e ".[onnx
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .checkpoint import checkpoint_steps
 from .config import Config, ConfigError
+from .scratch import write_atomic
 
 try:
     import fcntl
@@ -160,18 +161,18 @@ def check_output(path, flag: str, example: str | None = None) -> None:
                           f"give a path in a folder you can write to.") from None
 
 
-def check_outputs(par, outputs: dict) -> None:
+def check_outputs(strategy, outputs: dict) -> None:
     """Rank 0 checks every {flag: path} the run writes at its end (check_output; None: not asked for), and every rank
     stops with its sentence, before the run's work starts."""
     error = None
-    if par.is_main:
+    if strategy.is_main:
         try:
             for flag, path in outputs.items():
                 if path:
                     check_output(path, flag)
         except ConfigError as e:
             error = e
-    par.agree(error)
+    strategy.agree(error)
 
 
 def _take(path: Path, refused, stamp: bool = True):
@@ -222,6 +223,4 @@ def truncate_log(path: Path, start: int) -> None:
         for r in _read_rows(path):
             if r["step"] < start:
                 rows[r["step"]] = r
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(rows[s]) + "\n" for s in sorted(rows)))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(rows[s]) + "\n" for s in sorted(rows))))

@@ -1,4 +1,4 @@
-"""Scratch folders that go away by themselves.
+"""Scratch folders that go away by themselves, and the one way a file is written whole or not at all.
 
 Every temporary folder the library, the tools, the tests and the chapters make (run logs, checkpoints of a parity
 run, a chapter's small experiments) is made here, inside one folder per process that is removed when that process
@@ -42,3 +42,24 @@ def scratch_root() -> Path:
 def scratch_dir(prefix: str = "dit-") -> Path:
     """A new empty folder inside this process's scratch folder."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_root()))
+
+
+def write_atomic(path, write) -> Path:
+    """Write `path` whole or not at all: `write(tmp)` writes a temporary file beside it (same folder, so same disk),
+    which is flushed to disk and renamed over `path`. A crash leaves the old file or the new one, never half of one;
+    a write that fails removes the temporary file. Every file the project rewrites in place goes through here
+    (caches, the log truncated on resume, gradient dumps); checkpoint folders are published the same way, a folder
+    at a time (`checkpoint.publish`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -31,19 +31,20 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, Gradient
 from torch.utils.data import DataLoader  # noqa: E402
 
 from dit_core.batch import GlobalBatchStream, stack_samples  # noqa: E402
-from dit_core.checkpoint import (CheckpointError, check_finite, check_resume, foreign,  # noqa: E402
-                                 read_training_state, write_failed, write_manifest, written_whole)
+from dit_core.checkpoint import (CheckpointError, check_finite, foreign, publish, resume_point,  # noqa: E402
+                                 write_failed, written_whole)
 from dit_core.config import ConfigError  # noqa: E402
 from dit_core.cli import config_from_args, launcher_parser  # noqa: E402
-from dit_core.data import load_mnist  # noqa: E402
-from dit_core.diffusion import Diffusion  # noqa: E402
-from dit_core.engine import EMA, apply_schedule, build_optimizer, weight_stats  # noqa: E402
+from dit_core.data import check_data_fits, load_mnist  # noqa: E402
+from dit_core.engine import EMA, apply_schedule, build_optimizer, use_tf32, weight_stats  # noqa: E402
+from dit_core.errors import first_error  # noqa: E402
+from dit_core.guard import DivergenceGuard  # noqa: E402
 from dit_core.process import run_main  # noqa: E402
 from dit_core.model import DiT  # noqa: E402
-from dit_core.parallel.dist import TIMEOUT, DistParallel, check_batch_split, exit_process, watch_launcher  # noqa: E402
+from dit_core.parallel.dist import TIMEOUT, DistStrategy, check_batch_split, exit_process, watch_launcher  # noqa: E402
 from dit_core.logs import JsonlLogger  # noqa: E402
 from dit_core.rundir import RunFolder  # noqa: E402
-from dit_core.train import DivergenceGuard, first_error, check_data_fits, check_moe  # noqa: E402
+from dit_core.objective import Objective  # noqa: E402
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -125,11 +126,10 @@ def save(accelerator, folder: Path, model, ema: EMA, progress: Progress, cfg, gu
                 indent=1))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_manifest(tmp)                                        # every file's sha256, checked on reading
-            os.rename(tmp, folder)
+            publish(tmp, folder)                   # every file's sha256 into the manifest, flushed, then renamed
 
 
-class Ranks(DistParallel):
+class AccelerateRanks(DistStrategy):
     """rank 0's verdicts shared with every process (no-op for one process)."""
 
     def __init__(self, accelerator):
@@ -150,49 +150,42 @@ class Ranks(DistParallel):
 def main(argv=None):
     args = launcher_parser(__doc__.splitlines()[0]).parse_args(argv)
     cfg = config_from_args(args)
-    t = cfg.train
+    tc = cfg.train
     if cfg.run.dump_grads:
         raise ConfigError("--dump-grads is written by dit_core's training loop, and launchers/accelerate.py runs "
                           "Accelerate's own loop; dump from launchers/ddp.py or launchers/zero.py, the same backends.")
-    start, changes, state = 0, [], {}
-    if cfg.run.resume:
-        state = read_training_state(cfg.run.resume)
-        if state.get("engine") != "accelerate" or not (Path(cfg.run.resume) / "accelerate").is_dir():
-            raise foreign(Path(cfg.run.resume), state, "launchers/accelerate.py")
-        changes = check_resume(state, cfg, Path(cfg.run.resume))
-        start = state["step"]
-        if start > t.max_steps:
-            raise ConfigError(f"--resume '{cfg.run.resume}' is at step {start}, past train.max_steps={t.max_steps}; "
-                              f"raise --max-steps.")
+    resume = resume_point(cfg)                    # the core's preflight: verified, checked, within max_steps
+    start, changes, state = resume.start, resume.changes, resume.state
+    if cfg.run.resume and (state.get("engine") != "accelerate" or not (Path(cfg.run.resume) / "accelerate").is_dir()):
+        raise foreign(Path(cfg.run.resume), state, "launchers/accelerate.py")
     accelerator = make_accelerator(cfg)
-    ranks = Ranks(accelerator)
+    strategy = AccelerateRanks(accelerator)
     if accelerator.num_processes > 1:
         watch_launcher()
-    check_batch_split(t.global_batch_size, accelerator.num_processes, t.grad_accum)
-    check_moe(cfg, ranks)                   # a mixture-of-experts DiT: single.py or moe.py
+    check_batch_split(tc.global_batch_size, accelerator.num_processes, tc.grad_accum)
+    Objective.check(cfg, strategy)             # a mixture-of-experts DiT: single.py or moe.py
     check_deepspeed_config(accelerator, cfg)
     folder = RunFolder(cfg)
-    ranks.agree(first_error(folder.lock) if ranks.is_main else None)
-    if accelerator.device.type == "cuda":           # fp32 parity runs compare exact float32 math
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.precision != "fp32"
+    strategy.agree(first_error(folder.lock) if strategy.is_main else None)
+    use_tf32(accelerator.device, tc.precision)        # fp32 parity runs compare exact float32 math
 
-    torch.manual_seed(t.seed)                        # same initial weights everywhere
+    torch.manual_seed(tc.seed)                        # same initial weights everywhere
     model = DiT(cfg.model)
     optimizer, scheduler = build_optimizer(model, cfg, accelerator.device)
-    data = load_mnist("train", "cpu", t.train_subset)
+    data = load_mnist("train", "cpu", tc.train_subset)
     check_data_fits(cfg, data)
-    stream = GlobalBatchStream(t.seed, t.global_batch_size, t.max_steps, data, cfg.diffusion.timesteps,
+    stream = GlobalBatchStream(tc.seed, tc.global_batch_size, tc.max_steps, data, cfg.diffusion.timesteps,
                                cfg.diffusion.label_dropout, (cfg.model.in_channels, cfg.model.image_size,
                                                              cfg.model.image_size),
-                               accelerator.num_processes, t.grad_accum)
-    loader = DataLoader(stream, batch_size=t.global_batch_size // t.grad_accum, collate_fn=stack_samples)
+                               accelerator.num_processes, tc.grad_accum)
+    loader = DataLoader(stream, batch_size=tc.global_batch_size // tc.grad_accum, collate_fn=stack_samples)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     ema, progress = EMA(accelerator.unwrap_model(model)), Progress()
     accelerator.register_for_checkpointing(ema, progress)
     results = Path(cfg.run.results_dir)
     guard = DivergenceGuard(cfg, results, start, DivergenceGuard.history(state), cfg.run.resume, changes,
                             accelerator.is_main_process)
-    weights = lambda: ranks.all_reduce_sum(weight_stats(model.parameters())).tolist()   # noqa: E731
+    weights = lambda: strategy.all_reduce_sum(weight_stats(model.parameters())).tolist()   # noqa: E731
     guard.baseline(weights())                        # the freshly initialised weights' norm
 
     if cfg.run.resume:
@@ -201,8 +194,8 @@ def main(argv=None):
         check_finite(ema.state_dict(), Path(cfg.run.resume) / "accelerate")
         guard.check_loaded(weights(), cfg.run.resume)
         apply_schedule(optimizer.optimizer, scheduler.scheduler, cfg, progress.step)
-        loader = accelerator.skip_first_batches(loader, progress.step * t.grad_accum)
-    ranks.agree(first_error(folder.prepare, start) if ranks.is_main else None)
+        loader = accelerator.skip_first_batches(loader, progress.step * tc.grad_accum)
+    strategy.agree(first_error(folder.prepare, start) if strategy.is_main else None)
     logger = None
     if accelerator.is_main_process:
         if changes:
@@ -210,8 +203,8 @@ def main(argv=None):
                   f"{start} (lr now {scheduler.get_last_lr()[0]:.3g})", file=sys.stderr, flush=True)
         logger = JsonlLogger(folder.log, append=True)
 
-    diffusion = Diffusion(cfg.diffusion, accelerator.device)
-    clip = t.grad_clip if t.grad_clip > 0 else math.inf
+    objective = Objective(cfg, accelerator.device)  # the loss of a micro-batch, as in dit_core's loop
+    clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
     model.train()
     loss_sum = torch.zeros((), device=accelerator.device)
     t0 = time.perf_counter()
@@ -219,7 +212,7 @@ def main(argv=None):
         with accelerator.accumulate(model):          # no gradient sync until the last micro-step
             if accelerator.sync_gradients:
                 lr = scheduler.get_last_lr()[0]      # the rate this step uses (DeepSpeed steps it in backward)
-            loss = diffusion.loss(model, x0, y, tt, noise, drop)
+            loss = objective(model, x0, y, tt, noise, drop)
             accelerator.backward(loss)               # divides by the accumulation steps
             if accelerator.sync_gradients:
                 # Under DeepSpeed, backward has already clipped and stepped: this returns that step's norm.
@@ -230,19 +223,19 @@ def main(argv=None):
         loss_sum += loss.detach()
         if not accelerator.sync_gradients:
             continue
-        ema.update(accelerator.unwrap_model(model), t.ema_decay, progress.step)
-        mean_loss = accelerator.reduce(loss_sum / t.grad_accum, reduction="mean").item()
+        ema.update(accelerator.unwrap_model(model), tc.ema_decay, progress.step)
+        mean_loss = accelerator.reduce(loss_sum / tc.grad_accum, reduction="mean").item()
         loss_sum.zero_()
-        progress.samples_seen += t.global_batch_size
+        progress.samples_seen += tc.global_batch_size
         if accelerator.is_main_process:
             logger.write({"step": progress.step, "loss": mean_loss, "grad_norm": float(grad_norm), "lr": lr,
                           "samples_seen": progress.samples_seen})
-            if progress.step % t.log_every == 0:
+            if progress.step % tc.log_every == 0:
                 accelerator.print(f"step {progress.step}: loss {mean_loss:.4f}")
         guard.step(progress.step, mean_loss, float(grad_norm), lr)
         guard.weights(weights(), progress.step, lr)
         progress.step += 1
-        if t.ckpt_every and progress.step % t.ckpt_every == 0 and progress.step != t.max_steps:
+        if tc.ckpt_every and progress.step % tc.ckpt_every == 0 and progress.step != tc.max_steps:
             save(accelerator, results / f"checkpoint-{progress.step}", model, ema, progress, cfg, guard.state())
     seconds = time.perf_counter() - t0
     if progress.step > start or not cfg.run.resume:

@@ -28,7 +28,7 @@ def main(argv=None):
     env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
     check_context_parallel(cfg.model, args.cp_degree, args.ulysses_degree, env.world_size)
     strategy = ContextStrategy(env, args.cp_degree, args.ulysses_degree, args.broken)
-    result = train(cfg, parallel=strategy, quiet=not env.is_main)
+    result = train(cfg, strategy=strategy, quiet=not env.is_main)
     if env.is_main:
         m = strategy.mesh
         print(f"[context parallel, DP {m.dp_size} x (Ulysses {args.ulysses_degree} x Ring {args.cp_degree}), "

@@ -26,7 +26,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
-    result = train(cfg, parallel=DDPStrategy(env, args.impl, args.bucket_cap_mb, args.seed_by_rank, args.broken),
+    result = train(cfg, strategy=DDPStrategy(env, args.impl, args.bucket_cap_mb, args.seed_by_rank, args.broken),
                    quiet=not env.is_main)
     if env.is_main:
         print(f"[{args.impl}, {env.world_size} x {env.backend}] {result.summary()}")

@@ -33,7 +33,7 @@ def main(argv=None):
                             broken=args.broken)
     check_outputs(strategy, {"--report": args.report})          # before the work, not after it
     hooks = FSDPReport(args.report, cfg, strategy) if args.report else None
-    result = train(cfg, parallel=strategy, quiet=not env.is_main, hooks=hooks)
+    result = train(cfg, strategy=strategy, quiet=not env.is_main, hooks=hooks)
     if env.is_main:
         print(f"[FSDP {args.impl}, {env.world_size} x {env.backend}] {result.summary()}")
     return result

@@ -25,7 +25,7 @@ def main(argv=None):
     env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
     check_expert_parallel(cfg.model, args.ep_degree, env.world_size)
     strategy = ExpertStrategy(env, args.ep_degree, args.broken)
-    result = train(cfg, parallel=strategy, quiet=not env.is_main)
+    result = train(cfg, strategy=strategy, quiet=not env.is_main)
     if env.is_main:
         print(f"[expert parallel, DP {strategy.dp_size} x EP {args.ep_degree}, {cfg.model.num_experts} experts, "
               f"top-{cfg.model.top_k}, {env.backend}] {result.summary()}")

@@ -47,7 +47,7 @@ def main(argv=None):
         print(f"[nd] {mesh_picture(layout)}")
         if layout.pp > 1:
             print(f"[nd] {describe_split(cfg.model.depth, layout.pp)}")
-    result = train(cfg, parallel=strategy, quiet=not env.is_main)
+    result = train(cfg, strategy=strategy, quiet=not env.is_main)
     if env.is_main:
         (Path(cfg.run.results_dir) / "mesh.json").write_text(json.dumps(record, indent=1))
         print(f"[nd {layout}, {args.schedule} M {microbatches}, {env.backend}] {result.summary()}")

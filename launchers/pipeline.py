@@ -14,8 +14,8 @@ from dit_core.config import ConfigError  # noqa: E402
 from dit_core.cli import config_from_args, launcher_parser  # noqa: E402
 from dit_core.process import run_main  # noqa: E402
 from dit_core.parallel.dist import finish, init_from_env  # noqa: E402
-from dit_core.parallel.pipeline import (SCHEDULES, PipelineStrategy, TorchPipelineEngine, check_pipeline,  # noqa: E402
-                                      describe_split)
+from dit_core.parallel.pipeline import SCHEDULES, check_pipeline, describe_split  # noqa: E402
+from dit_core.parallel.pipeline_train import PipelineStrategy, TimelineHooks, TorchPipelineEngine  # noqa: E402
 from dit_core.rundir import check_outputs  # noqa: E402
 from dit_core.train import train  # noqa: E402
 
@@ -49,9 +49,8 @@ def main(argv=None):
         print(f"[pipeline] {describe_split(cfg.model.depth, args.pp_degree, args.virtual_stages)}")
     hooks = None
     if args.timeline:
-        from dit_core.parallel.pipeline import TimelineHooks
         hooks = TimelineHooks(strategy)
-    result = train(cfg, parallel=strategy, quiet=not env.is_main, hooks=hooks)
+    result = train(cfg, strategy=strategy, quiet=not env.is_main, hooks=hooks)
     if args.timeline:
         hooks.write(args.timeline, cfg)
     if env.is_main:

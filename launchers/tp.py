@@ -25,7 +25,7 @@ def main(argv=None):
     env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
     check_tensor_parallel(cfg.model, args.tp_degree, env.world_size)
     strategy = TensorParallelStrategy(env, args.tp_degree, args.broken)
-    result = train(cfg, parallel=strategy, quiet=not env.is_main)
+    result = train(cfg, strategy=strategy, quiet=not env.is_main)
     if env.is_main:
         m = strategy.mesh
         print(f"[tensor parallel, DP {m.dp_size} x TP {m.inner_size}, {env.backend}] {result.summary()}")

@@ -26,7 +26,7 @@ def main(argv=None):
     env = init_from_env(cfg.run.device, timeout=cfg.run.dist_timeout)
     check_sequence_parallel(cfg.model, args.sp_degree, env.world_size)
     strategy = UlyssesStrategy(env, args.sp_degree, args.broken)
-    result = train(cfg, parallel=strategy, quiet=not env.is_main)
+    result = train(cfg, strategy=strategy, quiet=not env.is_main)
     if env.is_main:
         m = strategy.mesh
         print(f"[Ulysses, DP {m.dp_size} x SP {m.inner_size}, {env.backend}] {result.summary()}")

@@ -41,7 +41,7 @@ def main(argv=None):
     if args.report:
         from dit_core.parallel.zero_report import StepReport
         hooks = StepReport(args.report, cfg, strategy)
-    result = train(cfg, parallel=strategy, quiet=not env.is_main, hooks=hooks)
+    result = train(cfg, strategy=strategy, quiet=not env.is_main, hooks=hooks)
     if env.is_main:
         print(f"[ZeRO-{args.stage}, {env.world_size} x {env.backend}] {result.summary()}")
     return result

@@ -59,7 +59,7 @@ HTML(difflib.HtmlDiff(wrapcolumn=70).make_table(ours, theirs, "dit_core/train.py
 # %% [markdown]
 # **What to notice.** The steps correspond: batch, micro-steps, forward and loss, backward, clip, step, EMA, the
 # all-ranks mean of the loss for the log, checkpoint. Where the project calls `engine.run_step` (forward, loss and
-# backward of every micro-batch, inside it), `engine.step` (clip and step) and `par.all_reduce_mean`, Accelerate has
+# backward of every micro-batch, inside it), `engine.step` (clip and step) and `strategy.all_reduce_mean`, Accelerate has
 # `accelerator.accumulate`/`accelerator.backward`, `clip_grad_norm_`/`optimizer.step`, and `accelerator.reduce`. The
 # batch is no longer computed from the step in the loop: it comes out of a data loader that
 # Accelerate has prepared.

@@ -218,7 +218,7 @@ plt.tight_layout(); plt.show()
 # number of pipelines.
 
 # %%
-from dit_core.parallel.pipeline import PipelineEngine
+from dit_core.parallel.pipeline_train import PipelineEngine
 print(inspect.getsource(PipelineEngine.run_step))
 
 # %% [markdown]

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 from dit_core.config import load_config
-from dit_core.model import DiT, MoEMlp, balance_loss, dispatch_local, moe_layers, count_parameters
+from dit_core.model import DiT, count_parameters
+from dit_core.moe import MoEMlp, balance_loss, dispatch_local, moe_layers
 from dit_core.parallel import expert
 from dit_core.parity import run_mixed, run_here, parity, format_table, compare, SUM_ORDER
 from dit_core.plots import parity_curves
@@ -387,7 +388,7 @@ print("... but none to the last block's experts or the final layer, which act af
 # where its row came from, and each expert's gradient sums every rank's tokens.
 
 # %%
-print(inspect.getsource(expert.AllToAll))
+print(inspect.getsource(expert.RouteRowsAllToAll))
 print(inspect.getsource(expert.ExpertDispatch.__call__))
 
 # %% [markdown]
@@ -427,7 +428,7 @@ print(f"rows sent to the other rank: rank 0 {table[0, 2:].sum()}, rank 1 {table[
 # weights, every expert parameter) with the whole layer in one process, for EP groups of 2 and 4; again with an
 # **unbalanced** routing in which no token chooses expert 1 (at P = 4 its rank receives nothing, yet must still
 # take part in every all-to-all of forward and backward). The same job counts, at the collective
-# (`dit_core.parallel.zero_report.CommCounter` wraps `torch.distributed.all_to_all_single`), the bytes each rank's
+# (`dit_core.parallel.measure.CommCounter` wraps `torch.distributed.all_to_all_single`), the bytes each rank's
 # all-to-alls carry in one layer's forward and backward (P = 4), and compares them with what the routing says, from
 # the counts of every rank's choices: the sizes, the rows for this rank's expert from every rank, and this rank's own
 # rows coming back, then the same two exchanges reversed. Then training against one process: EP 2 (2 processes),

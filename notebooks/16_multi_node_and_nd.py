@@ -278,7 +278,7 @@ for L in (L3, L4):
 #   over the cp group) in every block, on this rank's slice of every image's tokens (`token_slice`, coordinate c).
 #   The pipeline's executor sends the packed activations of those tokens along the pp group.
 # * **The loss.** With C > 1 the last stage holds only its tokens of the prediction. Its share of a micro-batch's loss
-#   is its tokens' error divided by the *whole* micro-batch's element count (`ulysses.token_loss`, chapter 09), so the
+#   is its tokens' error divided by the *whole* micro-batch's element count (`Diffusion.token_error`, used by the objective for chapter 09's Ulysses too), so the
 #   C shares add up to the mean.
 # * **The reductions.** After the schedule, one all-reduce of the gradients over the **dp x cp** group, divided by
 #   D. The cp ranks hold partial gradients of the same images (*summed*); the dp ranks hold gradients of different

@@ -299,6 +299,15 @@ print(f"{'3. bf16 autocast':58s} {(none['start'] + act * r_cuda + once[amp_]) / 
 print(f"{'4. ZeRO-3 / FSDP over 8 GPUs (model states / 8)':58s} {(none['peak'] - none['start'] * 7 / 8) / 2 ** 30:9.1f}"
       f"  (arithmetic) communication; here it saves {none['start'] * 7 / 8 / 2 ** 30:.1f} GiB")
 
+# Row 3 measured: one training step of the same DiT at batch 256 on one H100 (torch 2.11; `dit_core.memory.step_memory`
+# in fp32 and under bf16 autocast, recorded in docs/measurements/1xh100-2026-12-06-session/bf16_memory.json)
+h100 = json.load(open("docs/measurements/1xh100-2026-12-06-session/bf16_memory.json"))["step"]       # cwd: the repository root
+above = {k: h100[k]["after_forward"] - h100[k]["start"] for k in ("fp32", "bf16")}
+print(f"{'3, measured on one H100: fp32 peak':58s} {h100['fp32']['peak'] / 2 ** 30:9.1f}")
+print(f"{'3, measured on one H100: bf16 autocast peak':58s} {h100['bf16']['peak'] / 2 ** 30:9.1f}"
+      f"  activations {above['bf16'] / above['fp32']:.3f} x fp32's (the CPU count with CUDA's rule: {r_cuda:.3f})")
+print("the CPU count predicts the GPU's activation ratio within 2%:", abs(above["bf16"] / above["fp32"] / r_cuda - 1) < 0.02)
+
 # %% [markdown]
 # Batch and accumulation come first because they change nothing about the result (chapter 04 proved accumulation
 # equals the large batch). Recomputation changes only the time, bf16 changes the numerics within the curve
@@ -313,8 +322,10 @@ print(f"{'4. ZeRO-3 / FSDP over 8 GPUs (model states / 8)':58s} {(none['peak'] -
 # autocast to float32): each block's two LayerNorms keep their input, statistics and output in 4 bytes. On top
 # comes what is kept once per step, 61.6 MiB here: autocast's bf16 copies of the weights, about 2 bytes per
 # parameter, held from their first use in forward until backward has used them. Row 3 is therefore 11.3 GiB, not
-# the 9.4 GiB that halving would give. It is still arithmetic on a CPU count; on a GPU,
-# `torch.cuda.max_memory_allocated` with and without autocast is the measurement.
+# the 9.4 GiB that halving would give. That row is arithmetic on a CPU count; the measurement is
+# `torch.cuda.max_memory_allocated` with and without autocast on a GPU, made once on one H100 (the last three lines):
+# there the step's activations under bf16 are 0.603x fp32's, the ratio the CPU count with CUDA's LayerNorm rule
+# predicts, and the peak 11.5 GiB (that H100 run's fp32 peak was 18.5 GiB, the H200's 18.3).
 #
 # ## 4. A 2-D rotary position embedding
 #
@@ -862,11 +873,11 @@ print("H200, 3000 steps: each wider model ends lower, and the frontier's loss fa
 # %% [markdown]
 # ## 中文要点
 #
-# 显存：模型状态（参数、梯度、AdamW 两个动量，fp32 共 16 字节/参数）常驻；激活在前向与反向之间存在，随批量×token×隐藏维度×层数增长，峰值出现在前向结束、反向开始之时。单个 block 的激活公式与本机 CPU 上的计数完全一致（H200 上逐 block 实测相差 0.3%）。
+# 内存（在 GPU 上即显存）：模型状态（参数、梯度、AdamW 两个动量，fp32 共 16 字节/参数）常驻；激活在前向与反向之间存在，随批量×token×隐藏维度×层数增长，峰值出现在前向结束、反向开始之时。单个 block 的激活公式与本机 CPU 上的计数完全一致（H200 上逐 block 实测相差 0.3%）。
 #
 # 激活重计算：`train.recompute=full` 每个 block 只保存输入，反向时重算。用 `parity(..., BITWISE)` 逐步比较损失和梯度范数，三种重算方式都与保存全部激活逐位相同（PASS）。H200 上重算 12 个 block 把峰值从 18.3 GiB 降到 3.0 GiB，时间多 33%。只重算注意力核心几乎不省显存（融合注意力本就不保存 S×S 分数）。`save_on_cpu` 更省显存，但耗时为 4.7 倍。
 #
-# 内存不足（OOM）：在本机 CPU 上用 2 GiB 的 `RLIMIT_DATA` 复现：batch 8192 的一步内存不足，全部重算后可以运行。补救顺序：先减小微批量并做梯度累积，再重算，再 bf16，最后 ZeRO/FSDP。bf16 autocast 并不等于激活减半：在 CPU 上计数，bench DiT 每个样本 fp32 保存 70.0 MiB；CPU 的 autocast 规则下 bf16 为 35.1 MiB（0.50 倍），按 CUDA 的规则（layer_norm 用 fp32）为 42.2 MiB（0.60 倍），每步另有约 61.6 MiB 的 bf16 权重副本。据此对 H200 的测量做算术推算，峰值约 11.3 GiB，而不是减半给出的 9.4 GiB。
+# 内存不足（OOM）：在本机 CPU 上用 2 GiB 的 `RLIMIT_DATA` 复现：batch 8192 的一步内存不足，全部重算后可以运行。补救顺序：先减小微批量并做梯度累积，再重算，再 bf16，最后 ZeRO/FSDP。bf16 autocast 并不等于激活减半：在 CPU 上计数，bench DiT 每个样本 fp32 保存 70.0 MiB；CPU 的 autocast 规则下 bf16 为 35.1 MiB（0.50 倍），按 CUDA 的规则（layer_norm 用 fp32）为 42.2 MiB（0.60 倍），每步另有约 61.6 MiB 的 bf16 权重副本。据此对 H200 的测量做算术推算，峰值约 11.3 GiB，而不是减半给出的 9.4 GiB；在一块 H100 上实测 bf16 一步的峰值为 11.5 GiB，激活为 fp32 的 0.603 倍，与 CPU 按 CUDA 规则的计数一致。
 #
 # 旋转位置编码（RoPE）：旋转 q、k 使注意力分数只依赖相对位移；二维 RoPE 一半通道按行、一半按列旋转。四项检查（分数只依赖位移、两个轴都起作用、行与列可区分、是二维位移而不是展平后的一维序号）：模型自己的表全部通过；四个故意做错的表各自只在对应的那一项失败，例如展平的一维 RoPE 也通过位移检查，只有第 4 项发现它。在固定 4×4 网格上与 sin-cos 效果相当。
 #

@@ -11,11 +11,11 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))     # dist_checks, also when dit_core.many loads this file
 
-from dit_core.model import MoEMlp  # noqa: E402
+from dit_core.moe import MoEMlp  # noqa: E402
 from dit_core.parallel import expert  # noqa: E402
 from dist_checks import out_path, rel, report, worst  # noqa: E402
 from dit_core.parallel.dist import init_from_env  # noqa: E402
-from dit_core.parallel.zero_report import CommCounter  # noqa: E402
+from dit_core.parallel.measure import CommCounter  # noqa: E402
 
 E, K, H, M, T = 4, 2, 8, 12, 10          # experts, top-k, hidden, expert width, tokens per rank
 

@@ -16,8 +16,9 @@ from dit_core.batch import global_batch, shard  # noqa: E402
 from dit_core.cli import config_from_args, launcher_parser  # noqa: E402
 from dit_core.data import load_mnist  # noqa: E402
 from dit_core.diffusion import Diffusion  # noqa: E402
+from dit_core.objective import MicroBatchLoss, Objective  # noqa: E402
 from dit_core.parallel.dist import finish, init_from_env  # noqa: E402
-from dit_core.parallel.pipeline import PipelineEngine, PipelineStrategy, TorchPipelineEngine  # noqa: E402
+from dit_core.parallel.pipeline_train import PipelineEngine, PipelineStrategy, TorchPipelineEngine  # noqa: E402
 from dit_core.train import TrainHooks  # noqa: E402
 
 M = 4
@@ -53,10 +54,11 @@ def main(out: str) -> None:
     for impl in ("hand", "torch"):
         for name, chunks in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
             c = cfg if chunks == 1 else deep
-            par = PipelineStrategy(env, 2, M, name, chunks=chunks)
+            strategy = PipelineStrategy(env, 2, M, name, chunks=chunks)
             model = perturbed(c)
-            engine = (TorchPipelineEngine if impl == "torch" else PipelineEngine)(model, par, c, torch.device("cpu"))
-            engine.run_step(0, [(x0, y, b)], None, TrainHooks())
+            engine = (TorchPipelineEngine if impl == "torch" else PipelineEngine)(model, strategy, c, torch.device("cpu"))
+            # the loss the loop hands every engine: the pipeline's stages use its objective's pieces
+            engine.run_step(0, [(x0, y, b)], MicroBatchLoss(strategy, Objective(c, "cpu"), engine.forward), TrainHooks())
             g = grads_of(engine)
             ref = refs[chunks]
             ex = engine.executor

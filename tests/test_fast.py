@@ -15,7 +15,8 @@ from dit_core.config import ConfigError
 from dit_core.data import load_mnist
 from dit_core.fast import DeviceBatches, fast_enabled
 from dit_core.parity import read_jsonl
-from dit_core.train import Parallel, TrainHooks, train
+from dit_core.strategy import Strategy, TrainHooks
+from dit_core.train import train
 
 from conftest import run_py
 
@@ -58,10 +59,10 @@ def test_fast_path_is_on_only_for_one_process_on_a_gpu_in_mixed_precision():
 
 
 def test_fast_on_with_a_parallel_strategy_is_refused(micro_cfg):
-    class Strategy(Parallel):
-        pass
+    class TwoRanks(Strategy):          # what every strategy of dit_core.parallel says (DistStrategy)
+        world_size, one_process = 2, False
     with pytest.raises(ConfigError, match="one-process path.*--fast off"):
-        train(micro_cfg(train__fast="on", train__max_steps=1), parallel=Strategy(), quiet=True)
+        train(micro_cfg(train__fast="on", train__max_steps=1), strategy=TwoRanks(), quiet=True)
 
 
 class CountReads(TrainHooks):

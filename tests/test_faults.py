@@ -438,7 +438,8 @@ def test_a_climb_sets_aside_the_checkpoints_written_during_it(tmp_path):
     10x the level at step 33. Checkpoints 30 and 32 hold weights whose losses were already climbing: renamed, and
     the sentence points at checkpoint-20."""
     from dit_core.config import load_config
-    from dit_core.train import DivergenceError, DivergenceGuard
+    from dit_core.errors import DivergenceError
+    from dit_core.guard import DivergenceGuard
     for n in (10, 20, 30, 32):
         (tmp_path / f"checkpoint-{n}").mkdir()
         (tmp_path / f"checkpoint-{n}" / "training_state.json").write_text("{}")

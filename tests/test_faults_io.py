@@ -317,7 +317,7 @@ def test_an_ema_of_another_model_size_is_one_sentence(foreign_ema, tmp_path, cap
                                 f"the model this checkpoint was trained as has (32, 1, 7, 7); it belongs to another "
                                 f"model, not to this checkpoint: put the checkpoint's own model.pt back, or resume "
                                 f"from the checkpoint before it, '{model.parent / 'checkpoint-1'}'."])
-    # the resume itself (the loop's _load_ema): the EMA of another width in a checkpoint whose model.pt fits
+    # the resume itself (the loop's load_ema): the EMA of another width in a checkpoint whose model.pt fits
     code, err = one_sentence(SINGLE.main, every_step(4, "--resume", ck, "--results-dir", tmp_path / "r2"), capsys)
     assert (code, err) == (2, [f"error: {wide}"])
 

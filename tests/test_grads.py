@@ -78,7 +78,7 @@ def test_dump_grads_refuses_what_it_cannot_write(tmp_path):
     cfg.run.dump_grads_step = 7
     with pytest.raises(ConfigError, match="dump_grads_step=7 is not a step this run trains"):
         GradDump(whole, cfg, _Par(), fast=False, start=0)
-    from dit_core.parallel.pipeline import PipelineEngine
+    from dit_core.parallel.pipeline_train import PipelineEngine
     from dit_core.parallel.tensor import TensorParallelEngine
     assert not PipelineEngine.gradients_are_whole and not TensorParallelEngine.gradients_are_whole
 

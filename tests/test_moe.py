@@ -6,7 +6,8 @@ import torch
 from conftest import PARITY_STEPS as STEPS
 from conftest import assert_parity, declare, job_dir, parity_flags
 from dit_core.config import ConfigError, load_config
-from dit_core.model import DiT, MoEMlp, balance_loss, moe_layers
+from dit_core.model import DiT
+from dit_core.moe import MoEMlp, balance_loss, moe_layers
 from dit_core.parallel.expert import check_expert_parallel
 
 # The parity DiT with 4 experts of half the dense width, top-2 (configs/moe.yaml's shape, small).

@@ -6,7 +6,8 @@ import torch
 
 from dit_core.config import ConfigError
 from dit_core.parity import read_jsonl
-from dit_core.train import CheckpointError, lr_factor, model_from_checkpoint, train
+from dit_core.checkpoint import CheckpointError, model_from_checkpoint
+from dit_core.train import lr_factor, train
 
 
 def losses(path):
@@ -117,10 +118,10 @@ def test_model_from_checkpoint_rebuilds_the_ema_model(micro_cfg):
 
 
 def test_batch_not_divisible_by_world_and_accum_is_refused(micro_cfg):
-    from dit_core.train import Parallel
+    from dit_core.strategy import Strategy
 
-    class Three(Parallel):
+    class Three(Strategy):
         world_size = 3
 
     with pytest.raises(ConfigError, match="not divisible by world size 3"):
-        train(micro_cfg(train__max_steps=1), parallel=Three(), quiet=True)
+        train(micro_cfg(train__max_steps=1), strategy=Three(), quiet=True)

@@ -17,7 +17,7 @@ from dit_core.model import Attention, DiT, Mlp  # noqa: E402
 from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
 from dit_core.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, block_slice,  # noqa: E402
                                       gather_state_dict, head_rows, parallelize, tp_allreduce_elements)
-from dit_core.parallel.zero_report import CommCounter  # noqa: E402
+from dit_core.parallel.measure import CommCounter  # noqa: E402
 
 G = dist.group.WORLD
 

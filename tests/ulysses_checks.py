@@ -16,7 +16,7 @@ from dit_core.diffusion import Diffusion  # noqa: E402
 from dit_core.model import DiT, sdpa_attention  # noqa: E402
 from dit_core.parallel.dist import exit_process, init_from_env, teardown  # noqa: E402
 from dit_core.parallel.ulysses import SequenceParallelDiT, token_slice, ulysses_attention, ulysses_elements  # noqa: E402
-from dit_core.parallel.zero_report import CommCounter  # noqa: E402
+from dit_core.parallel.measure import CommCounter  # noqa: E402
 
 
 def rel(a, b):

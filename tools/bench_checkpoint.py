@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from dit_core import checkpoint as C  # noqa: E402
 from dit_core.config import load_config  # noqa: E402
-from dit_core.engine import Parallel, TorchEngine  # noqa: E402
+from dit_core.engine import TorchEngine  # noqa: E402
+from dit_core.strategy import Strategy  # noqa: E402
 from dit_core.model import DiT  # noqa: E402
 
 XL2 = {"model.hidden_size": 1152, "model.depth": 28, "model.num_heads": 16, "model.patch_size": 2,
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = DiT(cfg.model)
     params = sum(q.numel() for q in model.parameters())
-    engine = TorchEngine(model, Parallel(), cfg, torch.device("cpu"))
+    engine = TorchEngine(model, Strategy(), cfg, torch.device("cpu"))
     x = torch.randn(1, 4, 32, 32)
     model(x, torch.tensor([10]), torch.tensor([3])).square().mean().backward()   # AdamW's moments exist after a step
     engine.step()

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from dit_core.config import load_config  # noqa: E402
-from dit_core.engine import TrainHooks  # noqa: E402
+from dit_core.strategy import TrainHooks  # noqa: E402
 from dit_core.logs import read_jsonl  # noqa: E402
 from dit_core.train import train  # noqa: E402
 

@@ -22,7 +22,7 @@ COLLECTIVES = ("broadcast", "all_reduce", "reduce_scatter", "all_gather", "all_t
 
 # all_gather_single / reduce_scatter_single are the newer names (torch >= 2.14) of all_gather_into_tensor /
 # reduce_scatter_tensor: the one this torch has, newer first, looked up at each call (so that a counter that
-# wraps torch.distributed's functions, dit_core.parallel.zero_report.CommCounter, sees every call).
+# wraps torch.distributed's functions, dit_core.parallel.measure.CommCounter, sees every call).
 def all_gather_flat(out, x, **kw):
     return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, **kw)
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError, ModelConfig
 from .dist import DistEnv, check_degree
-from .ulysses import AllToAll, UlyssesStrategy, check_token_split
+from .ulysses import ResplitAllToAll, UlyssesStrategy, check_token_split
 
 
 def _merge(o, m, l, s, v):
@@ -166,9 +166,9 @@ def context_attention(q, k, v, ulysses_group, ring_group) -> torch.Tensor:
     if H % U:
         raise ValueError(f"{H} attention heads are not divisible by the Ulysses degree {U}; use a multiple of {U} "
                          f"heads, or a larger ring degree instead.")
-    qkv = AllToAll.apply(torch.stack([q, k, v]), 3, 2, ulysses_group)      # (3, B, U*S_local, H/U, D)
+    qkv = ResplitAllToAll.apply(torch.stack([q, k, v]), 3, 2, ulysses_group)      # (3, B, U*S_local, H/U, D)
     out = ring_attention(*qkv.unbind(0), group=ring_group, equal=True)   # Ulysses needs equal slices anyway
-    return AllToAll.apply(out, 1, 2, ulysses_group)                      # (B, S_local, H, D)
+    return ResplitAllToAll.apply(out, 1, 2, ulysses_group)                      # (B, S_local, H, D)
 
 
 class ContextAttention:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .dist import DistParallel, build_mesh
+from .dist import DistStrategy, build_mesh
 
 
 class DataParallel(nn.Module):
@@ -144,7 +144,7 @@ class DataParallel(nn.Module):
 IMPLS = ("hand", "torch", "naive")
 
 
-class DDPStrategy(DistParallel):
+class DDPStrategy(DistStrategy):
     """How `dit_core.train` runs under data parallelism: the wrapper, no_sync, the final
     gradient sync, and the all-reduced loss for the log (the mean over the global batch)."""
 
@@ -172,9 +172,6 @@ class DDPStrategy(DistParallel):
                             group=self.env.group, average=self.broken != "average",
                             broadcast=self.broken != "broadcast")
 
-    def no_sync(self, model: nn.Module):
-        return model.no_sync()
-
     def finish_gradient_sync(self, model: nn.Module) -> None:
         if isinstance(model, DataParallel):
             model.finish_gradient_synchronization()
@@ -188,7 +185,7 @@ class DDPStrategy(DistParallel):
         dist.barrier(group=self.env.group)
 
 
-class MeshStrategy(DistParallel):
+class MeshStrategy(DistStrategy):
     """Base of the 2-D strategies (Ulysses, tensor parallelism): ranks on a (data-parallel x inner) mesh
     built by `dist.build_mesh`; the hand-written DataParallel synchronises the gradients."""
 
@@ -203,9 +200,6 @@ class MeshStrategy(DistParallel):
     @property
     def data_world_size(self) -> int:
         return self.mesh.dp_size
-
-    def no_sync(self, model: nn.Module):
-        return model.no_sync()
 
     def finish_gradient_sync(self, model: nn.Module) -> None:
         model.finish_gradient_synchronization()

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
-import threading
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..batch import check_batch_split  # noqa: F401  (the launchers' name for it)
-from ..engine import Parallel
+from ..strategy import Strategy
 from ..errors import ConfigError, LaunchError, user_errors
 from ..process import TIMEOUT, exit_process, stop_local_peers, watch_launcher  # noqa: F401
 
@@ -93,11 +90,12 @@ def _restart_store(rank: int, world: int, timeout: float) -> dict:
     return {"store": dist.PrefixStore(f"dit-attempt-{attempt}", store)}
 
 
-class DistParallel(Parallel):
+class DistStrategy(Strategy):
     """Members every multi-process strategy shares: counts summed over all ranks, rank 0's verdict
     shared, a barrier of all ranks."""
 
     trains_moe = False      # only expert parallelism (parallel/expert.py) knows where each expert lives
+    one_process = False
 
     def __init__(self, env: DistEnv):
         self.env = env

@@ -27,8 +27,8 @@ import torch.nn as nn
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, ModelConfig
 from ..engine import EMA, RankFilesEngine, clip_by_norm_
-from ..model import MoEMlp, combine, moe_layers
-from .dist import DistEnv, DistParallel, check_degree
+from ..moe import MoEMlp, combine, moe_layers
+from .dist import DistEnv, DistStrategy, check_degree
 
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
 
@@ -36,8 +36,9 @@ EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
 SENT = {"elements": 0}
 
 
-class AllToAll(torch.autograd.Function):
-    """`all_to_all_single` with uneven splits along dim 0: rows[sum(send[:j]) : sum(send[:j+1])] go to rank j,
+class RouteRowsAllToAll(torch.autograd.Function):
+    """Rows routed to the ranks that hold their experts (dispatch) or back to the ranks they came from (combine):
+    `all_to_all_single` with uneven splits along dim 0: rows[sum(send[:j]) : sum(send[:j+1])] go to rank j,
     and `recv[j]` rows come from rank j. Backward sends the gradients back along the same routes, reversed."""
 
     @staticmethod
@@ -74,7 +75,7 @@ class ExpertDispatch:
         dist.all_to_all_single(got, counts, group=self.group)
         mine, theirs = counts.view(P, local).tolist(), got.view(P, local).tolist()   # the host's only two waits
         send, recv = [sum(r) for r in mine], [sum(r) for r in theirs]
-        rows = AllToAll.apply(x[order // k], send, recv, self.group)   # dispatch: (sum(recv), h)
+        rows = RouteRowsAllToAll.apply(x[order // k], send, recv, self.group)   # dispatch: (sum(recv), h)
         # rows arrive by source rank, then expert; the experts want them by expert: a stable sort on the key
         # (expert, source) of each row's segment regroups them, its inverse puts the results back
         seg = torch.arange(P * local, device=x.device).view(P, local)          # segment (s, j), arrival order
@@ -82,7 +83,7 @@ class ExpertDispatch:
         by_expert = key.argsort(stable=True)
         out = moe.experts(rows[by_expert], [sum(theirs[s][j] for s in range(P)) for j in range(local)])
         out = out[torch.argsort(by_expert)]                           # back to arrival order
-        back = AllToAll.apply(out, recv, send, self.group)             # combine: each row to the rank it came from
+        back = RouteRowsAllToAll.apply(out, recv, send, self.group)             # combine: each row to the rank it came from
         return combine(back, order, w)
 
     def __deepcopy__(self, memo):
@@ -149,13 +150,13 @@ class ExpertParallelEMA(EMA):
 
     def __init__(self, model: nn.Module, strategy: "ExpertStrategy"):
         super().__init__(model)
-        self.s = strategy
+        self.strategy = strategy
 
     def state_dict(self) -> dict:
-        return gather_state_dict(self.module, self.s.ep_group)
+        return gather_state_dict(self.module, self.strategy.ep_group)
 
     def load_state_dict(self, sd: dict) -> None:
-        load_full_state_dict(self.module, sd, self.s.ep_rank, self.s.ep_size)
+        load_full_state_dict(self.module, sd, self.strategy.ep_rank, self.strategy.ep_size)
 
 
 class ExpertParallelEngine(RankFilesEngine):
@@ -165,13 +166,13 @@ class ExpertParallelEngine(RankFilesEngine):
     name = "expert_parallel"
 
     def make_ema(self):
-        return ExpertParallelEMA(self.model, self.par)
+        return ExpertParallelEMA(self.model, self.strategy)
 
     def whole_state_dict(self):
-        return gather_state_dict(self.model, self.par.ep_group)
+        return gather_state_dict(self.model, self.strategy.ep_group)
 
     def load_whole_state_dict(self, sd):
-        load_full_state_dict(self.model, sd, self.par.ep_rank, self.par.ep_size)
+        load_full_state_dict(self.model, sd, self.strategy.ep_rank, self.strategy.ep_size)
 
     launcher, split = "launchers/moe.py", "split by expert per rank"
 
@@ -182,7 +183,7 @@ class ExpertParallelEngine(RankFilesEngine):
         return f"--ep-degree {d['ep_degree']}"
 
     def state_info(self) -> dict:
-        return {"ep_degree": self.par.ep_size, "world_size": self.par.world_size}
+        return {"ep_degree": self.strategy.ep_size, "world_size": self.strategy.world_size}
 
 
 def check_expert_parallel(model: ModelConfig, degree: int, world_size: int) -> None:
@@ -196,7 +197,7 @@ def check_expert_parallel(model: ModelConfig, degree: int, world_size: int) -> N
                           f"rank holds the same number of experts; use a degree that divides {model.num_experts}.")
 
 
-class ExpertStrategy(DistParallel):
+class ExpertStrategy(DistStrategy):
     """DP x EP for `dit_core.train`: every rank its own data; ranks [d*P, (d+1)*P) form EP group d and share the
     experts of one model; ranks with the same place in their groups hold the same experts (the expert-data-
     parallel group)."""

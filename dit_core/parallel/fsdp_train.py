@@ -5,7 +5,6 @@ checkpoints), and `--report`: what a rank holds and sends in one step, measured.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
@@ -15,9 +14,10 @@ import torch.nn as nn
 from ..checkpoint import foreign, read_training_state
 from ..config import ConfigError
 from ..engine import EMA, TorchEngine, apply_schedule, clip_by_norm_, ema_decay, weight_stats
-from ..engine import TrainHooks
-from .dist import DistParallel
+from .dist import DistStrategy
 from .fsdp import FullyShardedDiT
+from .measure import OneStepReport, Tally
+from .zero_report import comm_formula, formula
 from ..checkpoint_dcp import chunks, load_moments, read_dcp
 
 IMPLS = ("hand", "torch")
@@ -142,9 +142,9 @@ class FSDPEngine(TorchEngine):
     saves_on_every_rank = True
     gradients_are_whole = True       # named_gradients gathers them from the shards (--dump-grads)
 
-    def __init__(self, model, par: "FSDPStrategy", cfg, device, layout):
+    def __init__(self, model, strategy: "FSDPStrategy", cfg, device, layout):
         self.layout = layout
-        super().__init__(model, par, cfg, device)
+        super().__init__(model, strategy, cfg, device)
         self.params = list(layout.params)     # the optimizer's order (model.parameters()): root, block 0, ...
 
     def micro_step(self, last: bool):
@@ -168,7 +168,7 @@ class FSDPEngine(TorchEngine):
         return weight_stats([self.layout.local(p) for p in self.params])
 
     def state_info(self) -> dict:
-        return {"fsdp_impl": self.par.impl, "world_size": self.par.world_size}
+        return {"fsdp_impl": self.strategy.impl, "world_size": self.strategy.world_size}
 
     def _locals(self, key: str | None) -> list:
         if key is None:
@@ -178,7 +178,7 @@ class FSDPEngine(TorchEngine):
     def save(self, folder: Path) -> None:
         """Every rank writes its chunk of every weight and moment into folder/dcp (one file per rank)."""
         import torch.distributed.checkpoint as dcp
-        mesh = self.par.mesh_1d
+        mesh = self.strategy.mesh_1d
         state = {"model": self.layout.chunked(self._locals(None), mesh)}
         if self.optimizer.state:
             state["optim"] = {k: self.layout.chunked(self._locals(k), mesh) for k in ("exp_avg", "exp_avg_sq")}
@@ -189,7 +189,7 @@ class FSDPEngine(TorchEngine):
         state = read_training_state(folder)
         if state.get("engine") != "fsdp":
             raise foreign(folder, state, "launchers/fsdp.py")
-        full = read_dcp(folder, self.layout.shapes(), self.par.mesh_1d, self.layout.fqns())
+        full = read_dcp(folder, self.layout.shapes(), self.strategy.mesh_1d, self.layout.fqns())
         with torch.no_grad():
             for p, s in zip(self.params, self.layout.shards(full["model"])):
                 self.layout.local(p).copy_(s)
@@ -200,7 +200,7 @@ class FSDPEngine(TorchEngine):
         apply_schedule(self.optimizer, self.scheduler, self.cfg, state["step"])
 
 
-class FSDPStrategy(DistParallel):
+class FSDPStrategy(DistStrategy):
     """How `dit_core.train` runs under FSDP: the batch split and the logged loss as DDP's, the model
     sharded before the optimizer is built, the gradient norm summed over the shards."""
 
@@ -266,13 +266,12 @@ class FSDPStrategy(DistParallel):
 
 def memory_ledger(engine: FSDPEngine) -> dict:
     """Bytes this rank holds now, by category, from the tensors themselves (each storage counted once)."""
-    from .zero_report import Tally
     t, lay = Tally(), engine.layout
     for p in engine.params:
         t.add("parameters", lay.local(p))
         if p.grad is not None:
             t.add("gradients", lay.local(p.grad))
-    fsdp = engine.par.fsdp
+    fsdp = engine.strategy.fsdp
     if fsdp is not None:
         for u in fsdp.units:
             t.add("gradients", u.grad_acc)             # the unsharded gradient kept across no_sync micro-steps
@@ -368,7 +367,7 @@ def step_peak(prof) -> int | None:
     return peak
 
 
-class FSDPReport(TrainHooks):
+class FSDPReport(OneStepReport):
     """`launchers/fsdp.py --report PATH`: one step (step 1: Adam's state exists) measured on every rank:
     the model-state bytes after the first micro-batch's backward, every collective's bytes, the gathered peak (from
     the storages, GatheredProbe; and the hand-written implementation's own counter beside it), the peak of all the
@@ -377,40 +376,32 @@ class FSDPReport(TrainHooks):
     elements sent)."""
 
     def __init__(self, path, cfg, strategy, step: int = 1):
-        self.path, self.cfg, self.strategy, self.step = Path(path), cfg, strategy, step
-        self.memory = self.counter = self.probe = self.prof = self.at_start = None
+        super().__init__(path, cfg, strategy, step)
+        self.probe = self.prof = self.at_start = None
 
-    def step_begin(self, step, engine):
-        if step == self.step:
-            from .zero_report import CommCounter
-            fsdp = self.strategy.fsdp
-            if fsdp is not None:
-                fsdp.peak_live, fsdp.timeline = fsdp.live, []
-            if torch.cuda.is_available() and self.strategy.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            self.at_start = memory_ledger(engine)      # weights and Adam's moments (no gradient yet)
-            self.counter = CommCounter().__enter__()
-            self.probe = GatheredProbe(engine.model, [engine.layout.local(p) for p in engine.params]).__enter__()
-            if self.strategy.device.type == "cpu":
-                from torch.profiler import ProfilerActivity, profile
-                self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True).__enter__()
+    def begin(self, engine):
+        fsdp = self.strategy.fsdp
+        if fsdp is not None:
+            fsdp.peak_live, fsdp.timeline = fsdp.live, []
+        if torch.cuda.is_available() and self.strategy.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.at_start = memory_ledger(engine)      # weights and Adam's moments (no gradient yet)
+        self.probe = GatheredProbe(engine.model, [engine.layout.local(p) for p in engine.params]).__enter__()
+        if self.strategy.device.type == "cpu":
+            from torch.profiler import ProfilerActivity, profile
+            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True).__enter__()
 
-    def after_backward(self, step, micro, engine):
-        if step == self.step and micro == 0:
-            self.memory = memory_ledger(engine)
+    def measure(self, engine) -> dict:
+        return memory_ledger(engine)
 
-    def step_end(self, step, engine):
-        if step != self.step:
-            return
-        from .zero_report import comm_formula, formula
+    def end(self, engine):
         if self.prof is not None:
             self.prof.__exit__(None, None, None)
         self.probe.__exit__(None, None, None)         # unwrapped first: it wrapped the counter's wrappers
-        self.counter.__exit__(None, None, None)
-        fsdp, world = self.strategy.fsdp, self.strategy.world_size
-        mine = {"rank": dist.get_rank(), "memory": self.memory, "comm_bytes": dict(self.counter.bytes),
-                "comm_calls": dict(self.counter.calls), "comm_ring_bytes": self.counter.ring_bytes(world),
-                "gathered_peak_bytes": fsdp.peak_live * 4 if fsdp is not None else None,
+
+    def rank_record(self, engine) -> dict:
+        fsdp = self.strategy.fsdp
+        return {"gathered_peak_bytes": fsdp.peak_live * 4 if fsdp is not None else None,
                 "gathered_peak_measured_bytes": self.probe.peak, "probe_samples": self.probe.samples,
                 "gathered_peak_parts": self.probe.parts,
                 "held_at_step_start": self.at_start,
@@ -418,22 +409,18 @@ class FSDPReport(TrainHooks):
                 "pieces": self.pieces(engine),
                 "cuda_peak_bytes": (torch.cuda.max_memory_allocated() if self.strategy.device.type == "cuda"
                                     else None)}
-        ranks = [None] * world
-        dist.all_gather_object(ranks, mine)
-        if dist.get_rank() != 0:
-            return
-        psi = self.strategy.psi
-        report = {"impl": self.strategy.impl, "unit": self.strategy.unit, "prefetch": self.strategy.prefetch,
-                  "world_size": world, "psi": psi, "grad_accum": self.cfg.train.grad_accum,
-                  "precision": self.cfg.train.precision, "measured_at_step": self.step,
-                  "units": ([{"name": u.name, "numel": u.numel, "padded": u.padded, "shard": u.shard_numel}
-                             for u in fsdp.units] if fsdp is not None else None),
-                  "timeline": fsdp.timeline if fsdp is not None else None,
-                  "formula": formula(3, psi, world, self.cfg.train.precision),
-                  "comm_formula_bytes": comm_formula(3, psi, world, self.cfg.train.grad_accum) * 4,
-                  "ranks": ranks}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(report, indent=1))
+
+    def report(self, ranks: list, engine) -> dict:
+        fsdp, world, psi = self.strategy.fsdp, self.strategy.world_size, self.strategy.psi
+        return {"impl": self.strategy.impl, "unit": self.strategy.unit, "prefetch": self.strategy.prefetch,
+                "world_size": world, "psi": psi, "grad_accum": self.cfg.train.grad_accum,
+                "precision": self.cfg.train.precision, "measured_at_step": self.step,
+                "units": ([{"name": u.name, "numel": u.numel, "padded": u.padded, "shard": u.shard_numel}
+                           for u in fsdp.units] if fsdp is not None else None),
+                "timeline": fsdp.timeline if fsdp is not None else None,
+                "formula": formula(3, psi, world, self.cfg.train.precision),
+                "comm_formula_bytes": comm_formula(3, psi, world, self.cfg.train.grad_accum) * 4,
+                "ranks": ranks}
 
     def pieces(self, engine) -> dict:
         """{parameter name: elements of it this rank holds}, from the sharded objects: FSDP2's local DTensor chunk

@@ -33,11 +33,11 @@ from ..config import Config, ConfigError
 from ..engine import clip_by_norm_
 from ..model import DiT, patch_tokens
 from .context import ContextAttention
-from .dist import DistEnv, DistParallel
-from .pipeline import (PipelineEMA, PipelineEngine, PipelineStrategy, RankStages, all_reduce_gradients,
-                       check_pipeline)
+from .dist import DistEnv, DistStrategy
+from .pipeline import RankStages, check_pipeline
+from .pipeline_train import PipelineEMA, PipelineEngine, PipelineStrategy, all_reduce_gradients
 from .tensor import check_tensor_parallel, gather_state_dict, load_full_state_dict, parallelize
-from .ulysses import check_token_split, token_loss, token_slice
+from .ulysses import check_token_split, token_slice
 
 AXES = ("dp", "pp", "cp", "tp")          # outermost to innermost
 FLAGS = {a: f"--{a}" for a in AXES}
@@ -158,7 +158,7 @@ class NDStrategy(PipelineStrategy):
                  broken: str | None = None):
         if broken not in (None, *self.BROKEN):
             raise ConfigError(f"--break {broken} is not one of {', '.join(self.BROKEN)}.")
-        DistParallel.__init__(self, env)
+        DistStrategy.__init__(self, env)
         self.layout = layout
         self.nd = build_nd_mesh(env, layout)
         self.stages, self.microbatches, self.schedule = layout.pp, microbatches, schedule_name
@@ -233,7 +233,7 @@ class NDStrategy(PipelineStrategy):
 
 class NDEMA(PipelineEMA):
     def load_state_dict(self, sd: dict) -> None:
-        self.par.load_stage(self.module, sd)
+        self.strategy.load_stage(self.module, sd)
 
 
 class NDEngine(PipelineEngine):
@@ -241,23 +241,22 @@ class NDEngine(PipelineEngine):
 
     name = "nd"
 
-    def micro_loss(self, pred, x0, t, noise) -> torch.Tensor:
+    def micro_loss(self, objective, pred, x0, t, noise) -> torch.Tensor:
         """cp = 1: the pipeline's loss. cp > 1: the last stage holds only its tokens of the prediction; its share
         of the micro-batch's mean loss is its tokens' error over the whole micro-batch's element count."""
-        if self.par.layout.cp == 1:
-            return super().micro_loss(pred, x0, t, noise)
-        d = self.diffusion
-        target = patch_tokens(noise if d.plain else d.target(x0, t, noise), self.cfg.model.patch_size)
-        return token_loss(d, pred, target[:, self.par.tokens], t, noise.numel())
+        if self.strategy.layout.cp == 1:
+            return super().micro_loss(objective, pred, x0, t, noise)
+        target = patch_tokens(objective.target(x0, t, noise), self.cfg.model.patch_size)
+        return objective.token_share(pred, target[:, self.strategy.tokens], t, noise.numel())
 
     def load_whole_state_dict(self, sd):
-        self.par.load_stage(self.stage, sd)
+        self.strategy.load_stage(self.stage, sd)
 
     def make_ema(self):
-        return NDEMA(self.stage, self.par)
+        return NDEMA(self.stage, self.strategy)
 
     def state_info(self) -> dict:
-        return {"nd_flags": self.par.layout.flags(), "world_size": self.par.world_size}
+        return {"nd_flags": self.strategy.layout.flags(), "world_size": self.strategy.world_size}
 
     launcher, split, layout_defaults = "launchers/nd.py", "one file per rank, sliced for that layout", {}
 
@@ -271,23 +270,23 @@ class NDEngine(PipelineEngine):
         return d["nd_flags"]
 
 
-def mesh_record(par: NDStrategy) -> list[dict] | None:
+def mesh_record(strategy: NDStrategy) -> list[dict] | None:
     """Every rank's place twice, gathered (a collective): as the project computes it (its coordinates from the rank
     formula, and the ranks each of its process groups really holds), and as torch's own `init_device_mesh` of shape
     (dp, pp, cp, tp) places it, built here independently of Layout (its own grid, its own new groups). Chapter 16 and
     tests/test_nd.py compare the two, so a wrong rank formula or a group built from the wrong line shows. Rank 0 gets
     the list (launchers/nd.py writes it to mesh.json); the others None."""
     from torch.distributed.device_mesh import init_device_mesh
-    L, names = par.layout, ("dp", "pp", "cp", "tp")
-    theirs = init_device_mesh("cuda" if par.device.type == "cuda" else "cpu", (L.dp, L.pp, L.cp, L.tp),
+    L, names = strategy.layout, ("dp", "pp", "cp", "tp")
+    theirs = init_device_mesh("cuda" if strategy.device.type == "cuda" else "cpu", (L.dp, L.pp, L.cp, L.tp),
                               mesh_dim_names=names)
-    mine = {"rank": par.rank, "coords": dict(par.coords),
-            "groups": {a: dist.get_process_group_ranks(par.nd.groups[a]) for a in AXES},
+    mine = {"rank": strategy.rank, "coords": dict(strategy.coords),
+            "groups": {a: dist.get_process_group_ranks(strategy.nd.groups[a]) for a in AXES},
             "torch_coords": dict(zip(names, theirs.get_coordinate())),
             "torch_groups": {a: dist.get_process_group_ranks(theirs.get_group(a)) for a in names}}
-    out = [None] * par.world_size
+    out = [None] * strategy.world_size
     dist.all_gather_object(out, mine)
-    return out if par.rank == 0 else None
+    return out if strategy.rank == 0 else None
 
 
 def mesh_picture(layout: Layout) -> str:

@@ -216,10 +216,10 @@ class TensorParallelEngine(RankFilesEngine):
     """Whole (gathered) weights in model.pt, one optimizer file per rank (its slices' moments)."""
 
     def make_ema(self):
-        return TensorParallelEMA(self.model, self.par.mesh.inner_group)
+        return TensorParallelEMA(self.model, self.strategy.mesh.inner_group)
 
     def whole_state_dict(self):
-        return gather_state_dict(self.model, self.par.mesh.inner_group)
+        return gather_state_dict(self.model, self.strategy.mesh.inner_group)
 
     def load_whole_state_dict(self, sd):
         load_full_state_dict(self.model, sd)
@@ -233,7 +233,7 @@ class TensorParallelEngine(RankFilesEngine):
         return f"--tp-degree {d['tp_degree']}"
 
     def state_info(self) -> dict:
-        return {"tp_degree": self.par.mesh.inner_size, "world_size": self.par.world_size}
+        return {"tp_degree": self.strategy.mesh.inner_size, "world_size": self.strategy.world_size}
 
 
 class TensorParallelStrategy(MeshStrategy):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
 from ..model import DiT, sdpa_attention
@@ -43,9 +42,11 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -
     return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
 
 
-class AllToAll(torch.autograd.Function):
-    """all_to_all as an autograd function: its backward is the inverse all-to-all (scatter and
-    gather swapped), which sends every gradient back to the rank its input came from."""
+class ResplitAllToAll(torch.autograd.Function):
+    """A tensor split across the group along one axis becomes split along another (Ulysses: a slice of the sequence
+    with every head -> the whole sequence with a slice of the heads, and back): `all_to_all` as an autograd function.
+    Its backward is the inverse all-to-all (the two axes swapped), which sends every gradient back to the rank its
+    input came from."""
 
     @staticmethod
     def forward(ctx, x, scatter_dim: int, gather_dim: int, group):
@@ -69,9 +70,9 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=N
                          f"gives every rank whole heads; use a multiple of {P} heads (ring attention splits "
                          f"the sequence instead and has no such limit).")
     qkv = torch.stack([q, k, v])                          # (3, B, N/P, H, D): one message, not three
-    qkv = AllToAll.apply(qkv, 3, 2, group)                # (3, B, N, H/P, D): every token, H/P heads
+    qkv = ResplitAllToAll.apply(qkv, 3, 2, group)                # (3, B, N, H/P, D): every token, H/P heads
     out = sdpa_attention(*qkv.unbind(0))                  # (B, N, H/P, D): plain attention, local heads
-    return AllToAll.apply(out, 1, 2, group)               # (B, N/P, H, D): back to the sequence split
+    return ResplitAllToAll.apply(out, 1, 2, group)               # (B, N/P, H, D): back to the sequence split
 
 
 class UlyssesAttention:
@@ -140,19 +141,6 @@ def check_token_split(model: ModelConfig, degree: int, flag: str) -> None:
                           f"{degree}; use model.patch_size {' or '.join(ok)}.")
 
 
-def token_loss(diffusion, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, count: int) -> torch.Tensor:
-    """This rank's share of one micro-batch's loss when it holds only some of every image's tokens (sequence and
-    context parallelism): its tokens' errors (min-SNR weighted per sample, as on one process), summed and divided
-    by `count`, the element count of the *whole* micro-batch (all N tokens). The shares of the ranks that split the
-    images then add up to the mean loss (the mean of the per-sample means: every sample has as many elements), and
-    their gradients to its gradient."""
-    err = F.mse_loss if diffusion.cfg.loss == "mse" else F.l1_loss
-    e = err(pred.float(), target, reduction="none")
-    if diffusion.cfg.weighting != "none":
-        e = e * diffusion.loss_weight.index_select(0, t.to(e.device)).view(-1, *[1] * (e.dim() - 1))
-    return e.sum() / count
-
-
 class UlyssesStrategy(MeshStrategy):
     """DP x SP for `dit_core.train`: ranks [d*P, (d+1)*P) form sequence-parallel group d and train on
     data-parallel slice d of the global batch. One all-reduce over all ranks, divided by the number
@@ -188,12 +176,12 @@ class UlyssesStrategy(MeshStrategy):
         gradients: dividing by the number of groups leaves the sum inside a group and the mean across groups."""
         return self.mesh.dp_size
 
-    def loss(self, diffusion, model, x0, y, t, noise, drop) -> torch.Tensor:
-        pred = model(diffusion.q_sample(x0, t, noise), t, y, drop).float()    # this rank's tokens only
+    def loss(self, objective, model, x0, y, t, noise, drop) -> torch.Tensor:
+        pred = model(objective.noised(x0, t, noise), t, y, drop).float()    # this rank's tokens only
         # The objective's target (noise, x0, v or a velocity: diffusion.objective), this rank's tokens of it.
-        target = self.sp_model.local_target(noise if diffusion.plain else diffusion.target(x0, t, noise))
+        target = self.sp_model.local_target(objective.target(x0, t, noise))
         # the broken variant divides by this rank's own element count instead of the whole micro-batch's
-        return token_loss(diffusion, pred, target, t, target.numel() if self.broken == "loss-norm" else noise.numel())
+        return objective.token_share(pred, target, t, target.numel() if self.broken == "loss-norm" else noise.numel())
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().clone()

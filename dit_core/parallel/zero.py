@@ -28,7 +28,7 @@ from ..config import Config, ConfigError
 from ..checkpoint import (CheckpointError, resume_instead, check_archives, foreign, read_training_state, torch_load,
                           write_plain)
 from ..engine import EMA, Accumulating, apply_schedule, build_scheduler, ema_decay, weight_stats
-from .dist import DistParallel
+from .dist import DistStrategy
 
 STAGES = (0, 1, 2, 3)
 
@@ -43,10 +43,10 @@ def check_stage(stage: int) -> None:
 def ds_config(cfg: Config, world_size: int, stage: int, persistence_threshold: int | None = None,
               bucket_elements: int | None = None) -> dict:
     """The DeepSpeed config that trains exactly the project config's run."""
-    t = cfg.train
+    tc = cfg.train
     check_stage(stage)
     from .dist import check_batch_split
-    check_batch_split(t.global_batch_size, world_size, t.grad_accum)
+    check_batch_split(tc.global_batch_size, world_size, tc.grad_accum)
     zero: dict = {"stage": stage}
     if bucket_elements:
         # DeepSpeed's default buckets hold 5e8 elements: 2 GB of fp32 per buffer, whatever the model.
@@ -56,17 +56,17 @@ def ds_config(cfg: Config, world_size: int, stage: int, persistence_threshold: i
     if stage == 3 and persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = persistence_threshold
     c = {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.global_batch_size // (world_size * t.grad_accum),
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.grad_clip,
+        "train_batch_size": tc.global_batch_size,
+        "train_micro_batch_size_per_gpu": tc.global_batch_size // (world_size * tc.grad_accum),
+        "gradient_accumulation_steps": tc.grad_accum,
+        "gradient_clipping": tc.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,   # torch AdamW as the client optimizer
         "steps_per_print": 2 ** 31,
     }
-    if t.precision == "bf16":
+    if tc.precision == "bf16":
         c["bf16"] = {"enabled": True}
-    elif t.precision == "fp16":
+    elif tc.precision == "fp16":
         c["fp16"] = {"enabled": True, "initial_scale_power": 16}
     return c
 
@@ -172,28 +172,28 @@ class DeepSpeedEngine(Accumulating):
     saves_on_every_rank = True
     autocast = "fp32"          # bf16/fp16: DeepSpeed casts the model itself (no autocast)
 
-    def __init__(self, model: nn.Module, par: "ZeroStrategy", cfg: Config, device: torch.device):
+    def __init__(self, model: nn.Module, strategy: "ZeroStrategy", cfg: Config, device: torch.device):
         import deepspeed
 
         skip_inference_kernel_build()
-        t = cfg.train
-        self.model, self.par, self.stage = model, par, par.stage
-        optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas),
-                                      weight_decay=t.weight_decay)
-        self.config = ds_config(cfg, par.world_size, par.stage, par.persistence_threshold, par.bucket_elements)
-        if par.ds_config_path:
-            self.config = merge_user_config(self.config, par.ds_config_path)
+        tc = cfg.train
+        self.model, self.strategy, self.stage = model, strategy, strategy.stage
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
+                                      weight_decay=tc.weight_decay)
+        self.config = ds_config(cfg, strategy.world_size, strategy.stage, strategy.persistence_threshold, strategy.bucket_elements)
+        if strategy.ds_config_path:
+            self.config = merge_user_config(self.config, strategy.ds_config_path)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.config, dist_init_required=False,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg))
         self.forward = self.engine
-        self.precision, self.cfg = t.precision, cfg
+        self.precision, self.cfg = tc.precision, cfg
 
     def micro_step(self, last: bool):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        if self.par.broken == "accum-twice":
+        if self.strategy.broken == "accum-twice":
             # (teaching) the loss divided by the accumulation count by hand, as in a plain PyTorch loop, although
             # engine.backward divides it again: every gradient is `accum` times too small
             loss = loss / self.cfg.train.grad_accum
@@ -215,7 +215,7 @@ class DeepSpeedEngine(Accumulating):
             out[n] = g if g is not None else torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
         return out
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         if self.grad_probe is not None:
             self.grad_probe(self)
         own = None
@@ -226,7 +226,8 @@ class DeepSpeedEngine(Accumulating):
             own = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         self.engine.step()           # the boundary: clip, optimizer step, zero grads, LR step
         norm = own if own is not None else self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        # a 0-d tensor on the model's device, as every engine's: the loop reads it back with the loss
+        return torch.tensor(float(norm) if norm is not None else float("nan"), device=self.strategy.device)
 
     def make_ema(self):
         if self.stage == 3:
@@ -239,7 +240,7 @@ class DeepSpeedEngine(Accumulating):
         ema.update(self.model, decay, num_updates)
 
     def state_info(self) -> dict:
-        return {"zero_stage": self.stage, "world_size": self.par.world_size, "precision": self.precision}
+        return {"zero_stage": self.stage, "world_size": self.strategy.world_size, "precision": self.precision}
 
     def save(self, folder: Path) -> None:
         # DeepSpeed writes folder/ds/: the module (stages 0-2) and one optimizer partition per rank.
@@ -278,7 +279,7 @@ class DeepSpeedEngine(Accumulating):
         apply_schedule(self.optimizer, self.scheduler, self.cfg, state["step"])
 
 
-class ZeroStrategy(DistParallel):
+class ZeroStrategy(DistStrategy):
     # (teaching) accum-twice: the loss divided by train.grad_accum before engine.backward, which divides by it again
     BROKEN = ("accum-twice",)
 

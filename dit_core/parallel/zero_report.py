@@ -3,69 +3,22 @@
 Memory: after the first micro-batch's backward of a step with gradient accumulation (the moment
 a rank holds parameters, accumulated gradients and optimizer state at once), walk every tensor
 the DeepSpeed engine and its optimizer hold, count each storage once, and sort it into
-parameters / gradients / optimizer state / buffers.
+parameters / gradients / optimizer state / buffers (measure.Tally).
 
 Communication: during one whole step, every torch.distributed collective that DeepSpeed
-issues is counted (bytes of its tensor), and converted into what a bandwidth-optimal (ring)
-algorithm sends per rank: all-reduce 2(N-1)/N of the data, reduce-scatter / all-gather /
-reduce / broadcast (N-1)/N.
+issues is counted (measure.CommCounter: bytes of its tensor), and converted into what a
+bandwidth-optimal (ring) algorithm sends per rank: all-reduce 2(N-1)/N of the data,
+reduce-scatter / all-gather / reduce / broadcast (N-1)/N. This module holds the ZeRO side:
+what DeepSpeed's engine holds, the paper's formulas, and the launcher's report (StepReport).
 """
 from __future__ import annotations
 
-import functools
-import json
-from collections import defaultdict
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
 
-from ..engine import TrainHooks
-
-CATEGORIES = ("parameters", "gradients", "optimizer", "buffers")
+from .measure import OneStepReport, Tally
 
 
 # ---------------------------------------------------------------- memory
-
-class Tally:
-    """Bytes per category, each storage counted once (flat buffers are shared by many views)."""
-
-    def __init__(self):
-        self.seen: set[int] = set()
-        self.bytes = dict.fromkeys(CATEGORIES, 0)
-
-    def add(self, category: str, t) -> None:
-        if not isinstance(t, torch.Tensor) or t.numel() == 0:
-            return
-        st = t.untyped_storage()
-        if st.data_ptr() in self.seen or st.nbytes() == 0:
-            return
-        self.seen.add(st.data_ptr())
-        self.bytes[category] += st.nbytes()
-
-    def walk(self, category: str, obj, depth: int = 0, _ids=None) -> None:
-        """Every tensor reachable from obj through lists, dicts and DeepSpeed objects."""
-        _ids = set() if _ids is None else _ids
-        if depth > 4 or id(obj) in _ids:
-            return
-        _ids.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            self.add(category, obj)
-            if obj.grad is not None:
-                self.add("gradients", obj.grad)
-        elif isinstance(obj, (list, tuple)):
-            for x in obj:
-                self.walk(category, x, depth + 1, _ids)
-        elif isinstance(obj, dict):
-            for x in obj.values():
-                self.walk(category, x, depth + 1, _ids)
-        elif isinstance(obj, torch.optim.Optimizer):
-            self.walk(category, obj.state, depth + 1, _ids)
-        elif type(obj).__module__.startswith("deepspeed") and hasattr(obj, "__dict__") \
-                and not isinstance(obj, torch.nn.Module):
-            for x in vars(obj).values():
-                self.walk(category, x, depth + 1, _ids)
-
 
 def measure_memory(engine) -> dict:
     """Bytes this rank holds, by category. `engine` is a dit_core.parallel.zero.DeepSpeedEngine."""
@@ -133,112 +86,26 @@ def comm_formula(stage: int, psi: int, world: int, accum: int = 1) -> float:
     return units * psi * (world - 1) / world
 
 
-_FACTORS = {"all_reduce": "2(N-1)/N", "reduce_scatter_tensor": "(N-1)/N", "all_gather_into_tensor": "(N-1)/N",
-            "reduce": "(N-1)/N", "broadcast": "(N-1)/N", "all_gather": "(N-1)/N", "reduce_scatter": "(N-1)/N",
-            "all_reduce_coalesced": "2(N-1)/N", "all_to_all_single": "(N-1)/N",
-            "all_gather_single": "(N-1)/N", "reduce_scatter_single": "(N-1)/N"}   # torch >= 2.14's names
-
-
-def _payload(name: str, args, kwargs) -> int:
-    def nbytes(x):
-        if isinstance(x, torch.Tensor):
-            return x.numel() * x.element_size()
-        if isinstance(x, (list, tuple)):
-            return sum(nbytes(y) for y in x)
-        return 0
-    if name in ("all_gather_into_tensor", "all_gather", "all_to_all_single", "all_gather_single"):
-        first = kwargs.get("output_tensor", kwargs.get("tensor_list", kwargs.get("output", args[0] if args else None)))
-    elif name in ("reduce_scatter_tensor", "reduce_scatter", "reduce_scatter_single"):
-        first = kwargs.get("input", kwargs.get("input_list", args[1] if len(args) > 1 else None))
-    else:
-        first = kwargs.get("tensor", kwargs.get("tensors", args[0] if args else None))
-    return nbytes(first)
-
-
-class CommCounter:
-    """Count the bytes of every collective issued while active (outermost calls only)."""
-
-    def __init__(self):
-        self.calls, self.bytes = defaultdict(int), defaultdict(int)
-        self._saved, self._depth = {}, 0
-
-    def __enter__(self):
-        targets = [(dist, name, name) for name in _FACTORS]
-        try:   # DeepSpeed's backend binds these two at init, so patch its copies too
-            from deepspeed.comm import comm as ds_comm
-            if ds_comm.cdb is not None:
-                targets += [(ds_comm.cdb, "all_gather_function", "all_gather_into_tensor"),
-                            (ds_comm.cdb, "reduce_scatter_function", "reduce_scatter_tensor")]
-        except ImportError:
-            pass
-        for owner, attr, name in targets:
-            fn = getattr(owner, attr, None)
-            if fn is not None:
-                self._saved[(owner, attr)] = fn
-                setattr(owner, attr, self._wrap(name, fn))
-        return self
-
-    def __exit__(self, *exc):
-        for (owner, attr), fn in self._saved.items():
-            setattr(owner, attr, fn)
-        self._saved.clear()
-
-    def _wrap(self, name, fn):
-        @functools.wraps(fn)
-        def counted(*args, **kwargs):
-            if self._depth == 0:
-                self.calls[name] += 1
-                self.bytes[name] += _payload(name, args, kwargs)
-            self._depth += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._depth -= 1
-        return counted
-
-    def ring_bytes(self, world: int) -> float:
-        """Bytes one rank sends with bandwidth-optimal algorithms."""
-        f = (world - 1) / world
-        return sum(b * (2 * f if _FACTORS[k].startswith("2") else f) for k, b in self.bytes.items())
-
-
 # ---------------------------------------------------------------- the launcher's report
 
-class StepReport(TrainHooks):
-    """Measure memory and communication of one step (default: step 1, after Adam's state exists)
-    on every rank; rank 0 writes a JSON with the formulas beside the measurements."""
+class StepReport(OneStepReport):
+    """`launchers/zero.py --report PATH`: memory and communication of one step (default: step 1, after Adam's state
+    exists) on every rank; rank 0 writes a JSON with the formulas beside the measurements."""
 
-    def __init__(self, path: str | Path, cfg, strategy, step: int = 1):
-        self.path, self.cfg, self.strategy, self.step = Path(path), cfg, strategy, step
-        self.memory, self.counter = None, None
+    def measure(self, engine) -> dict:
+        return measure_memory(engine)
 
-    def step_begin(self, step, engine):
-        if step == self.step:
-            self.counter = CommCounter().__enter__()
+    def rank_record(self, engine) -> dict:
+        return {"cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() and
+                engine.model.x_embedder.weight.is_cuda else None}
 
-    def after_backward(self, step, micro, engine):
-        if step == self.step and micro == 0:
-            self.memory = measure_memory(engine)
-
-    def step_end(self, step, engine):
-        if step != self.step:
-            return
-        self.counter.__exit__(None, None, None)
+    def report(self, ranks: list, engine) -> dict:
         world, stage, prec = self.strategy.world_size, self.strategy.stage, self.cfg.train.precision
         params = list(engine.model.parameters())
         psi = sum(getattr(p, "ds_numel", p.numel()) for p in params)
         largest = max(getattr(p, "ds_numel", p.numel()) for p in params)
-        mine = {"rank": dist.get_rank(), "memory": self.memory,
-                "comm_bytes": dict(self.counter.bytes), "comm_calls": dict(self.counter.calls),
-                "comm_ring_bytes": self.counter.ring_bytes(world),
-                "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() and
-                engine.model.x_embedder.weight.is_cuda else None}
-        ranks = [None] * world
-        dist.all_gather_object(ranks, mine)
-        if dist.get_rank() != 0:
-            return
         elem = 2 if prec in ("bf16", "fp16") else 4
-        report = {
+        return {
             "stage": stage, "world_size": world, "precision": prec, "psi": psi, "largest_param": largest,
             "grad_accum": self.cfg.train.grad_accum, "measured_at_step": self.step,
             "persistence_threshold": self.strategy.persistence_threshold,
@@ -249,5 +116,3 @@ class StepReport(TrainHooks):
             "comm_formula_bytes": comm_formula(stage, psi, world, self.cfg.train.grad_accum) * elem,
             "ranks": ranks,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(report, indent=1))
