@@ -77,7 +77,22 @@ class ModelConfig:
     # Where positions enter: sincos adds the fixed 2-D sin-cos embedding to the tokens (DiT's choice); rope2d rotates
     # every head's queries and keys by the token's row (half the channel pairs) and column (the other half): attention
     # scores then depend on the offset between two tokens only (chapter 17). Token-splitting strategies need sincos.
-    pos_embed: str = F("sincos", one_of("sincos", "rope2d"))
+    # sincos_meta: the same embedding laid out as Meta's DiT does (the column in the first half of the channels, the
+    # row in the second; sincos puts the row first): Meta's checkpoints need it (`python -m dit_core.convert meta`).
+    pos_embed: str = F("sincos", one_of("sincos", "sincos_meta", "rope2d"))
+    # Meta's DiT predicts the noise and a variance: 2 x in_channels outputs, the loss and the samplers read the first
+    # half (and diffusion.loss=hybrid trains the second).
+    learn_sigma: bool = F(False, ANY)
+
+
+@dataclass
+class DataConfig:
+    # mnist (the default), fashion_mnist, folder (an ImageFolder tree at data.path: one sub-folder per class) or
+    # latents (that folder encoded once by the VAE at data.vae)
+    source: str = F("mnist", one_of("mnist", "fashion_mnist", "folder", "latents"))
+    path: str = F("", ANY)                        # the image folder (folder, latents)
+    vae: str = F("", ANY)                         # latents: a local diffusers AutoencoderKL folder (or a hub name)
+    flip: bool = F(False, ANY)                    # random horizontal flip, drawn with the global batch
 
 
 @dataclass
@@ -156,11 +171,13 @@ class RunConfig:
     dump_grads: str = F("", ANY)                   # write every parameter's gradient of one step here (torch.save)
     dump_grads_step: int = F(0, at_least(0))       # ... of this step (synchronised, unscaled, before clipping)
     save_final: bool = F(True, ANY)                # false: no checkpoint at the end (measurement runs keep only logs)
+    init_from: str = F("", ANY)                    # start from these weights (a checkpoint folder), step 0, fresh optimizer
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
