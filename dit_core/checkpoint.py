@@ -38,6 +38,8 @@ import torch.nn as nn
 from .config import Config, ConfigError, ModelConfig
 from .model import DiT
 from .errors import CheckpointError, DataError  # noqa: F401  (CheckpointError's name stays importable here)
+from .config import load_config
+from .process import parser, run_main
 
 
 # Who wrote a checkpoint, and the command that resumes it (training_state.json's "engine").
@@ -309,7 +311,6 @@ def check_fits(sd: dict, like: nn.Module, file: Path) -> dict:
 
 def config_of(state: dict, path: Path) -> Config:
     """The whole config a checkpoint was trained with (its training_state.json), as this version reads it."""
-    from .config import ConfigError, load_config
     overrides = {f"{s}.{k}": v for s, body in state["config"].items() if isinstance(body, dict)
                  for k, v in body.items()}
     try:
@@ -453,7 +454,6 @@ def write_plain(src: Path, dst: Path, state: dict, sd: dict) -> Path:
 
 def convert_main(prog: str, what: str, convert, argv=None) -> int:
     """`python -m <prog> convert SRC DST`: `convert(src, dst)` writes the plain checkpoint."""
-    from .process import parser, run_main
     p = parser(prog=prog)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help=f"{what} checkpoint folder -> plain checkpoint folder")
@@ -547,7 +547,6 @@ def publish(tmp: Path, final: Path) -> None:
 
 def main(argv=None) -> int:
     """`python -m dit_core.checkpoint verify CHECKPOINT`: every file against the manifest written with it."""
-    from .process import parser, run_main
     p = parser(prog="python -m dit_core.checkpoint")
     sub = p.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("verify", help="check every file of a checkpoint folder against its manifest (sha256)")

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError, resume_instead, check_files, read_training_state, write_plain
+from .checkpoint import model_from_checkpoint
 
 
 def chunks(full: dict, mesh) -> dict:
@@ -133,7 +134,6 @@ def load_into_plain(folder: Path, model: nn.Module, optimizer) -> None:
 
 def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """An FSDP checkpoint folder -> a plain one (model.pt, ema.pt, training_state.json), in one process."""
-    from .checkpoint import model_from_checkpoint
     src, dst = Path(src), Path(dst)
     state = read_training_state(src)
     if state.get("engine") != "fsdp":

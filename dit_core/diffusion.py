@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DiffusionConfig
+from .fast import GraphedStep
 
 
 def make_betas(schedule: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -190,7 +191,6 @@ class Diffusion:
         z = None
         if fast and device.type == "cuda" and not getattr(c, "num_experts", 0):
             # (a mixture of experts routes a data-dependent number of rows to each expert: no graph for it)
-            from .fast import GraphedStep
             z = torch.zeros_like(x)
             step_fn = GraphedStep(torch.compile(step_fn) if compile else step_fn, (x, timesteps[0], timesteps[1], z))
         for i in range(len(ts)):

@@ -19,6 +19,8 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, check_files, foreign, load_model_weights, read_training_state, torch_load
 from .config import Config, ConfigError
 from .model import DiT, sdpa_attention
+from .checkpoint import load_state_file, writer
+from .checkpoint_dcp import load_into_plain
 
 
 def compiled(fn, mode: str):
@@ -200,7 +202,6 @@ class TorchEngine(Accumulating):
         state = read_training_state(folder)
         if writer_of(state) == "fsdp":
             # A sharded DCP checkpoint: this process reads every chunk of every weight and moment.
-            from .checkpoint_dcp import load_into_plain
             load_into_plain(folder, unwrap(self.model), self.optimizer)
             self.scheduler.last_epoch = state["step"]
             apply_schedule(self.optimizer, self.scheduler, self.cfg, state["step"])
@@ -284,7 +285,6 @@ class RankFilesEngine(TorchEngine):
                    folder / f"optimizer-rank{self.strategy.rank}.pt")
 
     def load(self, folder: Path, device: torch.device) -> None:
-        from .checkpoint import load_state_file
         state = read_training_state(folder)
         self.check_layout(folder, state)
         name = f"optimizer-rank{self.strategy.rank}.pt"
@@ -319,7 +319,6 @@ def weight_stats(params) -> torch.Tensor:
 
 
 def writer_of(state: dict) -> str:
-    from .checkpoint import writer
     return writer(state)
 
 

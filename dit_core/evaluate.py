@@ -18,8 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import model_from_checkpoint
 from .data import data_dir, load_mnist
+from .diffusion import Diffusion
 from .scratch import write_atomic
+from .engine import resolve_device
+from .plots import sample_grid
+from .process import parser
 
 CLASSIFIER_FILE = "classifier-v1.pt"
 
@@ -190,9 +195,6 @@ def score_samples(images: torch.Tensor, labels: torch.Tensor, device="cpu", n_re
 
 def evaluate_checkpoint(path, n_per_class: int = 100, device="cpu", use_ema: bool = True,
                         sample_overrides: dict | None = None, seed: int = 0):
-    from .diffusion import Diffusion
-    from .train import model_from_checkpoint
-
     model, cfg = model_from_checkpoint(path, device, ema=use_ema)
     for k, v in (sample_overrides or {}).items():
         if v is not None:
@@ -218,7 +220,6 @@ def format_report(r: dict) -> str:
 
 
 def main(argv=None):
-    from .process import parser
     p = parser(description="Score a DiT checkpoint's samples with an MNIST classifier.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint-<step> folder")
     p.add_argument("--n-per-class", type=int, default=100)
@@ -230,7 +231,6 @@ def main(argv=None):
     p.add_argument("--grid", help="also write a 10x10 sample grid PNG here")
     p.add_argument("--json", help="also write the scores as JSON here")
     args = p.parse_args(argv)
-    from .train import resolve_device
 
     device = resolve_device(args.device)
     r, images, labels, cfg = evaluate_checkpoint(
@@ -238,7 +238,6 @@ def main(argv=None):
         {"sampler": args.sampler, "ddim_steps": args.steps, "cfg_scale": args.cfg_scale})
     print(format_report(r))
     if args.grid:
-        from .plots import sample_grid
         sample_grid(images[grid_order(labels, cfg.model.num_classes)].cpu(), args.grid, nrow=10)
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))

@@ -17,6 +17,9 @@ import torch
 
 from .config import ConfigError
 from .model import DiT
+from .checkpoint import model_from_checkpoint
+from .diffusion import Diffusion
+from .plots import sample_grid
 
 
 def _need():
@@ -80,14 +83,11 @@ def max_difference(model: DiT, onnx_model: OnnxDenoiser, batch: int = 16, seed: 
 
 
 def main(argv=None) -> int:
-    from .checkpoint import model_from_checkpoint
-    from .diffusion import Diffusion
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
     p.add_argument("out", help="the .onnx file to write")
     p.add_argument("--grid", help="also sample 10 digits per class with onnxruntime into this PNG")
     a = p.parse_args(argv)
-    from .config import ConfigError
     for flag, path, suffix in (("out", a.out, ".onnx"), ("--grid", a.grid, ".png")):   # before the export's work
         if path is None:
             continue
@@ -108,7 +108,6 @@ def main(argv=None) -> int:
     print(f"exported {a.out} ({Path(a.out).stat().st_size / 2**20:.1f} MiB); max |torch - onnxruntime| = "
           f"{max_difference(model, session):.2e}")
     if a.grid:
-        from .plots import sample_grid
         d = Diffusion(cfg.diffusion)
         imgs = d.sample(session, torch.arange(10).repeat_interleave(10), cfg_scale=cfg.sample.cfg_scale,
                         sampler=cfg.sample.sampler, steps=cfg.sample.ddim_steps, seed=0)

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from .errors import user_errors
 
 
 def load(script: str, cache: dict):
@@ -26,7 +27,6 @@ def main(argv=None) -> None:
     (runs_file,) = argv if argv else sys.argv[1:]
     import torch.distributed as dist
 
-    from .errors import user_errors
     errors, launchers = {}, {}
     for i, run in enumerate(json.loads(Path(runs_file).read_text())):
         try:

@@ -21,6 +21,8 @@ from .config import Config, load_config
 from .diffusion import Diffusion
 from .engine import autocast_ctx
 from .model import CHECKPOINT_INPUT_HOOKS, DiT
+from .config import ConfigError, parse_overrides
+from .engine import resolve_device
 
 MIB = 2 ** 20
 
@@ -201,8 +203,6 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--snapshot", help="also write torch's memory snapshot of one step here (pickle; GPU only)")
     a = p.parse_args(argv)
-    from .config import ConfigError, parse_overrides
-    from .engine import resolve_device
     if a.batch < 1:
         raise ConfigError(f"--batch {a.batch} must be at least 1.")
     for flag, path in (("--out", a.out), ("--snapshot", a.snapshot)):      # before minutes of measuring

@@ -27,6 +27,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from .cli import config_from_args, launcher_parser
+from .errors import os_failure, user_errors
+from .parallel.dist import free_port
+from .process import parser, say
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ("torchrun-c10d", "torchrun-static", "deepspeed", "accelerate")
@@ -65,7 +69,6 @@ def run_nodes(launcher: str, script: str, args: list[str], nodes: int = 2, per_n
     """Start machines `start` (default: all) of a `nodes`-machine job as separate launcher processes on this host;
     returns (exit code, seconds, stderr) per started machine. A machine that never comes is a rendezvous that waits
     (torchrun: the script's run.dist_timeout, or `join_timeout` seconds)."""
-    from .parallel.dist import free_port
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     procs = []
@@ -230,8 +233,6 @@ def script_timeout(script: str, script_args: list[str]) -> tuple[float, str, str
     """The timeout the script itself will use, its name and how to set it: launchers/rendezvous.py's --timeout, any
     other launcher's run.dist_timeout (its --config and --set, as the launcher reads them); torch's 600 s for a
     script that is not one of the workbook's launchers."""
-    from .cli import config_from_args, launcher_parser
-    from .process import parser
     name = Path(script).name
     if name == "rendezvous.py":
         p = parser(prog=name, add_help=False)
@@ -246,8 +247,6 @@ def script_timeout(script: str, script_args: list[str]) -> tuple[float, str, str
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .errors import os_failure, user_errors
-    from .process import say
     # torch's C++ store logs each failed connect with a C++ stack; the sentence below says what happened. Quiet for
     # this agent only: the level is read when torch loads, and the ranks it starts get the environment as it was.
     quiet = "TORCH_CPP_LOG_LEVEL" not in os.environ

@@ -15,6 +15,12 @@ import torch
 
 from .logs import (LOG_KEYS, PARITY_KEYS, JsonlLogger, Verdict, compare, format_table, max_rel,  # noqa: F401
                    parity, read_jsonl)                                               # (the API)
+from .cli import config_from_args, launcher_parser
+from .parallel.dist import free_port
+from .plots import parity_curves
+from .process import parser
+from .scratch import scratch_dir
+from .train import train
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +62,6 @@ def _command(script: str, nproc: int, launcher: str, launch_args=None, module: b
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 *(["-m"] if module else []), *target]
-    from .parallel.dist import free_port
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
                 f"--master_port={free_port()}", *(["--module"] if module else []), *target]
@@ -85,7 +90,6 @@ def run_launcher(script: str, args: list[str], nproc: int = 1, log: str | Path |
 
     Tests and notebooks use this to run the real thing: separate processes, real collectives.
     """
-    from .scratch import scratch_dir
 
     log = Path(log) if log else scratch_dir("dit-log-") / "log.jsonl"
     _run(_command(script, nproc, launcher, launch_args) + [str(a) for a in args] + ["--log-jsonl", str(log)],
@@ -110,7 +114,6 @@ def run_mixed(rows: list[tuple[str, list[str]]], nproc: int = 1, launcher: str =
     suite runs every strategy's table of 2-process runs in one job)."""
     import json
 
-    from .scratch import scratch_dir
 
     tmp = scratch_dir("dit-many-")
     logs = [tmp / f"run{i}.jsonl" for i in range(len(rows))]
@@ -130,9 +133,6 @@ def run_here(script: str, runs: list[list[str]]) -> list[list[dict]]:
     (tests/test_ddp.py checks it), without a process start-up per run."""
     import torch
 
-    from .cli import config_from_args, launcher_parser
-    from .scratch import scratch_dir
-    from .train import train
     if Path(script).name != "single.py":
         raise ValueError(f"run_here runs launchers/single.py, not {script}: other launchers need their processes.")
     logs = []
@@ -190,7 +190,6 @@ def format_grads(rows: list[dict], rtol: float, limit: int = 0) -> str:
 
 
 def main(argv=None) -> int:
-    from .process import parser
     p = parser(prog="python -m dit_core.parity",
                                 description="Compare two runs step by step: the loss and the gradient norm.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -222,7 +221,6 @@ def main(argv=None) -> int:
     print(format_table(a, b, *names, limit=args.rows or None))
     print(f"\n{verdict}")
     if args.plot:
-        from .plots import parity_curves
         parity_curves(a, b, args.plot, names=names)
     return 0 if verdict.ok else 1
 

@@ -209,7 +209,8 @@ class StepLog:
         if not pending:
             return
         n = len(pending)
-        values = torch.stack([v.float().reshape(()) for v in [r["loss"] for r in pending] +
+        # float64 holds every float32 loss and norm exactly, and a norm an engine computed in float64 as it is
+        values = torch.stack([v.double().reshape(()) for v in [r["loss"] for r in pending] +
                               [r["grad_norm"] for r in pending]]).tolist()
         for i, r in enumerate(pending):
             r["loss"], r["grad_norm"] = values[i], values[n + i]

@@ -226,8 +226,10 @@ class DeepSpeedEngine(Accumulating):
             own = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         self.engine.step()           # the boundary: clip, optimizer step, zero grads, LR step
         norm = own if own is not None else self.engine.get_global_grad_norm()
-        # a 0-d tensor on the model's device, as every engine's: the loop reads it back with the loss
-        return torch.tensor(float(norm) if norm is not None else float("nan"), device=self.strategy.device)
+        # a 0-d tensor on the model's device, as every engine's (the loop reads it back with the loss); float64 keeps
+        # the number DeepSpeed computed as it is
+        return torch.tensor(float(norm) if norm is not None else float("nan"), dtype=torch.float64,
+                            device=self.strategy.device)
 
     def make_ema(self):
         if self.stage == 3:
