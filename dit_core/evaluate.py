@@ -191,7 +191,7 @@ def score_samples(images: torch.Tensor, labels: torch.Tensor, device="cpu", n_re
 def evaluate_checkpoint(path, n_per_class: int = 100, device="cpu", use_ema: bool = True,
                         sample_overrides: dict | None = None, seed: int = 0):
     from .diffusion import Diffusion
-    from .train import model_from_checkpoint
+    from .checkpoint import model_from_checkpoint
 
     model, cfg = model_from_checkpoint(path, device, ema=use_ema)
     for k, v in (sample_overrides or {}).items():

@@ -262,6 +262,18 @@ class DeepSpeedEngine(Accumulating):
         valid = max(0, min(size, p.ds_numel - rank * size))
         return p.ds_tensor.narrow(0, 0, valid)
 
+    def load_weights(self, sd: dict) -> None:
+        """Into the module (ZeRO-3: gathered, then partitioned again), then into the optimizer's fp32 copy of the
+        weights, which DeepSpeed steps from (its partitions of the module's weights, or their masters in bf16/fp16)."""
+        import deepspeed
+        gathered = (deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0)
+                    if self.stage == 3 else contextlib.nullcontext())
+        with gathered, torch.no_grad():
+            self.model.load_state_dict(sd)
+        refresh = getattr(self.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
+
     def load(self, folder: Path, device: torch.device) -> None:
         state = read_training_state(folder)
         if state.get("engine") != "deepspeed" or not (folder / "ds").is_dir():
