@@ -9,8 +9,9 @@ table below and fails naming the import that breaks it; a new module gets a line
            collective timeout, stuck siblings stopped)
     1  config, logs, scratch: the config dataclasses and their rules; JSONL logs and the parity verdict;
            temporary folders and the one atomic file write
-    2  data, batch, fast: MNIST (and whether it fits the model); the global batch of the determinism contract;
-           batches drawn on the GPU
+    2  data, folder, latents, sources, batch, fast: MNIST (and whether data fit the model); an image folder
+           decoded once; its VAE latents encoded once; the source data.source names (Fashion-MNIST too); the global
+           batch of the determinism contract; batches drawn on the GPU
     3  moe, model, diffusion, objective: the mixture-of-experts layer; the DiT; the noise schedule and its
            errors, sampling; the loss of one micro-batch every strategy trains (with the MoE balance term)
     4  checkpoint, checkpoint_dcp: the checkpoint folder (manifest, readers, writers, the resume preflight) and
@@ -21,8 +22,8 @@ table below and fails naming the import that breaks it; a new module gets a line
     7  strategy: the seam: what a strategy provides and what the loop calls on it (Strategy, Engine,
            TrainHooks), on one page
     8  train, parallel: the loop; every strategy (parallel/*), which plugs into the loop only through the seam
-    9  bench, evaluate, export, memory, many, multinode, parity, plots: lab tools that measure, score, export,
-           compare
+    9  bench, convert, evaluate, export, memory, many, multinode, parity, plots: lab tools that measure, convert
+           (Meta's DiT checkpoints), score, export, compare
     (launchers/, tools/ and tests/ stand above every floor; nothing here imports them)
 
 Where to start: `strategy.py` (the seam, one page), `train.py` (the loop), then one strategy, e.g.

@@ -2,7 +2,9 @@
 
 Everything random a training sample sees is drawn here, before any rank is
 involved: which images (indices), the diffusion timestep t, the noise, and the
-label-dropout mask for classifier-free guidance. A rank then takes a contiguous
+label-dropout mask for classifier-free guidance, and whether each sample is
+mirrored (data.flip; drawn last, so the other draws are those of a run without
+flips, and ignored by a source whose data.flip is off). A rank then takes a contiguous
 slice. So 1 process or N processes, accumulation 1 or 4, the same sample meets
 the same t and the same noise, and the mean loss over the global batch is the
 same number.
@@ -53,21 +55,27 @@ class Batch:
     t: torch.Tensor         # (B,) int64 timesteps in [0, T)
     noise: torch.Tensor     # (B, C, H, W) float32 standard normal
     drop: torch.Tensor      # (B,) bool, True: the label is replaced by the null class
+    flip: torch.Tensor      # (B,) bool, True: the image is mirrored left-right (used where data.flip is on)
 
     def __len__(self) -> int:
         return self.indices.shape[0]
 
     def slice(self, start: int, stop: int) -> "Batch":
-        return Batch(self.indices[start:stop], self.t[start:stop], self.noise[start:stop], self.drop[start:stop])
+        return Batch(*(getattr(self, f)[start:stop] for f in FIELDS))
 
     def to(self, device) -> "Batch":
         nb = torch.device(device).type == "cuda"
-        return Batch(*(x.to(device, non_blocking=nb) for x in (self.indices, self.t, self.noise, self.drop)))
+        return Batch(*(getattr(self, f).to(device, non_blocking=nb) for f in FIELDS))
 
     @staticmethod
     def cat(parts: list["Batch"]) -> "Batch":
-        return Batch(*(torch.cat([getattr(p, f) for p in parts])
-                       for f in ("indices", "t", "noise", "drop")))
+        return Batch(*(torch.cat([getattr(p, f) for p in parts]) for f in FIELDS))
+
+    def take(self, where: torch.Tensor) -> "Batch":
+        return Batch(*(getattr(self, f)[where] for f in FIELDS))
+
+
+FIELDS = ("indices", "t", "noise", "drop", "flip")
 
 
 def global_batch(seed: int, step: int, batch_size: int, n_data: int, timesteps: int,
@@ -78,7 +86,8 @@ def global_batch(seed: int, step: int, batch_size: int, n_data: int, timesteps: 
     t = torch.randint(0, timesteps, (batch_size,), generator=g)
     noise = torch.randn((batch_size, *image_shape), generator=g)
     drop = torch.rand(batch_size, generator=g) < label_dropout
-    return Batch(idx, t, noise, drop)
+    flip = torch.rand(batch_size, generator=g) < 0.5     # last: the draws above are those of a run without flips
+    return Batch(idx, t, noise, drop, flip)
 
 
 def shard_bounds(batch_size: int, rank: int, world_size: int, micro_step: int, accumulation: int) -> tuple[int, int]:
@@ -147,9 +156,9 @@ class GlobalBatchStream(torch.utils.data.Dataset):
         parts = []
         for step in steps.unique().tolist():      # a loader batch lies inside one step unless B/accum splits oddly
             b, where = self._batch(step), pos[steps == step]
-            parts.append(Batch(b.indices[where], b.t[where], b.noise[where], b.drop[where]))
+            parts.append(b.take(where))
         b = parts[0] if len(parts) == 1 else Batch.cat(parts)
-        x0, y = self.data.gather(b.indices)
+        x0, y = self.data.gather(b.indices, b.flip)          # data.flip: mirrored here, as the loop's gather does
         return x0, y, b.t, b.noise, b.drop
 
     def __getitem__(self, i: int):

@@ -234,7 +234,8 @@ def check_model_config(state: dict, cfg: Config, path: Path) -> None:
 # The settings that decide the batches (and the objective) of every step: a resume keeps them.
 FIXED_ON_RESUME = [("train", "seed"), ("train", "global_batch_size"), ("train", "train_subset"),
                    *(("diffusion", k) for k in ("schedule", "timesteps", "beta_start", "beta_end", "loss",
-                                                "label_dropout"))]
+                                                "label_dropout")),
+                   ("data", "source"), ("data", "path"), ("data", "flip")]   # absent before issue 38: not checked
 # The settings a resume recomputes from the command line, at the resumed step.
 SCHEDULE_ON_RESUME = [("train", k) for k in ("lr", "warmup_steps", "min_lr_ratio", "max_steps", "betas",
                                              "weight_decay")]
@@ -257,6 +258,10 @@ def resume_point(cfg: Config) -> ResumePoint:
         return ResumePoint()
     path = Path(cfg.run.resume)
     state = read_training_state(path)
+    if state.get("weights_only"):
+        raise CheckpointError(f"--resume '{path}' holds weights only (no optimizer state, step 0; converted from "
+                              f"'{state.get('meta_source', '?')}'), which no run continues; start a new run from them "
+                              f"with --set run.init_from={path}.")
     changes = check_resume(state, cfg, path)
     if state["step"] > cfg.train.max_steps:
         raise ConfigError(f"--resume '{path}' is at step {state['step']}, past train.max_steps={cfg.train.max_steps}; "
@@ -319,11 +324,13 @@ def config_of(state: dict, path: Path) -> Config:
         raise CheckpointError(f"Checkpoint '{path}' holds a config this version cannot read ({e})") from None
 
 
-def load_ema(folder: str | Path, map_location="cpu", like: nn.Module | None = None) -> dict:
-    """A checkpoint's ema.pt for a resume: readable, finite, and the weights of the model the checkpoint was trained
-    as (`like`, or the DiT of its training_state.json built on the meta device: no memory, no time)."""
+def load_ema(folder: str | Path, map_location="cpu", like: nn.Module | None = None, name: str = "ema.pt") -> dict:
+    """A checkpoint's ema.pt (or `name`: model.pt for run.init_from) for a resume: readable, finite, and the weights of
+    the model the checkpoint was trained as (`like`, or the DiT of its training_state.json built on the meta device:
+    no memory, no time)."""
     folder = Path(folder)
-    file = folder / "ema.pt"
+    file = folder / name
+    check_files(folder, (name,))
     sd = load_state_file(file, map_location)
     if like is None:
         with torch.device("meta"):

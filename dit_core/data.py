@@ -9,7 +9,8 @@ Sources, in order:
 
 Whatever the source, the four arrays are checked against the sha256 of the real
 MNIST bytes before use, so a tampered or truncated file is an error, never a
-silently different dataset.
+silently different dataset. The other sources (Fashion-MNIST, an image folder, VAE latents) and
+`load_data`, which picks one by data.source, are in sources.py; this file's MNIST is what they imitate.
 """
 from __future__ import annotations
 
@@ -59,24 +60,27 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_arrays(arrays: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """Check shapes and bytes against the real MNIST; return uint8 arrays."""
+def verify_arrays(arrays: dict[str, np.ndarray], source: str, hashes: dict = ARRAY_SHA256, shapes: dict = SHAPES,
+                  what: str = "MNIST", ref: str = "the real MNIST bytes", again: str = "fetched again",
+                  pixels: bool = True) -> dict[str, np.ndarray]:
+    """Check shapes and bytes against `hashes` (the real MNIST by default); return the arrays (uint8 where `pixels`).
+    The other sources (Fashion-MNIST, an image folder's cache, VAE latents) pass their own hashes and words."""
     out = {}
-    for key, want in ARRAY_SHA256.items():
+    for key, want in hashes.items():
         if key not in arrays:
-            raise DataError(f"MNIST from {source} has no array '{key}'; delete it so it is fetched again.")
+            raise DataError(f"{what} from {source} has no array '{key}'; delete it so it is {again}.")
         a = np.ascontiguousarray(arrays[key])
-        if a.shape != SHAPES[key]:
-            raise DataError(f"MNIST '{key}' from {source} has shape {a.shape}, expected {SHAPES[key]}; "
-                            f"the file is truncated or not MNIST: delete it so it is fetched again.")
-        if a.dtype != np.uint8:
+        if a.shape != tuple(shapes[key]):
+            raise DataError(f"{what} '{key}' from {source} has shape {a.shape}, expected {tuple(shapes[key])}; "
+                            f"the file is truncated or not {what}: delete it so it is {again}.")
+        if pixels and a.dtype != np.uint8:
             if a.min() < 0 or a.max() > 255 or not np.array_equal(a, np.round(a)):
-                raise DataError(f"MNIST '{key}' from {source} is not whole numbers in 0..255; "
-                                f"delete it so it is fetched again.")
+                raise DataError(f"{what} '{key}' from {source} is not whole numbers in 0..255; "
+                                f"delete it so it is {again}.")
             a = a.astype(np.uint8)
         if hashlib.sha256(a.tobytes()).hexdigest() != want:
-            raise DataError(f"MNIST '{key}' from {source} does not match the real MNIST bytes (sha256); "
-                            f"the file was altered or corrupted: delete it so it is fetched again.")
+            raise DataError(f"{what} '{key}' from {source} does not match {ref} (sha256); "
+                            f"the file was altered or corrupted: delete it so it is {again}.")
         out[key] = a
     return out
 
@@ -92,17 +96,19 @@ def _stamp(path: Path) -> tuple:
     return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
-def read_cache(path: Path) -> dict[str, np.ndarray]:
+def read_cache(path: Path, check=verify_arrays, what: str = "MNIST",
+               again: str = "fetched again") -> dict[str, np.ndarray]:
+    """The arrays of a cache file, checked by `check(arrays, source)` (once per file version and process)."""
     try:
         stamp = _stamp(path)
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:  # zip/np errors on a truncated or foreign file
-        raise DataError(f"Cached MNIST '{path}' cannot be read ({e.__class__.__name__}); "
-                        f"delete it so it is fetched again.") from None
+        raise DataError(f"Cached {what} '{path}' cannot be read ({e.__class__.__name__}); "
+                        f"delete it so it is {again}.") from None
     if stamp in _VERIFIED:
         return arrays
-    arrays = verify_arrays(arrays, f"cache '{path}'")
+    arrays = check(arrays, f"cache '{path}'")
     _VERIFIED.add(stamp)
     return arrays
 
@@ -189,44 +195,64 @@ def ensure_mnist(verbose: bool = True) -> Path:
         f"uint8 arrays train_x, train_y, test_x, test_y at {cache}, or set DIT_DATA_DIR to a folder holding one.")
 
 
+def flip_where(x: torch.Tensor, flip: torch.Tensor | None, flipped: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, C, H, W) with the samples whose `flip` is True mirrored left-right (or, for VAE latents, replaced by
+    `flipped`: the latents of the mirrored images, since a latent's mirror is not the mirror's latent)."""
+    if flip is None:
+        return x
+    f = flip.to(x.device, non_blocking=True).view(-1, 1, 1, 1)
+    return torch.where(f, x.flip(-1) if flipped is None else flipped, x)
+
+
 @dataclass
 class MNIST:
-    """uint8 images (N, 28, 28) and int64 labels (N,), on one device."""
+    """uint8 images (N, 28, 28) and int64 labels (N,), on one device. `flip` (data.flip): `gather` mirrors the
+    samples the global batch marks."""
     images: torch.Tensor
     labels: torch.Tensor
+    flip: bool = False
     channels = 1          # what the model's data-facing settings must say (check_data_fits, below)
     num_classes = 10
+    name = "MNIST"        # how check_data_fits names the data
+    classes = tuple("0123456789")
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def to(self, device) -> "MNIST":
-        return MNIST(self.images.to(device), self.labels.to(device))
+        return type(self)(self.images.to(device), self.labels.to(device), self.flip)
 
-    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch of float images in [-1, 1] (B, 1, 28, 28) and labels, built on the data's device."""
+    def gather(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch of float images in [-1, 1] (B, 1, 28, 28) and labels, built on the data's device; with data.flip,
+        the samples `flip` (the global batch's draw) marks are mirrored."""
         idx = idx.to(self.images.device, non_blocking=True)
         x = self.images.index_select(0, idx).unsqueeze(1).float().div_(127.5).sub_(1.0)
-        return x, self.labels.index_select(0, idx)
+        return flip_where(x, flip if self.flip else None), self.labels.index_select(0, idx)
 
 
 def load_mnist(split: str = "train", device: str | torch.device = "cpu", subset: int = 0) -> MNIST:
+    return split_of(MNIST, lambda: read_cache(ensure_mnist()), split, subset).to(device)
+
+
+def split_of(cls, arrays, split: str, subset: int):
+    """`cls` (MNIST or a source with its shapes) holding the split's images of `arrays()`, the first `subset`."""
     if split not in ("train", "test"):
         raise DataError(f"split={split!r} is not 'train' or 'test'.")
-    arrays = read_cache(ensure_mnist())
+    arrays = arrays()
     x = torch.from_numpy(arrays[f"{split}_x"])
     y = torch.from_numpy(arrays[f"{split}_y"].astype(np.int64))
     if subset > len(x):
-        raise DataError(f"train.train_subset={subset} is more than the {len(x)} MNIST {split} images; use at most "
-                        f"{len(x)} (0: all of them).")
+        raise DataError(f"train.train_subset={subset} is more than the {len(x)} {cls.name} {split} images; use at "
+                        f"most {len(x)} (0: all of them).")
     if subset:
         x, y = x[:subset], y[:subset]
-    return MNIST(x.contiguous(), y.contiguous()).to(device)
+    return cls(x.contiguous(), y.contiguous())
 
 
-def check_data_fits(cfg, data: "MNIST") -> None:
-    """The model's data-facing settings must describe the images it will be given, and the images be numbers: a NaN
-    in the data would show as a NaN loss and be blamed on the learning rate."""
+def check_data_fits(cfg, data) -> None:
+    """The model's data-facing settings must describe the images it will be given (whatever the source: MNIST,
+    Fashion-MNIST, an image folder, VAE latents), and the images be numbers: a NaN in the data would show as a NaN
+    loss and be blamed on the learning rate."""
     if data.images.is_floating_point():
         bad = ~torch.isfinite(data.images.reshape(len(data), -1)).all(dim=1)
         if bool(bad.any()):
@@ -236,5 +262,5 @@ def check_data_fits(cfg, data: "MNIST") -> None:
     for key, want, have in (("in_channels", data.channels, m.in_channels), ("image_size", data.images.shape[-1],
                             m.image_size), ("num_classes", data.num_classes, m.num_classes)):
         if want != have:
-            raise ConfigError(f"model.{key}={have} does not fit the data (MNIST has {key.replace('_', ' ')} "
+            raise ConfigError(f"model.{key}={have} does not fit the data ({data.name} has {key.replace('_', ' ')} "
                               f"{want}); use {want}.")

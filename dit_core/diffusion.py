@@ -93,6 +93,7 @@ class Diffusion:
         """The objective on a prediction: apart from `loss` for a pipeline, whose first stage noises the
         images (q_sample) and whose last stage, holding the prediction, computes this."""
         err = F.mse_loss if self.cfg.loss == "mse" else F.l1_loss
+        pred = first_channels(pred, noise)
         if self.plain:
             return err(pred.float(), noise)
         per_sample = err(pred.float(), self.target(x0, t, noise), reduction="none").flatten(1).mean(1)
@@ -104,7 +105,7 @@ class Diffusion:
         """The unweighted error against a target computed beforehand (torch.distributed.pipelining's loss_fn
         sees only the prediction and a target)."""
         err = F.mse_loss if self.cfg.loss == "mse" else F.l1_loss
-        return err(pred.float(), target)
+        return err(first_channels(pred, target).float(), target)
 
     def token_error(self, pred, target, t, count: int) -> torch.Tensor:
         """A rank's share of a micro-batch's loss when it holds only some of every image's tokens (sequence and
@@ -120,6 +121,7 @@ class Diffusion:
 
     def split(self, x_t, t, out):
         """(x0, eps) from the network's output for objectives eps, v and x0 (the samplers need both)."""
+        out = first_channels(out, x_t)
         a, b = self._at(self.sqrt_ab, t), self._at(self.sqrt_one_minus_ab, t)
         if self.cfg.objective == "x0":
             return out, (x_t - a * out) / b
@@ -215,7 +217,7 @@ class Diffusion:
 
         def v(x, s):
             t = self.flow_model_time(s).expand(x.shape[0])
-            return model.forward_with_cfg(x, t, labels, cfg_scale).float()
+            return first_channels(model.forward_with_cfg(x, t, labels, cfg_scale), x).float()
 
         for i in range(steps):
             s, s_next = grid[i], grid[i + 1]
@@ -225,6 +227,13 @@ class Diffusion:
                 x_next = x + (s_next - s) * 0.5 * (d + v(x_next, s_next))
             x = x_next
         return x.clamp(-1, 1)
+
+
+def first_channels(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The prediction in a (B, 2C, H, W) output of a DiT with model.learn_sigma: its first C channels (as Meta's
+    sample.py and its training loss read it; the other C set the variance). Any other output is returned as is."""
+    c = like.shape[1]
+    return out[:, :c] if out.dim() == 4 and out.shape[1] == 2 * c else out
 
 
 def _normal_quantile(u: np.ndarray) -> np.ndarray:

@@ -225,6 +225,9 @@ class TorchEngine(Accumulating):
             self.scaler.load_state_dict(opt_state["scaler"])
         apply_schedule(self.optimizer, self.scheduler, self.cfg, read_training_state(folder)["step"])
 
+    def load_weights(self, sd: dict) -> None:
+        unwrap(self.model).load_state_dict(sd)     # every rank loads the same: DDP's replicas stay equal
+
     def weight_stats(self) -> torch.Tensor:
         """This rank's weights: [how many are not finite, their sum of squares] (read with the step's loss)."""
         return weight_stats(self.params)
@@ -245,6 +248,9 @@ class RankFilesEngine(TorchEngine):
 
     def load_whole_state_dict(self, sd: dict) -> None:
         raise NotImplementedError
+
+    def load_weights(self, sd: dict) -> None:
+        self.load_whole_state_dict(sd)             # this rank's slices, stage or experts of the whole weights
 
     # What a subclass says about its layout, for the one check below: the launcher that resumes it, how the
     # optimizer state is split, and the flags that describe a layout (state_info's keys: a dict -> "--tp-degree 2").

@@ -5,7 +5,7 @@ device see the same numbers. One GPU alone needs none of that, and the CPU draw,
 copy and the per-step read-back of the loss are what leave a small model's GPU idle. Here:
 
 * `DeviceBatches`: the dataset lives on the GPU and each step's batch (indices, t, noise, label
-  dropout) is drawn there, from a generator seeded by (seed, step), so a run is still repeatable
+  dropout, flips) is drawn there, from a generator seeded by (seed, step), so a run is still repeatable
   and resumable, just not equal to the CPU contract's numbers;
 * `GraphedStep`: a function of fixed-shape tensors recorded once as a CUDA graph and replayed, so
   hundreds of small kernels cost one launch (the sampler's 1000 steps);
@@ -32,7 +32,7 @@ class DeviceBatches:
     """Global batches drawn on `data`'s device: a pure function of (seed, step) on that device.
 
     Indices walk an endless stream of per-epoch permutations (every image once per epoch), as the
-    contract's do; t, noise and the dropout mask come from a device generator re-seeded each step.
+    contract's do; t, noise, the dropout mask and the flips come from a device generator re-seeded each step.
     Nothing here waits for the GPU: the host only does arithmetic on step numbers.
     """
 
@@ -67,7 +67,8 @@ class DeviceBatches:
         t = torch.randint(0, self.T, (self.B,), generator=g, device=self.device)
         noise = torch.randn((self.B, *self.shape), generator=g, device=self.device)
         drop = torch.rand(self.B, generator=g, device=self.device) < self.p_drop
-        return Batch(idx, t, noise, drop)
+        flip = torch.rand(self.B, generator=g, device=self.device) < 0.5     # last, as the contract's
+        return Batch(idx, t, noise, drop, flip)
 
 
 class GraphedStep:

@@ -1,9 +1,13 @@
-"""A class-conditional Diffusion Transformer (DiT, Peebles & Xie 2023) for MNIST.
+"""A class-conditional Diffusion Transformer (DiT, Peebles & Xie 2023), from MNIST to Meta's DiT-XL/2.
 
 Read top to bottom: image -> patches -> tokens (+ fixed 2-D position embedding);
 timestep and label -> one conditioning vector c; N blocks in which c sets the
 shift, scale and gate of every sub-layer (adaLN-Zero); a final layer -> patches
--> the predicted noise, same shape as the image.
+-> the predicted noise, same shape as the image (with model.learn_sigma, as Meta's
+DiT: twice the channels, the noise first and then the variance).
+
+Meta's architecture, module for module (same parameters, same outputs): model.pos_embed=sincos_meta and
+model.learn_sigma=true, as configs/dit_*2.yaml set them; `python -m dit_core.convert meta` reads Meta's checkpoints.
 
 Attention is a plain callable `attn_fn(q, k, v)` on (batch, seq, heads, head_dim)
 tensors, so later chapters swap in Ulysses or tensor-parallel attention with
@@ -34,15 +38,19 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed (grid*grid, dim) embedding: half the channels encode the row, half the column."""
+def sincos_pos_embed_2d(dim: int, grid: int, column_first: bool = False) -> torch.Tensor:
+    """Fixed (grid*grid, dim) embedding: half the channels encode the row, half the column. Which half comes first
+    is a convention: this project puts the row first (model.pos_embed=sincos); Meta's DiT (from MAE's
+    get_2d_sincos_pos_embed, whose meshgrid puts w first) the column (sincos_meta, `column_first`). Same values,
+    channels swapped: a checkpoint read with the other one gives another model."""
     def one_axis(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.outer(pos, omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
-    emb = np.concatenate([one_axis(dim // 2, rows.reshape(-1)), one_axis(dim // 2, cols.reshape(-1))], axis=1)
+    halves = [one_axis(dim // 2, rows.reshape(-1)), one_axis(dim // 2, cols.reshape(-1))]
+    emb = np.concatenate(halves[::-1] if column_first else halves, axis=1)
     return torch.from_numpy(emb).float()
 
 
@@ -208,8 +216,10 @@ class DiT(nn.Module):
         # Patchify = a conv whose kernel and stride are the patch: one linear map per patch.
         self.x_embedder = nn.Conv2d(C, h, kernel_size=p, stride=p)
         # rope2d: the additive embedding is zero (kept, so that every strategy's patchify stays as it is) and the
-        # positions enter every attention layer instead
-        pos = sincos_pos_embed_2d(h, self.grid) if cfg.pos_embed == "sincos" else torch.zeros(self.grid ** 2, h)
+        # positions enter every attention layer instead. (Meta keeps it as a frozen nn.Parameter, so its state dicts
+        # hold it and its trainable count leaves it out; here it is computed from the config, never saved.)
+        pos = (sincos_pos_embed_2d(h, self.grid, column_first=cfg.pos_embed == "sincos_meta")
+               if cfg.pos_embed in ("sincos", "sincos_meta") else torch.zeros(self.grid ** 2, h))
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
         self.t_embedder = TimestepEmbedder(h)
         self.y_embedder = LabelEmbedder(cfg.num_classes, h)
@@ -217,7 +227,9 @@ class DiT(nn.Module):
                if cfg.num_experts else None)
         rope = self.grid if cfg.pos_embed == "rope2d" else 0
         self.blocks = nn.ModuleList([DiTBlock(h, cfg.num_heads, cfg.mlp_ratio, moe, rope) for _ in range(cfg.depth)])
-        self.final_layer = FinalLayer(h, p, C)
+        # learn_sigma (Meta's DiT): per pixel the noise (first C channels) and C more that set the variance
+        self.out_channels = 2 * C if cfg.learn_sigma else C
+        self.final_layer = FinalLayer(h, p, self.out_channels)
         self.initialize_weights()
 
     @property
@@ -272,8 +284,9 @@ class DiT(nn.Module):
         return patch_tokens(img, self.cfg.patch_size)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, tokens, p*p*C) -> (B, C, H, W)."""
-        p, C, g = self.cfg.patch_size, self.cfg.in_channels, self.grid
+        """(B, tokens, p*p*C) -> (B, C, H, W); C from the shape (the output has 2 x in_channels with learn_sigma)."""
+        p, g = self.cfg.patch_size, self.grid
+        C = x.shape[-1] // (p * p)
         x = x.reshape(x.shape[0], g, g, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], C, g * p, g * p)
 
@@ -298,13 +311,21 @@ class DiT(nn.Module):
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
         """Classifier-free guidance: out_uncond + scale * (out_cond - out_uncond), in one batch. The output is
         whatever diffusion.objective trains (eps, v, x0 or a velocity): each is an affine function of eps for a
-        given x_t, so guiding it is guiding eps."""
+        given x_t, so guiding it is guiding eps.
+
+        With learn_sigma, guidance as Meta's DiT applies it: on the first three output channels only ("for exact
+        reproducibility", its forward_with_cfg says; its latents have four), the rest (the fourth noise channel
+        and the variance) the conditional prediction's. Here: the first min(3, in_channels), so that a model with
+        fewer channels never guides its variance."""
         if scale == 1.0:
             return self(x, t, y)
         null = torch.full_like(y, self.cfg.num_classes)
-        eps = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        cond, uncond = eps.chunk(2)
-        return uncond + scale * (cond - uncond)
+        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        cond, uncond = out.chunk(2)
+        if not self.cfg.learn_sigma:
+            return uncond + scale * (cond - uncond)
+        k = min(3, self.cfg.in_channels)
+        return torch.cat([uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k]), cond[:, k:]], dim=1)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -29,6 +29,7 @@ class Objective:
         self.cfg = cfg.diffusion
         self.moe = moe_layers(model) if model is not None and cfg.model.num_experts else []
         self.aux_weight = cfg.model.aux_loss_weight
+        self.channels = cfg.model.in_channels
         self._reset()
 
     # ---------------------------------------------------------------- the whole loss
@@ -56,7 +57,10 @@ class Objective:
 
     def token_share(self, pred, target, t, count: int) -> torch.Tensor:
         """This rank's share of the micro-batch's loss when it holds only some of every image's tokens (sequence and
-        context parallelism): see `Diffusion.token_error`."""
+        context parallelism): see `Diffusion.token_error`. With model.learn_sigma each patch's pixels hold 2 x
+        in_channels outputs (the noise first): the loss reads the noise."""
+        if pred.shape[-1] == 2 * target.shape[-1]:
+            pred = pred.unflatten(-1, (-1, 2 * self.channels))[..., :self.channels].flatten(-2)
         return self.diffusion.token_error(pred, target, t, count)
 
     # ---------------------------------------------------------------- the mixture of experts' term

@@ -146,6 +146,10 @@ class Engine(Protocol):
     def load(self, folder: Path, device: torch.device) -> None:
         """Read a checkpoint's weights, optimizer and schedule back, or stop with one sentence if it cannot."""
 
+    def load_weights(self, sd: dict) -> None:
+        """Put whole weights (the single-process names, as model.pt holds them) into the model this engine trains,
+        its optimizer untouched (run.init_from: step 0, fresh moments)."""
+
 
 class TrainHooks:
     """Points inside a step where a measurement may look (every rank calls them): the loop calls them, an engine

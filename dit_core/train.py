@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 
 from .batch import check_batch_split, global_batch, shard
-from .checkpoint import ResumePoint, load_ema, resume_point, save_checkpoint
+from .checkpoint import (ResumePoint, check_model_config, load_ema, read_training_state, resume_point,
+                         save_checkpoint)
 from .config import Config, ConfigError
-from .data import MNIST, check_data_fits, load_mnist
+from .data import MNIST, check_data_fits
 from .engine import (EMA, autocast_ctx, build_optimizer, compiled, ema_decay, lr_factor,  # noqa: F401  (chapters
                      resolve_device, use_tf32)                                           # import them from here)
 from .errors import first_error
@@ -30,6 +31,7 @@ from .model import DiT
 from .objective import MicroBatchLoss, Objective
 from .rundir import RunFolder
 from .scratch import write_atomic
+from .sources import load_data
 from .strategy import Engine, Strategy, TrainHooks
 
 
@@ -65,7 +67,7 @@ def train(cfg: Config, strategy: Strategy | None = None, data: MNIST | None = No
     Objective.check(cfg, strategy)
     fast = fast_enabled(tc.fast, device, strategy.one_process, tc.precision) and Objective.compiles_whole(cfg)
     resume = resume_point(cfg)
-    data = data or load_mnist("train", "cpu", tc.train_subset)
+    data = data or load_data(cfg, "train", "cpu")
     check_data_fits(cfg, data)
 
     folder = RunFolder(cfg)
@@ -123,8 +125,20 @@ class Loop:
     def resume(self, resume: ResumePoint, folder: RunFolder, variant: bool) -> None:
         """Load the checkpoint (whatever the engine's files: DeepSpeed's partitions, one optimizer file per stage),
         refuse it if its weights are non-finite or far from a healthy run's; then, everything checked, let the run
-        folder drop what a resume replaces."""
+        folder drop what a resume replaces. run.init_from: only the weights of a checkpoint folder (e.g. Meta's DiT,
+        python -m dit_core.convert meta), into the model and the EMA, at step 0 with a fresh optimizer; the divergence
+        guard keeps the freshly initialised weights' norm as its baseline."""
         run = self.cfg.run
+        if run.init_from and run.resume:
+            raise ConfigError(f"run.init_from='{run.init_from}' starts a new run from a checkpoint's weights and "
+                              f"run.resume='{run.resume}' continues a run; give one of them.")
+        if run.init_from:
+            path = Path(run.init_from)
+            check_model_config(read_training_state(path), self.cfg, path)      # verified against its manifest first
+            like = self.model if variant else None
+            self.engine.load_weights(load_ema(path, "cpu", like, name="model.pt"))
+            self.ema.load_state_dict(load_ema(path, self.device, like))
+            self.guard.check_loaded(self.weights(), run.init_from)
         if run.resume:
             self.engine.load(Path(run.resume), self.device)
             self.ema.load_state_dict(load_ema(Path(run.resume), self.device, self.model if variant else None))
@@ -150,7 +164,7 @@ class Loop:
                 micro_batches = []
                 for micro in range(accum):          # this rank's slice of the global batch, in accum pieces
                     b = shard(gb, strategy.data_rank, W, micro, accum).to(self.device)
-                    micro_batches.append((*self.data.gather(b.indices), b))
+                    micro_batches.append((*self.data.gather(b.indices, b.flip), b))
                 loss_sum = engine.run_step(step, micro_batches, self.loss_fn, hooks)
                 lr = engine.lr()
                 grad_norm = engine.step()

@@ -35,7 +35,7 @@ from dit_core.checkpoint import (CheckpointError, check_finite, foreign, publish
                                  write_failed, written_whole)
 from dit_core.config import ConfigError  # noqa: E402
 from dit_core.cli import config_from_args, launcher_parser  # noqa: E402
-from dit_core.data import check_data_fits, load_mnist  # noqa: E402
+from dit_core.data import check_data_fits  # noqa: E402
 from dit_core.engine import EMA, apply_schedule, build_optimizer, use_tf32, weight_stats  # noqa: E402
 from dit_core.errors import first_error  # noqa: E402
 from dit_core.guard import DivergenceGuard  # noqa: E402
@@ -43,6 +43,7 @@ from dit_core.process import run_main  # noqa: E402
 from dit_core.model import DiT  # noqa: E402
 from dit_core.parallel.dist import TIMEOUT, DistStrategy, check_batch_split, exit_process, watch_launcher  # noqa: E402
 from dit_core.logs import JsonlLogger  # noqa: E402
+from dit_core.sources import load_data  # noqa: E402
 from dit_core.rundir import RunFolder  # noqa: E402
 from dit_core.objective import Objective  # noqa: E402
 
@@ -172,7 +173,7 @@ def main(argv=None):
     torch.manual_seed(tc.seed)                        # same initial weights everywhere
     model = DiT(cfg.model)
     optimizer, scheduler = build_optimizer(model, cfg, accelerator.device)
-    data = load_mnist("train", "cpu", tc.train_subset)
+    data = load_data(cfg, "train", "cpu")
     check_data_fits(cfg, data)
     stream = GlobalBatchStream(tc.seed, tc.global_batch_size, tc.max_steps, data, cfg.diffusion.timesteps,
                                cfg.diffusion.label_dropout, (cfg.model.in_channels, cfg.model.image_size,

@@ -98,3 +98,30 @@ def test_sdpa_matches_manual_scale():
     w = torch.einsum("bshd,bthd->bhst", q, k) / 8 ** 0.5
     torch.testing.assert_close(sdpa_attention(q, k, v), torch.einsum("bhst,bthd->bshd", w.softmax(-1), v),
                                rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_metas_layout_and_learn_sigma():
+    """sincos_meta is sincos with its halves swapped (Meta: the column first); learn_sigma doubles the output channels,
+    which the loss and the samplers read the first half of; guidance with learn_sigma acts on the first
+    min(3, in_channels) channels only, as Meta's forward_with_cfg does, the rest is the conditional prediction."""
+    from dit_core.config import DiffusionConfig
+    from dit_core.diffusion import Diffusion
+    from dit_core.model import sincos_pos_embed_2d
+    row, col = sincos_pos_embed_2d(32, 7), sincos_pos_embed_2d(32, 7, column_first=True)
+    assert torch.equal(col, torch.cat([row[:, 16:], row[:, :16]], 1)) and not torch.equal(row, col)
+    assert torch.equal(make(pos_embed="sincos_meta").pos_embed[0], col)
+    plain, sigma = make(), make(learn_sigma=True)
+    assert count_parameters(sigma) - count_parameters(plain) == 4 * 4 * (32 + 1)      # the final layer's outputs
+    for p in sigma.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([10, 20]), torch.tensor([3, 4])
+    out = sigma(x, t, y)
+    assert out.shape == (2, 2, 28, 28)
+    d = Diffusion(DiffusionConfig())
+    assert torch.equal(d.error(out, x, t, x), d.error(out[:, :1], x, t, x))
+    cond, unc = out, sigma(x, t, torch.full_like(y, 10))
+    g = sigma.forward_with_cfg(x, t, y, 3.0)
+    torch.testing.assert_close(g[:, :1], unc[:, :1] + 3.0 * (cond[:, :1] - unc[:, :1]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g[:, 1:], cond[:, 1:], rtol=1e-5, atol=1e-6)          # the variance: not guided
+    assert d.sample(sigma, y, steps=2).shape == (2, 1, 28, 28)

@@ -41,6 +41,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .collectives import all_gather_flat, reduce_scatter_flat
+from ..checkpoint import convert_main
+from ..checkpoint_dcp import convert_checkpoint
 
 
 # ---------------------------------------------------------------- one unit: a flat, sharded parameter
@@ -284,8 +286,6 @@ class FullyShardedDiT:
 
 
 def main(argv=None) -> int:
-    from ..checkpoint import convert_main
-    from ..checkpoint_dcp import convert_checkpoint
     return convert_main("python -m dit_core.parallel.fsdp", "FSDP (DCP)", convert_checkpoint, argv)
 
 

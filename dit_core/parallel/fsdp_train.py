@@ -185,6 +185,11 @@ class FSDPEngine(TorchEngine):
             state["optim_step"] = self.optimizer.state[self.params[0]]["step"].detach().float().cpu().clone()
         dcp.save(state, checkpoint_id=str(folder / "dcp"))
 
+    def load_weights(self, sd: dict) -> None:
+        with torch.no_grad():                      # this rank's shard of every whole weight
+            for p, s in zip(self.params, self.layout.shards(sd)):
+                self.layout.local(p).copy_(s)
+
     def load(self, folder: Path, device: torch.device) -> None:
         state = read_training_state(folder)
         if state.get("engine") != "fsdp":

@@ -29,6 +29,8 @@ from ..checkpoint import (CheckpointError, resume_instead, check_archives, forei
                           write_plain)
 from ..engine import EMA, Accumulating, apply_schedule, build_scheduler, ema_decay, weight_stats
 from .dist import DistStrategy
+from ..checkpoint import convert_main
+from .dist import check_batch_split
 
 STAGES = (0, 1, 2, 3)
 
@@ -45,7 +47,6 @@ def ds_config(cfg: Config, world_size: int, stage: int, persistence_threshold: i
     """The DeepSpeed config that trains exactly the project config's run."""
     tc = cfg.train
     check_stage(stage)
-    from .dist import check_batch_split
     check_batch_split(tc.global_batch_size, world_size, tc.grad_accum)
     zero: dict = {"stage": stage}
     if bucket_elements:
@@ -264,6 +265,18 @@ class DeepSpeedEngine(Accumulating):
         valid = max(0, min(size, p.ds_numel - rank * size))
         return p.ds_tensor.narrow(0, 0, valid)
 
+    def load_weights(self, sd: dict) -> None:
+        """Into the module (ZeRO-3: gathered, then partitioned again), then into the optimizer's fp32 copy of the
+        weights, which DeepSpeed steps from (its partitions of the module's weights, or their masters in bf16/fp16)."""
+        import deepspeed
+        gathered = (deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0)
+                    if self.stage == 3 else contextlib.nullcontext())
+        with gathered, torch.no_grad():
+            self.model.load_state_dict(sd)
+        refresh = getattr(self.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
+
     def load(self, folder: Path, device: torch.device) -> None:
         state = read_training_state(folder)
         if state.get("engine") != "deepspeed" or not (folder / "ds").is_dir():
@@ -344,7 +357,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
 
 
 def main(argv=None) -> int:
-    from ..checkpoint import convert_main
     return convert_main("python -m dit_core.parallel.zero", "DeepSpeed", convert_checkpoint, argv)
 
 
