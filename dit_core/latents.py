@@ -143,3 +143,26 @@ def load_latents(path: str, vae: str, latent_size: int, flip: bool = False, verb
     return ImageSet(torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]), len(tree.classes),
                     f"the latents of '{tree.root}' by the VAE '{folder}'", flip,
                     torch.from_numpy(arrays["flipped"]) if flip else None, tuple(str(c) for c in arrays["classes"]))
+
+
+@torch.no_grad()
+def decode_latents(latents: torch.Tensor, vae: str, batch: int = 16) -> torch.Tensor:
+    """Latents as the cache holds them (times the VAE's scaling factor) -> images in [-1, 1] (N, C, S x f, S x f),
+    decoded by the VAE at `vae` (data.vae) on the latents' device: how samples of a DiT trained on latents become
+    pictures (Meta's sample.py: vae.decode(z / 0.18215))."""
+    folder = vae_folder(vae)
+    config, _ = vae_identity(folder)
+    scale = float(config.get("scaling_factor", 0.18215))
+    channels = config.get("latent_channels", 4)
+    if latents.dim() != 4 or latents.shape[1] != channels:
+        raise DataError(f"The VAE '{folder}' decodes {channels}-channel latents, not tensors of shape "
+                        f"{tuple(latents.shape)}; pass the samples of a DiT trained on its latents.")
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise DataError("Decoding latents needs diffusers, which is not installed; install it (pip install -e "
+                        "'.[latents]', or pip install diffusers).") from None
+    model = AutoencoderKL.from_pretrained(str(folder)).to(latents.device).eval()
+    parts = [model.decode(latents[s:s + batch].float() / scale).sample.clamp(-1, 1)
+             for s in range(0, len(latents), batch)]
+    return torch.cat(parts)

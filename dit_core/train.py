@@ -129,10 +129,13 @@ class Loop:
         python -m dit_core.convert meta), into the model and the EMA, at step 0 with a fresh optimizer; the divergence
         guard keeps the freshly initialised weights' norm as its baseline."""
         run = self.cfg.run
-        if run.init_from and run.resume:
-            raise ConfigError(f"run.init_from='{run.init_from}' starts a new run from a checkpoint's weights and "
-                              f"run.resume='{run.resume}' continues a run; give one of them.")
-        if run.init_from:
+        started_from = ((resume.state.get("config") or {}).get("run") or {}).get("init_from", "")
+        if run.init_from and run.resume and started_from != run.init_from:
+            raise ConfigError(f"run.init_from='{run.init_from}' starts a new run from a checkpoint's weights, but "
+                              f"run.resume='{run.resume}' continues a run that did not start from them; give one of "
+                              f"them.")
+        if run.init_from and not run.resume:        # (a resume of the run that started from them continues it:
+            # a requeued fine-tune with --resume auto)
             path = Path(run.init_from)
             check_model_config(read_training_state(path), self.cfg, path)      # verified against its manifest first
             like = self.model if variant else None

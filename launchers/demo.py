@@ -1,9 +1,13 @@
-"""`make demo`: train the tiny DiT on one process, then draw and score its digits.
+"""`make demo`: train the tiny DiT on one process, then draw and score its samples.
 
-Writes results/demo/{samples.png, loss.png, log.jsonl, checkpoint-<step>/}.
+Writes results/demo/{samples.png, loss.png, log.jsonl, checkpoint-<step>/} for MNIST digits (configs/tiny.yaml,
+configs/mnist.yaml); a config of another data source writes to its own run.results_dir (configs/fashion.yaml:
+results/fashion). The samples are scored as `python -m dit_core.evaluate` scores them: by a classifier of the source
+(MNIST, Fashion-MNIST), or by an Inception FID against the image folder.
 """
 import sys
 import time
+from argparse import Namespace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,12 +25,15 @@ from dit_core.train import resolve_device, train  # noqa: E402
 def main(argv=None):
     p = launcher_parser(__doc__.splitlines()[0])
     p.add_argument("--n-per-class", type=int, default=100, help="samples per class scored by the classifier")
-    p.set_defaults(results_dir="results/demo")
     args = p.parse_args(argv)
+    if args.results_dir is None:                  # MNIST's demo folder, whatever the config says; other data: theirs
+        peek = config_from_args(Namespace(**{**vars(args), "resume": None}))
+        args.results_dir = "results/demo" if peek.data.source == "mnist" else peek.run.results_dir
     cfg = config_from_args(args)
     out = Path(cfg.run.results_dir)
     device = resolve_device(cfg.run.device)
-    print(f"[demo] training {cfg.train.max_steps} steps of a DiT on {device} ({args.config})", flush=True)
+    print(f"[demo] training {cfg.train.max_steps} steps of a DiT on {device} ({args.config}, data.source="
+          f"{cfg.data.source})", flush=True)
     with RunFolder(cfg):                 # the folder stays this demo's while it samples and draws too
         demo(cfg, args, out, device)
 

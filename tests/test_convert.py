@@ -201,11 +201,18 @@ def test_init_from_starts_a_run_from_the_weights(micro_cfg, tmp_path):
                                               r"vs config False\)"):
         train(micro_cfg(train__max_steps=1, run__init_from=str(folder), run__results_dir=str(tmp_path / "x")),
               quiet=True)
-    with pytest.raises(ConfigError, match=r"^run.init_from='.*' starts a new run from a checkpoint's weights and "
-                                          r"run.resume='.*' continues a run; give one of them.$"):
+    with pytest.raises(ConfigError, match=r"^run.init_from='.*' starts a new run from a checkpoint's weights, but "
+                                          r"run.resume='.*' continues a run that did not start from them; give one "
+                                          r"of them.$"):
         train(micro_cfg(**meta, train__max_steps=3, run__init_from=str(folder),
-                        run__resume=str(tmp_path / "two" / "checkpoint-2"), run__results_dir=str(tmp_path / "two")),
+                        run__resume=str(tmp_path / "fresh" / "checkpoint-0"), run__results_dir=str(tmp_path / "fresh")),
               quiet=True)
+    # the run that started from them continues (a requeued fine-tune: --resume auto finds its checkpoint)
+    res = train(micro_cfg(**meta, train__max_steps=3, run__init_from=str(folder),
+                          run__resume=str(tmp_path / "two" / "checkpoint-2"), run__results_dir=str(tmp_path / "two")),
+                quiet=True)
+    rows = [json.loads(r) for r in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and res.steps == 3
     with pytest.raises(CheckpointError, match=r"holds weights only \(no optimizer state, step 0; converted from "
                                               r"'.*meta.pt'\), which no run continues; start a new run from them with "
                                               r"--set run.init_from=.*conv\.$"):
