@@ -167,8 +167,9 @@ class Diffusion:
     @torch.no_grad()
     def sample(self, model, labels: torch.Tensor, cfg_scale: float = 3.0, sampler: str = "ddim",
                steps: int = 50, eta: float = 0.0, seed: int = 0, clip: bool = True,
-               fast: bool = False, compile: bool = False) -> torch.Tensor:
-        """Images in [-1, 1] for the given labels, with classifier-free guidance.
+               fast: bool = False, compile: bool = False, pixels: bool = True) -> torch.Tensor:
+        """Images in [-1, 1] for the given labels, with classifier-free guidance. pixels=False: VAE latents, which
+        are no pixels, returned unclamped (with clip=False, Meta's sample.py's clip_denoised=False).
 
         fast (CUDA): the denoising step is recorded once as a CUDA graph and replayed, so each of
         the (up to 1000) steps costs one launch instead of one per kernel; compile: torch.compile
@@ -179,7 +180,7 @@ class Diffusion:
             raise ValueError(f"sampler={sampler} does not sample diffusion.objective={self.cfg.objective}; flow takes "
                              f"euler or heun, eps, v and x0 take ddim or ddpm.")
         if self.cfg.objective == "flow":
-            return self.sample_flow(model, labels, cfg_scale, sampler, steps, seed)
+            return self.sample_flow(model, labels, cfg_scale, sampler, steps, seed, pixels)
         ts = self.sampling_steps(sampler, steps)
         g = torch.Generator(device=device).manual_seed(seed)
         shape = (labels.shape[0], c.in_channels, c.image_size, c.image_size)
@@ -199,7 +200,7 @@ class Diffusion:
             if noisy:
                 z = torch.randn(shape, generator=g, device=device)
             x = step_fn(x, timesteps[i], timesteps[i + 1], z)
-        return x.clamp(-1, 1)
+        return x.clamp(-1, 1) if pixels else x
 
     def flow_model_time(self, s: torch.Tensor) -> torch.Tensor:
         """The network's time input for flow time s: the t (a float) that q_sample maps to s."""
@@ -207,7 +208,8 @@ class Diffusion:
         return u * self.T - 0.5
 
     @torch.no_grad()
-    def sample_flow(self, model, labels, cfg_scale: float, sampler: str, steps: int, seed: int) -> torch.Tensor:
+    def sample_flow(self, model, labels, cfg_scale: float, sampler: str, steps: int, seed: int,
+                    pixels: bool = True) -> torch.Tensor:
         """Integrate dx/ds = v(x, s) from s = 1 (noise) to 0 in `steps` equal steps: Euler, or Heun (the
         average of the slopes at both ends; the last step is Euler, as the slope at s = 0 is not trained)."""
         device, c = labels.device, model.cfg
@@ -226,7 +228,7 @@ class Diffusion:
             if sampler == "heun" and i < steps - 1:
                 x_next = x + (s_next - s) * 0.5 * (d + v(x_next, s_next))
             x = x_next
-        return x.clamp(-1, 1)
+        return x.clamp(-1, 1) if pixels else x
 
 
 def first_channels(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

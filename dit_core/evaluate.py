@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .checkpoint import model_from_checkpoint
 from .config import ConfigError
 from .data import data_dir, load_mnist, write_cache
-from .diffusion import Diffusion, first_channels
+from .diffusion import Diffusion
 from .engine import resolve_device
 from .errors import DataError
 from .folder import cache_file, load_folder, scan
@@ -198,50 +198,15 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_to(a, *statistics(b))
 
 
-def sample_latents(diffusion, model, labels: torch.Tensor, cfg_scale: float, sampler: str, steps: int, eta: float,
-                   seed: int) -> torch.Tensor:
-    """Diffusion.sample's noise and steps without its clamps to [-1, 1]: VAE latents are no pixels (Meta's sample.py
-    samples them with clip_denoised=False); Diffusion.sample clamps its result even with clip=False."""
-    device, c = labels.device, model.cfg
-    if (diffusion.cfg.objective == "flow") != (sampler in ("euler", "heun")):
-        return diffusion.sample(model, labels, cfg_scale, sampler, steps, eta, seed)     # its sentence
-    g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn((labels.shape[0], c.in_channels, c.image_size, c.image_size), generator=g, device=device)
-    if diffusion.cfg.objective == "flow":
-        grid = torch.linspace(1.0, 0.0, steps + 1, device=device)
-
-        def v(x, s):
-            t = diffusion.flow_model_time(s).expand(x.shape[0])
-            return first_channels(model.forward_with_cfg(x, t, labels, cfg_scale), x).float()
-        for i in range(steps):
-            s, s_next = grid[i], grid[i + 1]
-            d = v(x, s)
-            x_next = x + (s_next - s) * d
-            if sampler == "heun" and i < steps - 1:
-                x_next = x + (s_next - s) * 0.5 * (d + v(x_next, s_next))
-            x = x_next
-        return x
-    ts = diffusion.sampling_steps(sampler, steps)
-    timesteps = torch.tensor(ts + [-1], device=device).view(-1, 1).expand(-1, x.shape[0]).contiguous()
-    noisy = sampler == "ddpm" or eta > 0
-    for i in range(len(ts)):
-        z = torch.randn(x.shape, generator=g, device=device) if noisy else None
-        x = diffusion.denoise_step(model, x, timesteps[i], timesteps[i + 1], labels, z, cfg_scale, sampler, eta, False)
-    return x
-
-
-@torch.no_grad()
 def generate(model, diffusion, labels: torch.Tensor, sample_cfg, batch: int = 500, seed: int = 0,
              fast: bool = False, clip: bool = True) -> torch.Tensor:
     """CFG samples of `labels`, `batch` at a time (batch i seeded seed + i). clip=False: latents, unclamped."""
     outs = []
     for i, s in enumerate(_batches(len(labels), batch)):
-        if clip:
-            outs.append(diffusion.sample(model, labels[s], cfg_scale=sample_cfg.cfg_scale, sampler=sample_cfg.sampler,
-                                         steps=sample_cfg.ddim_steps, eta=sample_cfg.eta, seed=seed + i, fast=fast))
-        else:
-            outs.append(sample_latents(diffusion, model, labels[s], sample_cfg.cfg_scale, sample_cfg.sampler,
-                                       sample_cfg.ddim_steps, sample_cfg.eta, seed + i))
+        # latents (clip=False): unclamped, as Meta's sample.py samples them (clip_denoised=False)
+        outs.append(diffusion.sample(model, labels[s], cfg_scale=sample_cfg.cfg_scale, sampler=sample_cfg.sampler,
+                                     steps=sample_cfg.ddim_steps, eta=sample_cfg.eta, seed=seed + i,
+                                     fast=fast and clip, clip=clip, pixels=clip))
     return torch.cat(outs)
 
 

@@ -148,8 +148,8 @@ def test_frechet_distance_with_fewer_samples_than_dimensions_is_the_full_one():
 
 
 def test_latents_are_sampled_unclamped_with_the_same_arithmetic():
-    """Latents are no pixels: evaluate samples them without Diffusion.sample's clamps to [-1, 1] (Meta's
-    clip_denoised=False), otherwise with its noise and steps: clamped afterwards, the two agree exactly."""
+    """Latents are no pixels: Diffusion.sample(pixels=False), which evaluate uses for them, leaves out only the last
+    clamp to [-1, 1] (with clip=False: Meta's clip_denoised=False): clamped afterwards, the two agree exactly."""
     for objective, sampler, steps in (("eps", "ddim", 5), ("eps", "ddpm", 0), ("flow", "heun", 4)):
         cfg = load_config(None, {**TINY, "model.image_size": 4, "model.in_channels": 4, "model.patch_size": 2,
                                  "model.learn_sigma": objective != "flow", "diffusion.objective": objective,
@@ -160,7 +160,7 @@ def test_latents_are_sampled_unclamped_with_the_same_arithmetic():
             torch.nn.init.normal_(p, std=0.3)
         d = Diffusion(cfg.diffusion)
         labels = torch.tensor([0, 1, 2, 3])
-        free = E.sample_latents(d, model, labels, 2.0, sampler, steps, 0.0, 3)
+        free = d.sample(model, labels, 2.0, sampler, steps, 0.0, 3, clip=False, pixels=False)
         clamped = d.sample(model, labels, 2.0, sampler, steps, 0.0, 3, clip=False)
         assert free.abs().max() > 1.5, (objective, sampler)
         assert torch.equal(free.clamp(-1, 1), clamped), (objective, sampler)
