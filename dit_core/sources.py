@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data import MNIST, SHAPES, data_dir, load_mnist, read_cache, split_of, verify_arrays, write_cache
+from .data import MNIST, SHAPES, data_dir, fetch_first, load_mnist, read_cache, split_of, verify_arrays
 from .errors import DataError
 from .folder import load_folder
 from .latents import load_latents
@@ -92,25 +91,12 @@ def ensure_fashion(verbose: bool = True) -> Path:
     cache = root / FASHION_CACHE
     if cache.exists():
         return cache                   # verified where it is read (load_fashion)
-    errors = []
-    for name, fetch in (("torchvision download", lambda: from_torchvision(root / "torchvision")),
-                        (f"Debian package files in {FASHION_DEBIAN}", lambda: from_debian(FASHION_DEBIAN))):
-        try:
-            if verbose:
-                print(f"[data] fetching Fashion-MNIST via {name} ...", file=sys.stderr, flush=True)
-            arrays = verify_arrays(fetch(), name, **FASHION_WORDS)
-        except DataError as e:
-            if "sha256" in str(e):
-                raise                  # an integrity failure is never papered over by another source
-            errors.append(f"{name}: {e}")
-            continue
-        except Exception as e:         # network errors come in many classes
-            errors.append(f"{name}: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            continue
-        write_cache(cache, arrays)
-        if verbose:
-            print(f"[data] Fashion-MNIST verified and cached at {cache}", file=sys.stderr, flush=True)
-        return cache
+    got, errors = fetch_first("Fashion-MNIST", cache, (
+        ("torchvision download", lambda: from_torchvision(root / "torchvision")),
+        (f"Debian package files in {FASHION_DEBIAN}", lambda: from_debian(FASHION_DEBIAN))),
+        lambda arrays, name: verify_arrays(arrays, name, **FASHION_WORDS), verbose)
+    if got is not None:
+        return got
     raise DataError(
         f"Fashion-MNIST could not be obtained from torchvision's download nor from the Debian package's files "
         f"[{' | '.join(errors)}]; install them (apt-get install dataset-fashion-mnist), or put the four official "
