@@ -269,6 +269,25 @@ def resume_point(cfg: Config) -> ResumePoint:
     return ResumePoint(state["step"], state["samples_seen"], changes, state)
 
 
+def starts_from_weights(cfg: Config, resume_state: dict) -> bool:
+    """Whether this run loads run.init_from's weights: a new run does; a resume of the run that started from the same
+    weights continues that run instead (a requeued fine-tune with --resume auto); a resume of any other run with
+    init_from given is one sentence. The folder's model must be this config's (checked against its manifest)."""
+    run = cfg.run
+    if not run.init_from:
+        return False
+    if run.resume:
+        started_from = ((resume_state.get("config") or {}).get("run") or {}).get("init_from", "")
+        if started_from != run.init_from:
+            raise ConfigError(f"run.init_from='{run.init_from}' starts a new run from a checkpoint's weights, but "
+                              f"run.resume='{run.resume}' continues a run that did not start from them; give one of "
+                              f"them.")
+        return False
+    path = Path(run.init_from)
+    check_model_config(read_training_state(path), cfg, path)
+    return True
+
+
 def check_resume(state: dict, cfg: Config, path: Path) -> list[str]:
     """Stop if the command line changes what a resume must keep; return the schedule changes it makes."""
     check_model_config(state, cfg, path)

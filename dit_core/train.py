@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 
 from .batch import check_batch_split, global_batch, shard
-from .checkpoint import (ResumePoint, check_model_config, load_ema, read_training_state, resume_point,
-                         save_checkpoint)
+from .checkpoint import ResumePoint, load_ema, resume_point, save_checkpoint, starts_from_weights
 from .config import Config, ConfigError
 from .data import MNIST, check_data_fits
 from .engine import (EMA, autocast_ctx, build_optimizer, compiled, ema_decay, lr_factor,  # noqa: F401  (chapters
@@ -129,15 +128,8 @@ class Loop:
         python -m dit_core.convert meta), into the model and the EMA, at step 0 with a fresh optimizer; the divergence
         guard keeps the freshly initialised weights' norm as its baseline."""
         run = self.cfg.run
-        started_from = ((resume.state.get("config") or {}).get("run") or {}).get("init_from", "")
-        if run.init_from and run.resume and started_from != run.init_from:
-            raise ConfigError(f"run.init_from='{run.init_from}' starts a new run from a checkpoint's weights, but "
-                              f"run.resume='{run.resume}' continues a run that did not start from them; give one of "
-                              f"them.")
-        if run.init_from and not run.resume:        # (a resume of the run that started from them continues it:
-            # a requeued fine-tune with --resume auto)
+        if starts_from_weights(self.cfg, resume.state):
             path = Path(run.init_from)
-            check_model_config(read_training_state(path), self.cfg, path)      # verified against its manifest first
             like = self.model if variant else None
             self.engine.load_weights(load_ema(path, "cpu", like, name="model.pt"))
             self.ema.load_state_dict(load_ema(path, self.device, like))

@@ -31,8 +31,8 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, Gradient
 from torch.utils.data import DataLoader  # noqa: E402
 
 from dit_core.batch import GlobalBatchStream, stack_samples  # noqa: E402
-from dit_core.checkpoint import (CheckpointError, check_finite, foreign, publish, resume_point,  # noqa: E402
-                                 write_failed, written_whole)
+from dit_core.checkpoint import (CheckpointError, check_finite, foreign, load_ema, publish, resume_point,  # noqa: E402
+                                 starts_from_weights, write_failed, written_whole)
 from dit_core.config import ConfigError  # noqa: E402
 from dit_core.cli import config_from_args, launcher_parser  # noqa: E402
 from dit_core.data import check_data_fits  # noqa: E402
@@ -189,6 +189,15 @@ def main(argv=None):
     weights = lambda: strategy.all_reduce_sum(weight_stats(model.parameters())).tolist()   # noqa: E731
     guard.baseline(weights())                        # the freshly initialised weights' norm
 
+    if starts_from_weights(cfg, state):              # run.init_from: weights only, step 0, a fresh optimizer
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError(f"run.init_from='{cfg.run.init_from}' under Accelerate's DeepSpeed plugin would load the "
+                              f"weights around DeepSpeed's own copies of them; start from them with deepspeed "
+                              f"launchers/zero.py (ZeRO, the same init_from), or Accelerate without DeepSpeed.")
+        init = Path(cfg.run.init_from)
+        accelerator.unwrap_model(model).load_state_dict(load_ema(init, accelerator.device, name="model.pt"))
+        ema.load_state_dict(load_ema(init, accelerator.device))         # every rank the same: replicas stay equal
+        guard.check_loaded(weights(), cfg.run.init_from)
     if cfg.run.resume:
         accelerator.load_state(str(Path(cfg.run.resume) / "accelerate"))
         check_finite(accelerator.unwrap_model(model).state_dict(), Path(cfg.run.resume) / "accelerate")

@@ -218,3 +218,24 @@ def test_init_from_starts_a_run_from_the_weights(micro_cfg, tmp_path):
                                               r"--set run.init_from=.*conv\.$"):
         train(micro_cfg(**meta, train__max_steps=1, run__resume=str(folder), run__results_dir=str(tmp_path / "y")),
               quiet=True)
+
+
+def test_accelerate_starts_from_the_weights_as_the_loop_does(tmp_path):
+    """Accelerate's own loop honours run.init_from too (it once ignored it): one process of launchers/accelerate.py
+    is the single run exactly, both started from the same converted weights; a fresh start is not."""
+    from conftest import launcher_flags, perturbed_dit, run_py
+    from dit_core.cli import config_from_args, launcher_parser
+    from dit_core.parity import read_jsonl
+    meta = {"model.pos_embed": "sincos_meta", "model.learn_sigma": True}
+    cfg = config_from_args(launcher_parser("t").parse_args(launcher_flags(3, **meta)))
+    torch.save(to_meta(perturbed_dit(cfg)), tmp_path / "meta.pt")
+    folder, _ = convert_meta(tmp_path / "meta.pt", tmp_path / "conv", num_heads=cfg.model.num_heads)
+    logs = {}
+    for name, script, init in (("single", "launchers/single.py", True), ("accelerate", "launchers/accelerate.py", True),
+                               ("fresh", "launchers/single.py", False)):
+        args = launcher_flags(3, **meta, **({"run.init_from": str(folder)} if init else {}))
+        r = run_py([script, *args, "--results-dir", str(tmp_path / name)])
+        assert r.returncode == 0, r.stderr[-2000:]
+        logs[name] = read_jsonl(tmp_path / name / "log.jsonl")
+    assert logs["accelerate"] == logs["single"]                       # every field of every step, bitwise
+    assert logs["fresh"][0]["loss"] != logs["single"][0]["loss"]      # the weights made the difference
