@@ -16,11 +16,14 @@ from .logs import compare  # noqa: E402
 
 
 def grid_array(images: torch.Tensor, nrow: int = 10, pad: int = 2) -> np.ndarray:
-    """(N, 1, H, W) in [-1, 1] -> one (rows*(H+pad), nrow*(W+pad)) array in [0, 1]."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)[:, 0].numpy()
-    n, h, w = x.shape
+    """(N, C, H, W) in [-1, 1] -> one grid in [0, 1]: (rows*(H+pad), nrow*(W+pad)) for greyscale (C = 1), with a
+    last axis of 3 for colour (C = 3, RGB); the padding is white."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
+    colour = x.shape[1] == 3
+    x = x.transpose(0, 2, 3, 1) if colour else x[:, 0]
+    n, h, w = x.shape[:3]
     rows = (n + nrow - 1) // nrow
-    out = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.float32)
+    out = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad, *x.shape[3:]), dtype=np.float32)
     for i in range(n):
         r, c = divmod(i, nrow)
         out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = x[i]
@@ -28,9 +31,9 @@ def grid_array(images: torch.Tensor, nrow: int = 10, pad: int = 2) -> np.ndarray
 
 
 def sample_grid(images: torch.Tensor, path: str | Path | None = None, nrow: int = 10, title: str | None = None):
-    """A grid of digits, one row per class when images are ordered class by class."""
+    """A grid of samples (greyscale or RGB), one row per class when images are ordered class by class."""
     fig, ax = plt.subplots(figsize=(nrow * 0.6, (len(images) + nrow - 1) // nrow * 0.6 + (0.4 if title else 0)))
-    ax.imshow(grid_array(images, nrow), cmap="gray", vmin=0, vmax=1)
+    ax.imshow(grid_array(images, nrow), cmap="gray", vmin=0, vmax=1)     # (a colour grid ignores cmap)
     ax.axis("off")
     if title:
         ax.set_title(title)

@@ -247,3 +247,14 @@ def test_fashion_mnist_samples_are_read_by_a_fashion_classifier(world, monkeypat
     noise = E.score_samples(torch.rand_like(x) * 2 - 1, y, n_ref=1000, source="fashion_mnist")
     assert real["classifier_test_accuracy"] > 0.6 and real["accuracy"] > 0.6 and noise["accuracy"] < 0.3
     assert noise["fid"] > 10 * real["fid"]
+
+
+def test_sample_grids_keep_colour():
+    """RGB samples are drawn in colour (they once came out grey: only channel 0 was drawn); greyscale stays 2-D."""
+    from dit_core.plots import grid_array
+    red = torch.full((2, 3, 4, 4), -1.0)
+    red[:, 0] = 1.0                                                  # pure red in [-1, 1]
+    g = grid_array(red, nrow=2, pad=1)
+    assert g.shape == (6, 11, 3)
+    assert (g[1:5, 1:5] == [1.0, 0.0, 0.0]).all() and (g[0, 0] == 1.0).all()      # red inside, white padding
+    assert grid_array(red[:, :1], nrow=2, pad=1).shape == (6, 11)
