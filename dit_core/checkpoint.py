@@ -235,7 +235,7 @@ def check_model_config(state: dict, cfg: Config, path: Path) -> None:
 FIXED_ON_RESUME = [("train", "seed"), ("train", "global_batch_size"), ("train", "train_subset"),
                    *(("diffusion", k) for k in ("schedule", "timesteps", "beta_start", "beta_end", "loss",
                                                 "label_dropout")),
-                   ("data", "source"), ("data", "path"), ("data", "flip")]   # absent before issue 38: not checked
+                   ("data", "source"), ("data", "path"), ("data", "flip"), ("data", "vae")]   # absent before issue 38: not checked
 # The settings a resume recomputes from the command line, at the resumed step.
 SCHEDULE_ON_RESUME = [("train", k) for k in ("lr", "warmup_steps", "min_lr_ratio", "max_steps", "betas",
                                              "weight_decay")]
@@ -278,7 +278,7 @@ def starts_from_weights(cfg: Config, resume_state: dict) -> bool:
         return False
     if run.resume:
         started_from = ((resume_state.get("config") or {}).get("run") or {}).get("init_from", "")
-        if started_from != run.init_from:
+        if not started_from or Path(started_from).resolve() != Path(run.init_from).resolve():
             raise ConfigError(f"run.init_from='{run.init_from}' starts a new run from a checkpoint's weights, but "
                               f"run.resume='{run.resume}' continues a run that did not start from them; give one of "
                               f"them.")

@@ -53,16 +53,29 @@ def scan(path: str) -> Tree:
     # Hidden folders (.ipynb_checkpoints, .git) are no classes.
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     files, h = [], hashlib.sha256()
+    def unreadable(e: OSError):
+        raise DataError(f"'{e.filename}' inside data.path cannot be read ({e.strerror or e.__class__.__name__}); "
+                        f"fix its permissions or move it out of data.path.")
+
     for label, name in enumerate(classes):
-        found = []
-        for dirpath, dirnames, names in os.walk(root / name, followlinks=True):
+        found, seen = [], set()
+        for dirpath, dirnames, names in os.walk(root / name, followlinks=True, onerror=unreadable):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:        # a link back up the tree would list its images again, forever
+                raise DataError(f"'{dirpath}' is a link to a folder already read (a loop); remove the link from "
+                                f"data.path.")
+            seen.add((st.st_dev, st.st_ino))
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             found += [Path(dirpath, n) for n in names if n.lower().endswith(EXTENSIONS) and not n.startswith(".")]
         if not found:
             raise DataError(f"The class folder '{root / name}' holds no images ({', '.join(EXTENSIONS)}); add some or "
                             f"move it out of data.path (every sub-folder of data.path is a class).")
         for f in sorted(found):
-            rel, st = f.relative_to(root).as_posix(), f.stat()
+            try:
+                rel, st = f.relative_to(root).as_posix(), f.stat()
+            except OSError as e:
+                raise DataError(f"'{f}' is a broken link or cannot be read ({e.strerror or e.__class__.__name__}); "
+                                f"remove it from data.path or fix it.") from None
             files.append((rel, label))
             h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     if not files:
@@ -92,6 +105,12 @@ def decode(tree: Tree, size: int, channels: int, need: str = "") -> np.ndarray:
         path = tree.root / rel
         try:
             with Image.open(path) as img:
+                if img.mode.startswith("I;16"):           # 16-bit greyscale: its top 8 bits (convert would clip at 255)
+                    img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8), "L")
+                elif img.mode in ("I", "F"):
+                    raise DataError(f"'{path}' holds {'32-bit integer' if img.mode == 'I' else 'floating-point'} "
+                                    f"pixels (mode {img.mode}), whose range is not known; convert it to an 8-bit "
+                                    f"image (PNG or JPEG).")
                 img = img.convert(MODES[channels])       # alpha dropped, palettes expanded, as ImageFolder's loader
         except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             raise DataError(f"'{path}' cannot be decoded as an image ({e.__class__.__name__}: "

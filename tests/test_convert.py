@@ -207,8 +207,9 @@ def test_init_from_starts_a_run_from_the_weights(micro_cfg, tmp_path):
         train(micro_cfg(**meta, train__max_steps=3, run__init_from=str(folder),
                         run__resume=str(tmp_path / "fresh" / "checkpoint-0"), run__results_dir=str(tmp_path / "fresh")),
               quiet=True)
-    # the run that started from them continues (a requeued fine-tune: --resume auto finds its checkpoint)
-    res = train(micro_cfg(**meta, train__max_steps=3, run__init_from=str(folder),
+    # the run that started from them continues (a requeued fine-tune: --resume auto finds its checkpoint), however
+    # the same folder is spelled
+    res = train(micro_cfg(**meta, train__max_steps=3, run__init_from=str(folder) + "/",
                           run__resume=str(tmp_path / "two" / "checkpoint-2"), run__results_dir=str(tmp_path / "two")),
                 quiet=True)
     rows = [json.loads(r) for r in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]

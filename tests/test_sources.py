@@ -268,6 +268,38 @@ def test_bad_folders(tmp_path, data_dir):
         S.load_data(cfg_for("folder", root))
     assert f"'{root / 'cat' / 'broken.jpg'}' cannot be decoded as an image" in one_sentence(e)
     assert not list(data_dir.rglob("*.npz")) and not list(data_dir.rglob("*.tmp"))       # nothing half-written
+    (root / "cat" / "broken.jpg").unlink()
+    # a broken link, and a link back up the tree (which os.walk would follow until the path grew too long)
+    (root / "cat" / "gone.png").symlink_to(tmp_path / "nothing.png")
+    with pytest.raises(DataError) as e:
+        S.load_data(cfg_for("folder", root))
+    assert f"'{root / 'cat' / 'gone.png'}' is a broken link or cannot be read" in one_sentence(e)
+    (root / "cat" / "gone.png").unlink()
+    (root / "cat" / "loop").symlink_to(root / "cat")
+    with pytest.raises(DataError) as e:
+        S.load_data(cfg_for("folder", root))
+    assert f"'{root / 'cat' / 'loop'}' is a link to a folder already read (a loop)" in one_sentence(e)
+    (root / "cat" / "loop").unlink()
+    # 32-bit and float pixels have no known range: refused; 16-bit greyscale keeps its top 8 bits
+    Image.fromarray(np.full((12, 12), 7, np.int32), "I").save(root / "cat" / "deep.tif")
+    with pytest.raises(DataError) as e:
+        S.load_data(cfg_for("folder", root))
+    assert f"'{root / 'cat' / 'deep.tif'}' holds 32-bit integer pixels (mode I)" in one_sentence(e)
+    (root / "cat" / "deep.tif").unlink()
+
+
+def test_16_bit_greyscale_keeps_its_range(tmp_path, data_dir):
+    """A 16-bit PNG is read as its top 8 bits (Pillow's convert would clip every value above 255 to white)."""
+    from PIL import Image
+    from dit_core.folder import decode, scan
+    root = tmp_path / "deep"
+    (root / "a").mkdir(parents=True)
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024)     # 0 .. 64512
+    Image.fromarray(ramp).save(root / "a" / "ramp.png")
+    with Image.open(root / "a" / "ramp.png") as im:
+        assert im.mode.startswith("I;16")                               # what the test is about
+    got = decode(scan(str(root)), 8, 1)[0, 0]
+    assert np.array_equal(got, (ramp >> 8).astype(np.uint8))          # 0, 4, 8, ... 252: the ramp, not 255s
 
 
 @needs_diffusers
@@ -303,7 +335,8 @@ def test_a_resume_keeps_the_data(tmp_path):
         return load_config(None, {**FOLDER_SET, **{f"data.{k}": v for k, v in data.items()}})
     state = {"config": cfg().to_dict()}
     check_resume(state, cfg(), tmp_path)
-    for key, value in (("source", "latents"), ("path", str(tmp_path / "other")), ("flip", False)):
+    for key, value in (("source", "latents"), ("path", str(tmp_path / "other")), ("flip", False),
+                       ("vae", str(tmp_path / "another-vae"))):
         with pytest.raises(CheckpointError, match=rf"was trained with data.{key}="):
             check_resume(state, cfg(**{key: value}), tmp_path)
     old = {"config": {k: v for k, v in cfg_for("mnist").to_dict().items() if k != "data"}}
