@@ -458,24 +458,31 @@ def _fix(e: OSError) -> str:
     return "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that (the folder, its disk or mount)"
 
 
-def write_plain(src: Path, dst: Path, state: dict, sd: dict) -> Path:
-    """A plain checkpoint folder converted from `src` (a sharded one): `sd` as model.pt, src's ema.pt, its training
-    state marked as converted. Written into a hidden folder and renamed, like every checkpoint."""
+def write_weights(dst: Path, files: dict, state: dict, source: str, again: str) -> Path:
+    """A weights-only checkpoint folder (a conversion): `files` maps each file name to the function that writes it into
+    the hidden folder, `state` is its training_state.json; published like every checkpoint (manifest, flush, one
+    rename). A refused write removes the hidden folder: one sentence naming `source`, unchanged, and `again`."""
     tmp = dst.with_name(f".{dst.name}.tmp")
-    check_archives(src, [src / "ema.pt"])          # copied unread: whole, or refused (a legacy folder has no manifest)
 
     def failed(e: OSError) -> CheckpointError:
-        return CheckpointError(f"Writing '{dst}' failed {_why(e)}; its half-written files were removed and '{src}' is "
-                               f"unchanged: {_fix(e)}, then convert again.")
+        return CheckpointError(f"Writing '{dst}' failed {_why(e)}; its half-written files were removed and '{source}' "
+                               f"is unchanged: {_fix(e)}, then {again}.")
     with written_whole(tmp, failed):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        torch.save(sd, tmp / "model.pt")
-        shutil.copy(src / "ema.pt", tmp / "ema.pt")
-        (tmp / "training_state.json").write_text(json.dumps({**state, "engine": "torch", "converted_from": str(src)},
-                                                            indent=1))
+        for name, write in files.items():
+            write(tmp / name)
+        (tmp / "training_state.json").write_text(json.dumps(state, indent=1))
         publish(tmp, dst)
     return dst
+
+
+def write_plain(src: Path, dst: Path, state: dict, sd: dict) -> Path:
+    """A plain checkpoint folder converted from `src` (a sharded one): `sd` as model.pt, src's ema.pt, its training
+    state marked as converted."""
+    check_archives(src, [src / "ema.pt"])          # copied unread: whole, or refused (a legacy folder has no manifest)
+    return write_weights(dst, {"model.pt": lambda f: torch.save(sd, f), "ema.pt": lambda f: shutil.copy(src / "ema.pt", f)},
+                         {**state, "engine": "torch", "converted_from": str(src)}, str(src), "convert again")
 
 
 def convert_main(prog: str, what: str, convert, argv=None) -> int:

@@ -22,15 +22,13 @@ Meta's presets by (hidden size, depth) - DiT-S 6, B 12, L 16, XL 16 heads, whate
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, nonfinite_entries, publish, written_whole
+from .checkpoint import CheckpointError, nonfinite_entries, write_weights
 from .config import Config, ConfigError, ModelConfig, load_config
 from .model import DiT, count_parameters, sincos_pos_embed_2d
 from .process import parser, run_main
@@ -195,20 +193,9 @@ def convert_meta(src: str | Path, dst: str | Path, num_heads: int | None = None)
     if cfg_model != cfg:
         raise CheckpointError(f"'{src}' holds 'model' and 'ema' weights of two different models; {FIX}.")
     full = meta_checkpoint_config(cfg)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-
-    def failed(e: OSError) -> CheckpointError:
-        return CheckpointError(f"Writing '{dst}' failed ({e.strerror or e.__class__.__name__}); its half-written "
-                               f"files were removed: free space or fix the folder, then convert again.")
-    with written_whole(tmp, failed):
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(model, tmp / "model.pt")
-        torch.save(ema, tmp / "ema.pt")
-        (tmp / "training_state.json").write_text(json.dumps(
-            {"step": 0, "samples_seen": 0, "engine": "torch", "weights_only": True, "meta_source": str(src),
-             "config": full.to_dict()}, indent=1))
-        publish(tmp, dst)
+    write_weights(dst, {"model.pt": lambda f: torch.save(model, f), "ema.pt": lambda f: torch.save(ema, f)},
+                  {"step": 0, "samples_seen": 0, "engine": "torch", "weights_only": True, "meta_source": str(src),
+                   "config": full.to_dict()}, str(src), "convert again")
     return dst, full
 
 
