@@ -42,6 +42,7 @@ from .config import load_config, parse_overrides
 from .data import load_mnist
 from .diffusion import Diffusion
 from .fast import DeviceBatches
+from .bench_model import blocks_to_recompute, format_rows, run_ladder
 from .model import DiT
 from .train import TrainHooks, autocast_ctx, compiled, resolve_device, train
 
@@ -267,6 +268,33 @@ def format_sampling(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def model_ladder(args, cfg) -> None:
+    """The ladder of dit_core.bench_model at the config's model (DiT-XL/2 and the other presets)."""
+    if args.quick:
+        args.steps, args.warmup = 2, 1
+    device = resolve_device(args.device)
+    gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if device.type == "cuda" else 0.0
+    blocks = args.recompute_blocks or (blocks_to_recompute(cfg, args.huge_batch, gpu_gib) if gpu_gib else 0)
+    report = run_ladder(cfg, device, args.steps, args.warmup, args.profile, args.big_batch, args.huge_batch,
+                        blocks, args.only)
+    report.update({"config": args.config, "overrides": args.set, "gpu_gib": gpu_gib})
+    print(format_rows(report["rows"]))
+    if "profile" in report:
+        g = report["profile"]["gap"]
+        print(f"where the fastest row's {g['step_ms']:.1f} ms go: {g['ideal_ms']:.1f} at 100% of the peak; matmuls "
+              f"{g['matmul_ms']:.1f} (at peak {g['matmul_at_peak_ms']:.1f}), attention {g['attention_ms']:.1f} "
+              f"(at peak {g['attention_at_peak_ms']:.1f}), no matrix work {g['no_matrix_work_ms']:.1f}, "
+              f"idle {g['idle_ms']:.1f}")
+    if "loss_check" in report:
+        c = report["loss_check"]
+        print(f"loss curve of '{c['row']}' vs the fp32 reference over {c['steps']} steps: worst |diff| "
+              f"{c['candidate_worst']:.2e}, the bf16 row's band {c['bf16_band']:.2e}: "
+              f"{'within' if c['within'] else 'OUTSIDE'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/mnist.yaml", help="the config of this project's rows")
@@ -282,8 +310,16 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="3 timed steps after 1, GPU-only rows skipped (CI)")
     p.add_argument("--ladder-batch", type=int, help="the ladder's batch (default: the course's 300; +batch rows keep "
                                                     "theirs); a small one keeps a CPU run of the ladder short")
+    p.add_argument("--big-batch", type=int, default=128, help="model ladder: the batch that fills the GPU")
+    p.add_argument("--huge-batch", type=int, default=256, help="model ladder: the batch that needs recomputation")
+    p.add_argument("--recompute-blocks", type=int, default=0,
+                   help="model ladder: blocks recomputed at --huge-batch (default: the fewest the planner says fit)")
+    p.add_argument("--only", default="", help="model ladder: comma list of row numbers to run (rows 0 and 1 always)")
     p.add_argument("--json", help="also write every number here")
     args = p.parse_args(argv)
+    cfg_rows = load_config(args.config, parse_overrides(args.set))
+    if cfg_rows.data.source != "mnist":          # a model at full size: its own ladder (dit_core.bench_model)
+        return model_ladder(args, cfg_rows)
     if args.quick:
         args.steps, args.warmup = 3, 1
     device = resolve_device(args.device)

@@ -11,6 +11,7 @@ out-of-memory error is about.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from .engine import autocast_ctx
 from .model import CHECKPOINT_INPUT_HOOKS, DiT
 from .config import ConfigError, parse_overrides
 from .engine import resolve_device
+from .parallel.plan import ACT_BYTES_COMPILED_GPU, Job, Plan
 
 MIB = 2 ** 20
 
@@ -106,15 +108,51 @@ def activation_bytes_per_token_hidden(cfg: Config, precision: str = "fp32", batc
     return one_block / (batch * tokens * m.hidden_size)
 
 
+class HostAdamW:
+    """AdamW with its moments (and the fp32 copy it steps) in host memory, ZeRO-Offload's idea on one GPU: after
+    backward the gradients go to the host, the host's AdamW steps, the new weights come back."""
+
+    def __init__(self, params, lr: float):
+        self.params = list(params)
+        self.host = [p.detach().to("cpu", copy=True).pin_memory() for p in self.params]
+        for h in self.host:
+            h.grad = torch.empty_like(h).pin_memory()
+        self.opt = torch.optim.AdamW(self.host, lr=lr)
+
+    def step(self) -> None:
+        for p, h in zip(self.params, self.host):
+            h.grad.copy_(p.grad, non_blocking=True)
+        torch.cuda.synchronize()
+        self.opt.step()
+        for p, h in zip(self.params, self.host):
+            p.data.copy_(h, non_blocking=True)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
 def step_memory(cfg: Config, batch: int, recompute: str = "none", blocks: int = 0, steps: int = 3,
-                offload: bool = False) -> dict:
+                offload: bool = False, precision: str = "fp32", compile_blocks: bool = False, ema: bool = False,
+                offload_optimizer: bool = False) -> dict:
     """One GPU: memory.allocated after each phase of a training step, the step's peak, and its time (median of
-    `steps` after one warm-up). `offload`: activations kept in pinned CPU memory (torch.autograd.graph.save_on_cpu)."""
+    `steps` after one warm-up). `offload`: activations kept in pinned CPU memory (torch.autograd.graph.save_on_cpu).
+    `precision` bf16: autocast, as the engine runs it; `compile_blocks`: torch.compile of each block (the fast path's
+    memory: the compiler chooses what backward keeps); `ema`: an fp32 EMA copy of the weights, updated every step;
+    `offload_optimizer`: AdamW's moments in host memory (HostAdamW)."""
     dev = torch.device("cuda")
+    torch._dynamo.reset()
+    gc.collect()                      # the previous row's model, also one an out-of-memory error left in a cycle
+    torch.cuda.empty_cache()
     torch.manual_seed(0)
     model = DiT(cfg.model).to(dev)
     model.set_recompute(recompute, blocks)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if compile_blocks:
+        for blk in model.blocks:
+            blk.compile()
+    ema_copy = [p.detach().clone() for p in model.parameters()] if ema else None
+    opt = (HostAdamW(model.parameters(), 1e-4) if offload_optimizer
+           else torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
     diffusion = Diffusion(cfg.diffusion, dev)
     x0 = torch.randn(batch, cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size, device=dev)
     y = torch.randint(0, cfg.model.num_classes, (batch,), device=dev)
@@ -128,7 +166,7 @@ def step_memory(cfg: Config, batch: int, recompute: str = "none", blocks: int = 
         t0 = time.perf_counter()
         hooks = torch.autograd.graph
         ctx = hooks.save_on_cpu(pin_memory=True) if offload else hooks.saved_tensors_hooks(lambda x: x, lambda x: x)
-        with ctx:
+        with ctx, autocast_ctx(precision, dev):
             loss = diffusion.loss(model, x0, y, t, noise, None)
         torch.cuda.synchronize()
         after_forward = torch.cuda.memory_allocated()
@@ -137,13 +175,38 @@ def step_memory(cfg: Config, batch: int, recompute: str = "none", blocks: int = 
         after_backward = torch.cuda.memory_allocated()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema_copy is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_copy, [p.detach() for p in model.parameters()], 1e-4)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         out = {"start": start, "after_forward": after_forward, "after_backward": after_backward,
                "after_step": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}
     out["step_s"] = sorted(times[1:])[len(times[1:]) // 2]
     out["states"] = state_bytes(model)
+    if ema:
+        out["states"]["ema"] = out["states"]["parameters"]
+    if offload_optimizer:
+        out["states"]["optimizer"] = 0
     return out
+
+
+def planned_peak_gib(cfg: Config, batch: int, precision: str, recompute: str = "none", blocks: int = 0,
+                     ema: bool = False, offload_optimizer: bool = False, gpu_gib: float = 80.0,
+                     compiled: bool = False) -> float | None:
+    """dit_core.parallel.plan's peak for one GPU at this setting (`Plan.peak_gib`; the compiled bf16 step with the
+    activation bytes measured for it, ACT_BYTES_COMPILED_GPU). None where it has no model: attention-only
+    recomputation."""
+    if recompute == "attention":
+        return None
+    m = cfg.model
+    with torch.device("meta"):
+        params = sum(p.numel() for p in DiT(m).parameters())
+    job = Job("memory", params, m.depth, m.hidden_size, m.num_heads, (m.image_size // m.patch_size) ** 2, gpu_gib,
+              1, 1, batch, precision=precision, ema=ema,
+              act_bytes=ACT_BYTES_COMPILED_GPU if compiled and precision == "bf16" else 0.0)
+    rc = (blocks or m.depth) if recompute == "full" else 0
+    return Plan(job, micro_batch=batch, recompute_blocks=rc, offload_optimizer=offload_optimizer).peak_gib()
 
 
 def step_timeline(cfg: Config, batch: int, snapshot: str | None = None) -> list[dict]:
@@ -202,6 +265,15 @@ def main(argv=None):
                    help="cuda: measured per phase; cpu: the saved activations counted (auto: cuda when there is one)")
     p.add_argument("--out", required=True)
     p.add_argument("--snapshot", help="also write torch's memory snapshot of one step here (pickle; GPU only)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="GPU: autocast to bf16 or not")
+    p.add_argument("--compile", action="store_true", help="GPU: torch.compile each block (the fast path's memory)")
+    p.add_argument("--ema", action="store_true", help="GPU: keep an fp32 EMA copy of the weights, as training does")
+    p.add_argument("--batches", default="", help="GPU: also a sweep of these batches (comma list) without "
+                                                  "recomputation, up to the first that runs out of memory")
+    p.add_argument("--blocks", default="", help="GPU: full recomputation of these block counts (comma list; "
+                                                 "default every count from 1 to the depth)")
+    p.add_argument("--offload-optimizer", action="store_true", help="GPU: also a row with AdamW's moments on the host")
+    p.add_argument("--no-timeline", action="store_true", help="GPU: leave out the per-block timeline")
     a = p.parse_args(argv)
     if a.batch < 1:
         raise ConfigError(f"--batch {a.batch} must be at least 1.")
@@ -213,7 +285,8 @@ def main(argv=None):
     device = resolve_device(a.device)
     if a.snapshot and device.type != "cuda":
         raise ConfigError("--snapshot records the CUDA caching allocator's history; it needs a GPU (--device cuda).")
-    modes = ([("none", 0, False)] + [("full", b, False) for b in range(1, cfg.model.depth + 1)]
+    counts = [int(b) for b in a.blocks.split(",")] if a.blocks else range(1, cfg.model.depth + 1)
+    modes = ([("none", 0, False)] + [("full", b, False) for b in counts]
              + [("attention", 0, False), ("none", 0, True)])
     rows = []
     m = cfg.model
@@ -232,16 +305,46 @@ def main(argv=None):
                   flush=True)
         report = {"device": "cpu (counted, not measured)", "rows": rows}
     else:
-        for mode, blocks, offload in modes:
-            r = step_memory(cfg, a.batch, mode, blocks, offload=offload)
-            rows.append({"recompute": mode, "blocks": blocks if mode != "none" else 0, "save_on_cpu": offload, **r})
-            print(f"{mode:9s} blocks {blocks} offload {offload}: peak {r['peak'] / MIB:8.1f} MiB, activations after "
-                  f"forward {(r['after_forward'] - r['start']) / MIB:8.1f} MiB, step {r['step_s'] * 1e3:6.1f} ms",
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+        kw = dict(precision=a.precision, compile_blocks=a.compile, ema=a.ema)
+        runs = [(a.batch, mode, blocks, offload, False) for mode, blocks, offload in modes]
+        if a.offload_optimizer:
+            runs.append((a.batch, "none", 0, False, True))
+        sweep = [(int(b), "none", 0, False, False) for b in a.batches.split(",")] if a.batches else []
+        out_of_memory_at = None
+        for i, (batch, mode, blocks, offload, off_opt) in enumerate(sweep + runs):
+            is_sweep = i < len(sweep)
+            if is_sweep and out_of_memory_at is not None:
+                continue
+            # save_on_cpu's hooks and torch.compile do not mix: that row runs eager
+            comp = a.compile and not offload
+            plan_kw = dict(precision=a.precision, ema=a.ema, offload_optimizer=off_opt, gpu_gib=gpu_gib)
+            planned = None if offload else planned_peak_gib(cfg, batch, recompute=mode, blocks=blocks, compiled=comp,
+                                                            **plan_kw)
+            row = {"batch": batch, "sweep": is_sweep, "recompute": mode, "blocks": blocks if mode != "none" else 0,
+                   "save_on_cpu": offload, "offload_optimizer": off_opt, "compiled": comp, "planned_gib": planned}
+            try:
+                r = step_memory(cfg, batch, mode, blocks, offload=offload, offload_optimizer=off_opt,
+                                **{**kw, "compile_blocks": comp})
+            except torch.OutOfMemoryError:
+                rows.append({**row, "out_of_memory": True})
+                out_of_memory_at = batch if is_sweep else out_of_memory_at
+                print(f"batch {batch} {mode:9s} blocks {blocks}: out of memory (planned {planned or 0:.1f} GiB)",
+                      flush=True)
+                continue
+            torch.cuda.empty_cache()
+            rows.append({**row, **r})
+            plan_txt = f"planned {planned:6.1f} GiB" if planned else "planned   -"
+            print(f"batch {batch} {mode:9s} blocks {blocks:2d} save_on_cpu {offload!s:5} offload_opt {off_opt!s:5}: "
+                  f"peak {r['peak'] / 2 ** 30:6.1f} GiB, {plan_txt}, activations after forward "
+                  f"{(r['after_forward'] - r['start']) / 2 ** 30:6.1f} GiB, step {r['step_s'] * 1e3:6.1f} ms",
                   flush=True)
-        timeline = step_timeline(cfg, a.batch, snapshot=a.snapshot)
+        timeline = [] if a.no_timeline else step_timeline(cfg, a.batch, snapshot=a.snapshot)
         for e in timeline:
             print(f"  {e['what']:48s} {e['allocated'] / MIB:9.1f} MiB")
-        report = {"device": torch.cuda.get_device_name(), "rows": rows, "timeline": timeline}
+        report = {"device": torch.cuda.get_device_name(), "gpu_gib": gpu_gib, "precision": a.precision,
+                  "compiled": a.compile, "ema": a.ema, "out_of_memory_batch": out_of_memory_at, "rows": rows,
+                  "timeline": timeline}
     with open(a.out, "w") as f:
         json.dump({"config": a.config, "overrides": a.set, "batch": a.batch, "torch": torch.__version__,
                    "block_formula_bytes": formula, **report}, f, indent=1)

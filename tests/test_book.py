@@ -57,8 +57,9 @@ def test_calculator_python_equals_planner_and_zero_formula():
     for name, p in presets.items():
         for layout in layouts:
             for precision in ("fp32", "bf16"):
-                for ema in (False, True):
-                    m = {**p, **layout, "precision": precision, "ema": ema, "recompute": "none", "micro_batch": 4}
+                for ema, rc in ((False, 0), (True, 0), (True, 1), (False, p["depth"])):
+                    m = {**p, **layout, "precision": precision, "ema": ema, "recompute": "full" if rc else "none",
+                         "recompute_blocks": rc, "micro_batch": 4}
                     if calculator.problems(m):
                         continue
                     r = calculator.memory(m, c)
@@ -67,10 +68,11 @@ def test_calculator_python_equals_planner_and_zero_formula():
                               precision=precision, ema=ema)
                     for s, zero3 in (("ddp", False), ("fsdp", True)):
                         plan = Plan(job, dp=m["dp"], pp=m["pp"], cp=m["cp"], tp=m["tp"], zero3=zero3,
-                                    micro_batch=4)
+                                    micro_batch=4, recompute_blocks=rc)
                         states = r[s]["total"] - r[s]["activations"]
                         assert states == pytest.approx(plan.states_gib() * GIB, rel=1e-12), (name, m, s)
-                        assert r[s]["activations"] == pytest.approx(plan.activations_gib() * GIB, rel=1e-12)
+                        assert r[s]["activations"] == pytest.approx((plan.activations_gib() + plan.working_gib())
+                                                                    * GIB, rel=1e-12)
                     share = psi / (m["tp"] * m["pp"])
                     for stage in (1, 2, 3):
                         f = formula(stage, share, m["dp"], precision)

@@ -23,7 +23,13 @@ Memory per GPU (`Plan.memory_gib`, in GiB):
     dit_core.memory: the part of the saved bytes that does not grow with the batch);
   * activations: ACT_BYTES[precision] per sample, token, hidden unit and block, times the samples of one micro-batch,
     divided by tp (which assumes Megatron's sequence parallelism beside TP; this project's TP has none) and by cp;
-    1F1B keeps as many micro-batches on the first stage as there are stages, so PP does not shrink it.
+    1F1B keeps as many micro-batches on the first stage as there are stages, so PP does not shrink it;
+    with full recomputation of `recompute_blocks` blocks, each of those keeps only its input (the residual stream,
+    one element per token and hidden unit in the activations' precision: under CUDA autocast the patch embedding
+    already returns bf16) and the one being recomputed holds a whole block's activations again during its backward;
+  * `memory_gib` adds them all (an upper bound, what the planner sizes layouts with); `peak_gib` models one step's
+    peak, when gradients and activations are not held at once (measured on one H100 at DiT-XL/2: chapter 18);
+  * `offload_optimizer`: AdamW's two moments (8 bytes per parameter) live in host memory (ZeRO-Offload's idea).
 The layers outside the blocks (embeddings, final layer, loss) are left out: a few per cent at DiT-XL/2's shape.
 
 Time: FLOPs of the blocks at MFU x PEAK_TFLOPS; bytes per layer from the project's own formulas, which its tests
@@ -54,6 +60,11 @@ AUTOCAST_COPY_BYTES = 2   # per parameter, bf16 without ZeRO-3: autocast's bf16 
 # here. The compiled bf16 runs of DiT-XL/2 on the H100 fit 40.1 within 7% (chapter 16), so 40.1 is the constant for a
 # compiled GPU step and an underestimate of about a fifth for an eager one.
 ACT_BYTES = {"fp32": 80.2, "bf16": 40.1}
+# The same, measured on one H100 for the compiled bf16 step (each block compiled, torch 2.11): the activations after
+# forward at batch 128 less those at batch 64, per sample, block, token and hidden unit: 34.5 at DiT-XL/2
+# (docs/measurements/1xh100-2026-12-06-xl/xl_memory_bf16.json; 192 - 128 gives the same). The compiler recomputes
+# cheap element-wise results in backward rather than keeping them, hence less than the 40.1 eager autocast keeps.
+ACT_BYTES_COMPILED_GPU = 34.5
 NVLINK_GBS = 297.0        # all-reduce bus bandwidth measured on 2 x H200 (docs/results.md, chapter 05)
 IB_GBS = 50.0             # one 400 Gb/s InfiniBand NDR link per GPU, the usual H100/H200 cluster (a spec, not measured)
 PEAK_TFLOPS = 989.0       # dense bf16 of one H100 SXM and of one H200 (NVIDIA's data sheets), of which `mfu` is reached
@@ -65,6 +76,7 @@ PEAK_TFLOPS = 989.0       # dense bf16 of one H100 SXM and of one H200 (NVIDIA's
 # job's own `mfu`.
 MFU = 0.401
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
+ADAM_MOMENT_BYTES = 8     # per parameter: exp_avg and exp_avg_sq in fp32 (the part of STATE_BYTES offloading moves)
 
 
 @dataclass
@@ -84,6 +96,7 @@ class Job:
     mfu: float = MFU         # the fraction of PEAK_TFLOPS the blocks run at (measured; see MFU)
     precision: str = "bf16"  # activations, gathered weights and all-reduced activations: "bf16" or "fp32"
     ema: bool = False        # an fp32 EMA copy of the weights on every GPU
+    act_bytes: float = 0.0   # bytes a block keeps per sample, token and hidden unit; 0: ACT_BYTES[precision]
 
     @property
     def gpus(self) -> int:
@@ -99,6 +112,8 @@ class Plan:
     tp: int = 1
     zero3: bool = False
     micro_batch: int = 1     # samples per micro-batch on each GPU
+    recompute_blocks: int = 0        # blocks (of this GPU's share) fully recomputed in backward
+    offload_optimizer: bool = False  # AdamW's moments in host memory
     reasons: list = field(default_factory=list)
 
     @property
@@ -108,18 +123,55 @@ class Plan:
 
     def states_gib(self) -> float:
         j = self.job
-        per_param = (STATE_BYTES + (EMA_BYTES if j.ema else 0)) / (self.dp if self.zero3 else 1)
-        if j.precision != "fp32" and not self.zero3:
-            per_param += AUTOCAST_COPY_BYTES
-        return per_param * j.params / (self.tp * self.pp) / GIB
+        states = STATE_BYTES - (ADAM_MOMENT_BYTES if self.offload_optimizer else 0)
+        per_param = (states + (EMA_BYTES if j.ema else 0)) / (self.dp if self.zero3 else 1)
+        return per_param * j.params / (self.tp * self.pp) / GIB + self.autocast_copies_gib()
 
-    def activations_gib(self, micro_batch: int | None = None) -> float:
+    def autocast_copies_gib(self) -> float:
+        """bf16 without ZeRO-3: the copies autocast makes of the weights of the blocks that are not recomputed (a
+        recomputed block makes its copies again in backward)."""
+        j = self.job
+        if j.precision == "fp32" or self.zero3:
+            return 0.0
+        kept = 1 - min(self.recompute_blocks, j.layers) / j.layers
+        return AUTOCAST_COPY_BYTES * kept * j.params / (self.tp * self.pp) / GIB
+
+    def block_gib(self, micro_batch: int | None = None) -> float:
+        """What one block keeps for backward: the job's activation bytes per sample, token and hidden unit."""
         j = self.job
         mb = self.micro_batch if micro_batch is None else micro_batch
-        return ACT_BYTES[j.precision] * j.tokens * j.hidden * j.layers * mb / (self.tp * self.cp) / GIB
+        return (j.act_bytes or ACT_BYTES[j.precision]) * j.tokens * j.hidden * mb / (self.tp * self.cp) / GIB
+
+    def activations_gib(self, micro_batch: int | None = None) -> float:
+        """Kept from forward to backward: every block's activations, or only the input of a recomputed one."""
+        j = self.job
+        mb = self.micro_batch if micro_batch is None else micro_batch
+        rc = min(self.recompute_blocks, j.layers)
+        kept = ELEMENT_BYTES[j.precision] * j.tokens * j.hidden * mb / (self.tp * self.cp) / GIB
+        return self.block_gib(mb) * (j.layers - rc) + kept * rc
+
+    def working_gib(self, micro_batch: int | None = None) -> float:
+        """With recomputation: the activations of the block being recomputed, held during its backward."""
+        return self.block_gib(micro_batch) if self.recompute_blocks else 0.0
 
     def memory_gib(self, micro_batch: int | None = None) -> float:
-        return self.states_gib() + self.activations_gib(micro_batch)
+        """States, gradients included, plus activations: the sum the planner sizes a layout with (an upper bound of
+        the peak, which `peak_gib` models)."""
+        return self.states_gib() + self.activations_gib(micro_batch) + self.working_gib(micro_batch)
+
+    def peak_gib(self, micro_batch: int | None = None) -> float:
+        """The peak of one step. Gradients and activations do not peak together: zero_grad(set_to_none) frees the
+        gradients before forward, and backward frees each block's activations as it makes that block's gradients,
+        so the peak is the weights, AdamW's moments, the EMA and autocast's copies plus the larger of the kept
+        activations and the gradients (plus the block being recomputed). With gradient accumulation the gradients
+        of the earlier micro-batches are held through forward: then both count."""
+        j = self.job
+        shard = (self.dp if self.zero3 else 1) * self.tp * self.pp
+        grads = 4 * j.params / shard / GIB
+        base = self.states_gib() - grads
+        acts = self.activations_gib(micro_batch)
+        held = acts + grads if self.accum > 1 else max(acts, grads)
+        return base + held + self.working_gib(micro_batch)
 
     def largest_micro_batch(self, budget_gib: float) -> int:
         """The most samples per micro-batch (a power of two, at most a replica's share of the global batch) that fit

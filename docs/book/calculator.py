@@ -16,8 +16,8 @@ Per GPU, for one micro-batch of `micro_batch` samples:
     (Megatron's sequence parallelism beside TP assumed); 1F1B keeps pp micro-batches on the first stage, so PP does
     not shrink them. Full recomputation (`DiT.set_recompute("full", blocks)`) keeps only a recomputed block's input,
     S x h elements per sample in the activation precision (ELEMENT_BYTES; counted by dit_core.memory, see
-    tests/test_book.py), and when every block is recomputed the peak adds one block's activations, rebuilt during its
-    backward.
+    tests/test_book.py), adds one block's activations, rebuilt during its backward (`Plan.working_gib`), and
+    drops the autocast copies of the recomputed blocks' weights (made again in backward).
 """
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ def memory(m: dict, c: dict) -> dict:
     per_block = tokens(m) * m["hidden"] * m["micro_batch"] / (m["tp"] * m["cp"])
     act = c["ACT_BYTES"][prec]
     activations = per_block * (act * (depth - recomputed) + c["ELEMENT_BYTES"][prec] * recomputed
-                               + (act if recomputed == depth else 0))
+                               + (act if recomputed else 0))
+    copies = c["AUTOCAST_COPY_BYTES"] * share * (1 - recomputed / depth)
     ema = c["EMA_BYTES"] * share if m["ema"] else 0.0
     result = {}
     for s in STRATEGIES:
@@ -105,7 +106,7 @@ def memory(m: dict, c: dict) -> dict:
             part = dp if s == "fsdp" else 1
             r = {k: fp32[k] * scale * share / part for k in ("parameters", "gradients", "optimizer")}
             r["ema"] = ema / part
-            r["autocast_copies"] = c["AUTOCAST_COPY_BYTES"] * share if s == "ddp" and prec != "fp32" else 0.0
+            r["autocast_copies"] = copies if s == "ddp" and prec != "fp32" else 0.0
         else:
             stage = int(s[-1])
             w = c["ZERO_STATE_BYTES"][prec]

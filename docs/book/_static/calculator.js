@@ -52,7 +52,8 @@
     const perBlock = tokens(m) * m.hidden * m.micro_batch / (m.tp * m.cp);
     const act = c.ACT_BYTES[prec];
     const activations = perBlock * (act * (depth - recomputed) + c.ELEMENT_BYTES[prec] * recomputed
-                                    + (recomputed === depth ? act : 0));
+                                    + (recomputed ? act : 0));
+    const copies = c.AUTOCAST_COPY_BYTES * share * (1 - recomputed / depth);
     const ema = m.ema ? c.EMA_BYTES * share : 0.0;
     const result = {};
     for (const s of STRATEGIES) {
@@ -62,7 +63,7 @@
         r = {};
         for (const k of ["parameters", "gradients", "optimizer"]) r[k] = fp32[k] * scale * share / part;
         r.ema = ema / part;
-        r.autocast_copies = s === "ddp" && prec !== "fp32" ? c.AUTOCAST_COPY_BYTES * share : 0.0;
+        r.autocast_copies = s === "ddp" && prec !== "fp32" ? copies : 0.0;
       } else {
         const stage = Number(s[s.length - 1]);
         const w = c.ZERO_STATE_BYTES[prec];
