@@ -22,8 +22,8 @@ table below and fails naming the import that breaks it; a new module gets a line
     7  strategy: the seam: what a strategy provides and what the loop calls on it (Strategy, Engine,
            TrainHooks), on one page
     8  train, parallel: the loop; every strategy (parallel/*), which plugs into the loop only through the seam
-    9  bench, bench_model, convert, evaluate, export, memory, many, multinode, parity, plots: lab tools that measure, convert
-           (Meta's DiT checkpoints), score, export, compare
+    9  bench, bench_model, convert, evaluate, export, memory, many, multinode, parity, plots: lab tools that
+           measure, convert (Meta's DiT checkpoints), score, export, compare
     (launchers/, tools/ and tests/ stand above every floor; nothing here imports them)
 
 Where to start: `strategy.py` (the seam, one page), `train.py` (the loop), then one strategy, e.g.

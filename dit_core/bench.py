@@ -3,6 +3,9 @@
     python -m dit_core.bench                      # the table (a GPU: about 3 minutes, compiles included)
     python -m dit_core.bench --profile            # also: GPU busy time vs wall time of both loops
     python -m dit_core.bench --quick              # a few steps of each row (CPU, CI)
+    python -m dit_core.bench --config configs/dit_xl2.yaml --profile   # a model at full size: dit_core.bench_model's
+                                                  # ladder (Meta's settings, then each change), for any config whose
+                                                  # data is not MNIST
 
 Rows, each a fix on top of the one above, on the course's model sizes (hidden 64, depth 3, 4 heads,
 patch 4), then this project's own loop (`dit_core.train.train`) at --config:

@@ -312,8 +312,9 @@ def main(argv=None):
             runs.append((a.batch, "none", 0, False, True))
         sweep = [(int(b), "none", 0, False, False) for b in a.batches.split(",")] if a.batches else []
         out_of_memory_at = None
-        for i, (batch, mode, blocks, offload, off_opt) in enumerate(sweep + runs):
-            is_sweep = i < len(sweep)
+        # the sweep last: a process that ran out of memory once (eager) did not always get its memory back
+        for i, (batch, mode, blocks, offload, off_opt) in enumerate(runs + sweep):
+            is_sweep = i >= len(runs)
             if is_sweep and out_of_memory_at is not None:
                 continue
             # save_on_cpu's hooks and torch.compile do not mix: that row runs eager

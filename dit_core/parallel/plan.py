@@ -235,6 +235,25 @@ def zero3_seconds(p: Plan) -> float:
     return zero3_bytes(p) / (bw * 1e9)
 
 
+def grad_allreduce_seconds(p: Plan) -> float:
+    """Without ZeRO-3: the once-per-step all-reduce of this GPU's tp x pp share of the fp32 gradients over the
+    data-parallel group (a ring sends 2(dp-1)/dp of them), over the slow link once that group spans nodes."""
+    j = p.job
+    if p.zero3 or p.dp == 1:
+        return 0.0
+    bw = j.inter_gbs if p.dp * p.tp * p.cp * p.pp > j.gpus_per_node else j.intra_gbs
+    return 2 * (p.dp - 1) / p.dp * 4 * j.params / (p.tp * p.pp) / (bw * 1e9)
+
+
+def step_seconds(p: Plan) -> tuple[float, float]:
+    """One optimizer step: (communication hidden behind compute, none of it hidden), the two bounds a real run falls
+    between. Compute is the blocks' FLOPs at the job's measured utilisation; communication the data-parallel
+    traffic (ZeRO-3's gathers and reduce-scatters, or the gradient all-reduce)."""
+    compute = step_compute_seconds(p.job)
+    comm = zero3_seconds(p) + grad_allreduce_seconds(p)
+    return max(compute, comm), compute + comm
+
+
 def plan(job: Job) -> Plan:
     p = Plan(job, dp=job.gpus)
     budget = 0.9 * job.gpu_gib                      # leave room for the allocator, buffers and workspace
