@@ -47,7 +47,7 @@ def _missing(what: str):
 def test_calculator_python_equals_planner_and_zero_formula():
     """docs/book/calculator.py (which the page mirrors) against dit_core: DDP and FSDP are the planner's Plan with
     ZeRO-3 off and on, ZeRO-1/2/3 the ZeRO paper's formula of zero_report, activations Plan.activations_gib."""
-    from dit_core.parallel.plan import GIB, EMA_BYTES, Job, Plan
+    from dit_core.parallel.plan import ACT_BYTES_COMPILED_GPU, GIB, EMA_BYTES, Job, Plan
     from dit_core.parallel.zero_report import formula
     c = calculator.constants()
     presets = build_book.presets()
@@ -56,7 +56,7 @@ def test_calculator_python_equals_planner_and_zero_formula():
     checked = 0
     for name, p in presets.items():
         for layout in layouts:
-            for precision in ("fp32", "bf16"):
+            for precision in ("fp32", "bf16", "bf16c"):
                 for ema, rc in ((False, 0), (True, 0), (True, 1), (False, p["depth"])):
                     m = {**p, **layout, "precision": precision, "ema": ema, "recompute": "full" if rc else "none",
                          "recompute_blocks": rc, "micro_batch": 4}
@@ -64,8 +64,10 @@ def test_calculator_python_equals_planner_and_zero_formula():
                         continue
                     r = calculator.memory(m, c)
                     psi = calculator.dit_params(m, c)
+                    compiled = precision == "bf16c"
                     job = Job(name, psi, m["depth"], m["hidden"], m["heads"], calculator.tokens(m), 80.0, 8, 1,
-                              precision=precision, ema=ema)
+                              global_batch=4 * m["dp"], precision="bf16" if compiled else precision, ema=ema,
+                              act_bytes=ACT_BYTES_COMPILED_GPU if compiled else 0.0)
                     for s, zero3 in (("ddp", False), ("fsdp", True)):
                         plan = Plan(job, dp=m["dp"], pp=m["pp"], cp=m["cp"], tp=m["tp"], zero3=zero3,
                                     micro_batch=4, recompute_blocks=rc)
@@ -73,9 +75,10 @@ def test_calculator_python_equals_planner_and_zero_formula():
                         assert states == pytest.approx(plan.states_gib() * GIB, rel=1e-12), (name, m, s)
                         assert r[s]["activations"] == pytest.approx((plan.activations_gib() + plan.working_gib())
                                                                     * GIB, rel=1e-12)
+                        assert r[s]["peak"] == pytest.approx(plan.peak_gib() * GIB, rel=1e-12), (name, m, s)
                     share = psi / (m["tp"] * m["pp"])
                     for stage in (1, 2, 3):
-                        f = formula(stage, share, m["dp"], precision)
+                        f = formula(stage, share, m["dp"], "bf16" if compiled else precision)
                         got = r[f"zero{stage}"]
                         for k in ("parameters", "gradients", "optimizer"):
                             assert got[k] == pytest.approx(f[k], rel=1e-12), (name, m, stage, k)
@@ -364,7 +367,7 @@ def test_learner_features(book, browser):
 
 def _layouts():
     """Two inputs typed into the calculator's form, as a reader would set them."""
-    return [("dit_xl2", {"precision": "bf16", "ema": True, "micro_batch": 16, "dp": 8, "tp": 2, "pp": 2, "cp": 1,
+    return [("dit_xl2", {"precision": "bf16c", "ema": True, "micro_batch": 16, "dp": 8, "tp": 2, "pp": 2, "cp": 1,
                          "recompute": "full", "recompute_blocks": 0}),
             ("mnist", {"precision": "fp32", "ema": False, "micro_batch": 512, "dp": 4, "tp": 1, "pp": 2, "cp": 2,
                        "recompute": "full", "recompute_blocks": 1})]
@@ -420,3 +423,21 @@ def test_calculator_page_equals_python(book, browser):
     browser.execute_script("ditCalculator.fillForm(arguments[0]); ditCalculator.render();", bad)
     shown = browser.find_element(By.CSS_SELECTOR, "#calc-out .calc-problem").text
     assert shown == " ".join(calculator.problems(bad)) and "TP 3" in shown
+
+
+def test_calculator_peak_is_the_measured_h100_peak():
+    """The page's "peak of one step" for DiT-XL/2 (compiled bf16, EMA, one GPU) against the peaks measured on one
+    H100 (chapter 18, section 7) at every batch that ran, within 10%; the negative control: the eager bf16 constant
+    with everything added (the "total" of the plain bf16 setting, the planner's old rule) misses them by more."""
+    c = calculator.constants()
+    xl = build_book.presets()["dit_xl2"]
+    measured = json.loads((ROOT / "docs/measurements/1xh100-2026-12-06-xl/xl_memory_bf16.json").read_text())
+    rows = [r for r in measured["rows"] if r["sweep"] and not r.get("out_of_memory")]
+    assert len(rows) >= 3
+    for r in rows:
+        m = {**xl, "precision": "bf16c", "ema": True, "recompute": "none", "recompute_blocks": 0,
+             "micro_batch": r["batch"], "dp": 1, "tp": 1, "pp": 1, "cp": 1}
+        ddp = calculator.memory(m, c)["ddp"]
+        assert abs(ddp["peak"] / r["peak"] - 1) <= 0.10, (r["batch"], ddp["peak"], r["peak"])
+        old = calculator.memory({**m, "precision": "bf16"}, c)["ddp"]["total"]
+        assert old / r["peak"] - 1 > 0.10, (r["batch"], old, r["peak"])

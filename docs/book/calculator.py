@@ -35,6 +35,7 @@ def constants() -> dict:
     return {
         "GIB": plan.GIB, "STATE_BYTES": plan.STATE_BYTES, "EMA_BYTES": plan.EMA_BYTES,
         "AUTOCAST_COPY_BYTES": plan.AUTOCAST_COPY_BYTES, "ACT_BYTES": dict(plan.ACT_BYTES),
+        "ACT_BYTES_COMPILED_GPU": plan.ACT_BYTES_COMPILED_GPU,
         "ELEMENT_BYTES": dict(plan.ELEMENT_BYTES), "MFU": plan.MFU, "PEAK_TFLOPS": plan.PEAK_TFLOPS,
         "BUDGET": 0.9,      # plan.plan() leaves a tenth of the GPU for the allocator, buffers and workspace
         # bytes per parameter of each state, unsharded: DeepSpeed's layout by precision (ZeRO stage 0, one rank)
@@ -82,22 +83,27 @@ def problems(m: dict) -> list:
 
 
 def memory(m: dict, c: dict) -> dict:
-    """Bytes per GPU, by component, for each strategy in STRATEGIES: {strategy: {component: bytes, "total": bytes}}.
-    `m`: hidden, depth, heads, mlp_ratio, image_size, patch, in_channels, num_classes, learn_sigma, micro_batch,
-    precision ("fp32" or "bf16"), ema (bool), recompute ("none" or "full"), recompute_blocks (0 = all), dp, tp, pp,
-    cp."""
+    """Bytes per GPU, by component, for each strategy in STRATEGIES: {strategy: {component: bytes, "total": bytes}},
+    and for DDP and FSDP also "peak", one step's peak (`Plan.peak_gib` at one micro-batch per step: the gradients and
+    the kept activations are not held at once, so the larger of the two counts). `m`: hidden, depth, heads, mlp_ratio,
+    image_size, patch, in_channels, num_classes, learn_sigma, micro_batch, precision ("fp32", "bf16", or "bf16c": bf16
+    with the activation bytes measured for the compiled step on one H100, ACT_BYTES_COMPILED_GPU), ema (bool),
+    recompute ("none" or "full"), recompute_blocks (0 = all), dp, tp, pp, cp."""
     psi = dit_params(m, c)
     share = psi / (m["tp"] * m["pp"])                       # the parameters one tp x pp rank holds
-    dp, prec = m["dp"], m["precision"]
+    dp = m["dp"]
+    compiled = m["precision"] == "bf16c"
+    prec = "bf16" if compiled else m["precision"]
     fp32 = c["ZERO_STATE_BYTES"]["fp32"]
     # plan.py's STATE_BYTES split as fp32 weights, gradients and AdamW's moments are (4 : 4 : 8)
     scale = c["STATE_BYTES"] / (fp32["parameters"] + fp32["gradients"] + fp32["optimizer"])
     depth, blocks = m["depth"], m["recompute_blocks"]
     recomputed = 0 if m["recompute"] != "full" else (depth if blocks == 0 or blocks >= depth else blocks)
     per_block = tokens(m) * m["hidden"] * m["micro_batch"] / (m["tp"] * m["cp"])
-    act = c["ACT_BYTES"][prec]
-    activations = per_block * (act * (depth - recomputed) + c["ELEMENT_BYTES"][prec] * recomputed
-                               + (act if recomputed else 0))
+    act = c["ACT_BYTES_COMPILED_GPU"] if compiled else c["ACT_BYTES"][prec]
+    kept = per_block * (act * (depth - recomputed) + c["ELEMENT_BYTES"][prec] * recomputed)
+    working = per_block * act if recomputed else 0.0
+    activations = kept + working
     copies = c["AUTOCAST_COPY_BYTES"] * share * (1 - recomputed / depth)
     ema = c["EMA_BYTES"] * share if m["ema"] else 0.0
     result = {}
@@ -116,5 +122,7 @@ def memory(m: dict, c: dict) -> dict:
                  "ema": ema / (dp if stage >= 3 else 1), "autocast_copies": 0.0}
         r["activations"] = activations
         r["total"] = sum(r[k] for k in COMPONENTS)
+        if s in ("ddp", "fsdp"):
+            r["peak"] = r["total"] - r["gradients"] - activations + max(kept, r["gradients"]) + working
         result[s] = r
     return result

@@ -44,15 +44,18 @@
   function memory(m, c) {
     const psi = ditParams(m, c);
     const share = psi / (m.tp * m.pp);
-    const dp = m.dp, prec = m.precision;
+    const dp = m.dp;
+    const compiled = m.precision === "bf16c";
+    const prec = compiled ? "bf16" : m.precision;
     const fp32 = c.ZERO_STATE_BYTES.fp32;
     const scale = c.STATE_BYTES / (fp32.parameters + fp32.gradients + fp32.optimizer);
     const depth = m.depth, blocks = m.recompute_blocks;
     const recomputed = m.recompute !== "full" ? 0 : (blocks === 0 || blocks >= depth ? depth : blocks);
     const perBlock = tokens(m) * m.hidden * m.micro_batch / (m.tp * m.cp);
-    const act = c.ACT_BYTES[prec];
-    const activations = perBlock * (act * (depth - recomputed) + c.ELEMENT_BYTES[prec] * recomputed
-                                    + (recomputed ? act : 0));
+    const act = compiled ? c.ACT_BYTES_COMPILED_GPU : c.ACT_BYTES[prec];
+    const kept = perBlock * (act * (depth - recomputed) + c.ELEMENT_BYTES[prec] * recomputed);
+    const working = recomputed ? perBlock * act : 0.0;
+    const activations = kept + working;
     const copies = c.AUTOCAST_COPY_BYTES * share * (1 - recomputed / depth);
     const ema = m.ema ? c.EMA_BYTES * share : 0.0;
     const result = {};
@@ -76,6 +79,9 @@
       let total = 0;
       for (const k of COMPONENTS) total += r[k];
       r.total = total;
+      if (s === "ddp" || s === "fsdp") {
+        r.peak = r.total - r.gradients - activations + Math.max(kept, r.gradients) + working;
+      }
       result[s] = r;
     }
     return result;
@@ -129,12 +135,13 @@
       `budget ${(budget / c.GIB).toFixed(1)} GiB (${c.BUDGET * 100}% of the GPU, as the planner leaves).</p>`;
     html += "<table class='calc-table'><thead><tr><th>strategy</th>";
     for (const k of COMPONENTS) html += `<th>${LABELS[k]}</th>`;
-    html += "<th>total</th><th>fits</th><th class='calc-bar-col'></th></tr></thead><tbody>";
+    html += "<th>total</th><th>peak of one step</th><th>fits</th><th class='calc-bar-col'></th></tr></thead><tbody>";
     const most = Math.max(...STRATEGIES.map((s) => r[s].total), budget);
     for (const s of STRATEGIES) {
       html += `<tr data-strategy="${s}"><th>${LABELS[s]}</th>`;
-      for (const k of COMPONENTS.concat(["total"])) {
-        html += `<td data-component="${k}" data-bytes="${r[s][k]}">${gib(r[s][k], c)}</td>`;
+      for (const k of COMPONENTS.concat(["total", "peak"])) {
+        html += k in r[s] ? `<td data-component="${k}" data-bytes="${r[s][k]}">${gib(r[s][k], c)}</td>`
+                          : "<td title='not modelled for DeepSpeed'>-</td>";
       }
       html += `<td>${r[s].total <= budget ? "yes" : "no"}</td><td class="calc-bar-col"><div class="calc-bar">`;
       for (const k of COMPONENTS) {
