@@ -704,7 +704,9 @@ if "DeepSpeed ZeRO-3" in rows:
 # only the module, and the training loop stays the plain PyTorch loop every other chapter uses. That is why torchtitan
 # builds on it.
 #
-# **Exercises.** (Answers in `docs/solutions.md`.)
+# ## Exercises
+#
+# Solutions, with the numbers they were checked against: [docs/solutions.md](../docs/solutions.md#chapter-13).
 #
 # 1. Of the three hand-written settings of section 5 (a unit per block with prefetch, without it, one unit for the
 #    whole model), which has the lowest gathered peak, and which sends the fewest bytes per step? Why is the one that

@@ -95,10 +95,7 @@ def chapter_copy(ch: dict) -> dict:
             continue
         text = _source(cell)
         if not re.search(r"^## Exercises\s*$", text, re.M):
-            # a chapter whose exercises open with a bold line rather than a heading gets the heading, for the anchor
-            text, n = re.subn(r"^\*\*Exercises\.\*\*\s*", "## Exercises\n\n", text, count=1, flags=re.M)
-            if not n:
-                continue
+            continue
         head, rest = text.split("## Exercises", 1)
         section, sep, after = rest.partition("\n## ")
         if "](../docs/solutions.md" not in section:      # the link goes at the end of the Exercises section
