@@ -985,12 +985,22 @@ plt.tight_layout()
 #   more ranks that build, not training, is the peak (build on the meta device to avoid it).
 # - DDP costs 24 bytes per parameter, not 20: the hand-written DDP's bucket copies of the gradients live until the
 #   last all-reduce is waited on. ZeRO-1 is what the formula says.
-# - **DeepSpeed's ZeRO-2 and ZeRO-3 hold more than the formula: the verdicts say FAIL, and that is the lesson.**
-#   ZeRO-3's defaults keep gathered weights alive (`stage3_max_live_parameters` = 1e9, more than this whole model), so
-#   during a step it holds nearly everything; `configs/ds_zero_paper.json` (weights freed after use) closes about half
-#   the gap; chapter 13's note on DeepSpeed#4093 is the same story. ZeRO-2 peaks like ZeRO-1 at one micro-batch per
-#   step. The cause of the rest was not found: the formula is what the paper promises, the measurement is what this
-#   DeepSpeed version holds on a CPU, and the difference is worth checking before you rely on it.
+# - **DeepSpeed's ZeRO-2 and ZeRO-3 hold more than the formula: the verdicts say FAIL, and that is the lesson.** The
+#   ZeRO paper counts weights, gradients and AdamW's moments; a real step also makes working copies, and here three of
+#   them grow with the model. Diagnosed on 2 ranks by recording the peak inside each phase of DeepSpeed's step (a
+#   probe not kept in the repository; DeepSpeed's source named in `docs/results.md`):
+#   - torch's AdamW on a CPU makes two temporaries the size of what it updates (`exp_avg_sq.sqrt()` and its
+#     division), and DeepSpeed hands it the rank's whole flat partition: +8/N bytes per parameter during the
+#     optimizer step (with fused AdamW the step's slope fell from 20.1 to 16.1 on 2 ranks);
+#   - ZeRO-2 and ZeRO-3 flatten the reduced gradient partition into a second tensor before freeing the first: +4/N;
+#   - ZeRO-3's defaults (`stage3_max_live_parameters` and `stage3_prefetch_bucket_size` large, `max_reuse_distance`
+#     1e9) keep every weight gathered in forward for backward and prefetch backward's weights early: about two whole
+#     copies of the weights during forward, +8 bytes per parameter *not* divided by N (all three at 0, as in
+#     `configs/ds_zero_paper.json`, brought forward's slope from 20.7 to 12.5);
+#   - and the slope compares peaks that happen at different moments: at depth 2 the model is about one 5e7-element
+#     gradient bucket, so its peak is in backward; at depth 4 it is in the optimizer step, so fixed buffers do not
+#     cancel. With the paper config and fused AdamW, ZeRO-3's slope on 2 ranks was 13.4 against the formula's 12.
+#   What a formula promises and what a library holds at its peak are different things: measure before you rely on it.
 # - Run the demonstration yourself: `python tools/xl_payoff.py --out demo.json --depths "" --limit-gib 6`
 #   (about 5 minutes and 17 GiB on 2 cores).
 
@@ -1099,6 +1109,6 @@ print("every plan fits its GPU by the peak model:", all(p.peak_gib() <= 0.9 * H1
 #
 # 单卡显存：权重 4Ψ、梯度 4Ψ、AdamW 8Ψ、EMA 4Ψ（Ψ=674,834,720，即 2.51/2.51/5.03/2.51 GiB），autocast 的 bf16 权重副本 2Ψ，再加每个样本 0.27 GiB 的激活（编译后每 token·隐藏单元·块 34.5 字节，由批次 128 与 64 的差得到）。批次 192 峰值 62.9 GiB，批次 256 显存溢出；fp32 在 128 就溢出。梯度与激活不会同时达到峰值（反向每释放一块的激活就产生这一块的梯度），规划器现在按两者取大建模（`Plan.peak_gib`），对所有测得的设置误差都在 10% 之内；旧的"全部相加、用 40.1"规则高估 14–17%。重计算 7 块省 8 GiB、慢 8%，28 块省 31 GiB、慢 30%；只重算注意力只省 2 GiB；`save_on_cpu` 峰值 13.6 GiB 但一步 2.4 秒；AdamW 放到主机内存省 5 GiB，一步慢 3.6 倍。
 #
-# 不用 GPU 的收益：DiT-XL/2 全宽度（隐藏 1152、16 头）在 CPU 进程（gloo）上：单进程每个参数 20 字节（全部 28 块 12.65 GiB，公式 12.57）；每进程 6 GiB 上限（RLIMIT_DATA）下单进程在第 0 步停下，FSDP 4 进程每个 rank 峰值 3.74 GiB，训练 3 步，损失差 1.1e-7、梯度范数差 5.6e-7（PASS）。DDP 每参数 24 字节（桶的副本），ZeRO-1 与 FSDP 与公式一致；DeepSpeed 的 ZeRO-2/3 比公式占得多（FAIL：ZeRO-3 默认让聚合后的权重常驻，论文配置缩小约一半差距），这正是要学的：先测量，再相信公式。
+# 不用 GPU 的收益：DiT-XL/2 全宽度（隐藏 1152、16 头）在 CPU 进程（gloo）上：单进程每个参数 20 字节（全部 28 块 12.65 GiB，公式 12.57）；每进程 6 GiB 上限（RLIMIT_DATA）下单进程在第 0 步停下，FSDP 4 进程每个 rank 峰值 3.74 GiB，训练 3 步，损失差 1.1e-7、梯度范数差 5.6e-7（PASS）。DDP 每参数 24 字节（桶的副本），ZeRO-1 与 FSDP 与公式一致；DeepSpeed 的 ZeRO-2/3 比公式占得多（FAIL），原因在 2 个 rank 上逐阶段测出：CPU 上 torch 的 AdamW 对整个扁平分区产生两个同样大小的临时张量（+8/N 字节/参数），归约后的梯度分区在展平时短暂存在两份（+4/N），ZeRO-3 的默认设置让前向聚合的权重留到反向并提前预取（约两份完整权重，+8 字节/参数，不除以 N；三个参数都设为 0 后前向的斜率从 20.7 降到 12.5）。这正是要学的：公式承诺的与库在峰值时实际占用的不同，先测量，再相信公式。
 #
 # 多卡规划：DiT-XL/2 能放进一块 GPU，所以 256 与 512 像素在 8/64/256 块 GPU 上都只用数据并行。按 Meta 的全局批次 256，64 块 GPU 并不比 8 块快：每块只算 4 个样本（7 ms），而 2.7 GB 的 fp32 梯度经 50 GB/s 的 InfiniBand 做 all-reduce 需要 106 ms；每块 GPU 保持 32 个样本（批次 2048、8192）才有收益。
