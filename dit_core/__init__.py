@@ -12,8 +12,9 @@ table below and fails naming the import that breaks it; a new module gets a line
     2  data, folder, latents, sources, batch, fast: MNIST (and whether data fit the model); an image folder
            decoded once; its VAE latents encoded once; the source data.source names (Fashion-MNIST too); the global
            batch of the determinism contract; batches drawn on the GPU
-    3  moe, model, diffusion, objective: the mixture-of-experts layer; the DiT; the noise schedule and its
-           errors, sampling; the loss of one micro-batch every strategy trains (with the MoE balance term)
+    3  moe, model, fp8, diffusion, objective: the mixture-of-experts layer; the DiT; float8 linear layers; the
+           noise schedule and its errors, sampling; the loss of one micro-batch every strategy trains (with the
+           MoE balance term)
     4  checkpoint, checkpoint_dcp: the checkpoint folder (manifest, readers, writers, the resume preflight) and
            its sharded DCP format
     5  rundir, cli, guard: one run per results folder; the launcher's command line and --resume auto; the

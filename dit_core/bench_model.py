@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import Config
 from .diffusion import Diffusion
 from .engine import autocast_ctx
+from .fp8 import use_fp8
 from .model import DiT
 from .parallel.plan import ACT_BYTES_COMPILED_GPU, Job, Plan
 
@@ -90,6 +91,7 @@ class Rung:
     recompute_blocks: int = 0     # full recomputation of the first N blocks
     compile_mode: str = "default"  # torch.compile's mode for the blocks (reduce-overhead: CUDA graphs)
     tuning: bool = False          # inductor's coordinate-descent tuning of its Triton kernels
+    fp8: bool = False             # the blocks' linear layers multiply in float8 (dit_core.fp8)
     gpu_only: bool = False
 
 
@@ -109,6 +111,12 @@ def ladder(depth: int, big_batch: int = 128, huge_batch: int = 256, recompute_bl
     rows.append(replace(best, name="cuDNN row + bf16 weights", bf16_weights=True))
     rows.append(replace(best, name="cuDNN row + kernel tuning", tuning=True))
     rows.append(replace(best, name="cuDNN row + CUDA graphs", compile_mode="reduce-overhead"))
+    # float8 matmuls (per-tensor scales), then with the kernel tuning, then at the huge batch
+    rows.append(replace(best, name="cuDNN row + FP8 matmuls", fp8=True))
+    rows.append(replace(rows[-1], name="FP8 + kernel tuning", tuning=True))
+    rows.append(replace(rows[-1], name=f"FP8 + tuning, batch {huge_batch}, recompute {n}", batch=huge_batch,
+                        recompute_blocks=n))
+    rows.append(replace(best, name="cuDNN row + max-autotune", compile_mode="max-autotune-no-cudagraphs"))
     return rows
 
 
@@ -168,6 +176,8 @@ def build_rung(r: Rung, cfg: Config, device: torch.device):
     torch.manual_seed(cfg.train.seed)
     model = DiT(cfg.model).to(device)
     model.set_recompute("full" if r.recompute_blocks else "none", r.recompute_blocks)
+    if r.fp8:
+        use_fp8(model)
     ema = [p.detach().clone() for p in model.parameters()]        # fp32, before any bf16 cast
     master = MasterWeights(model) if r.bf16_weights else None
     opt_params = master.masters if master else list(model.parameters())
@@ -213,7 +223,7 @@ def time_rung(r: Rung, cfg: Config, device: torch.device, steps: int, warmup: in
     the timing), the peak memory of the timed steps; with `profile`, then where a few more steps' time goes."""
     row = {"name": r.name, "batch": r.batch, "precision": r.precision, "fused_adam": r.fused_adam, "ema": r.ema,
            "compile": r.compile, "attention": r.attention, "bf16_weights": r.bf16_weights,
-           "recompute_blocks": r.recompute_blocks, "compile_mode": r.compile_mode, "tuning": r.tuning}
+           "recompute_blocks": r.recompute_blocks, "compile_mode": r.compile_mode, "tuning": r.tuning, "fp8": r.fp8}
     t_build = time.perf_counter()
     try:
         model, step = build_rung(r, cfg, device)

@@ -12,7 +12,7 @@ def floor_map(package: Path) -> dict[str, int]:
     (a module listed as `parallel` covers `parallel.*`)."""
     doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text()), clean=False) or ""
     floors = {}
-    for m in re.finditer(r"^ {4}(\d+) +([a-z_][a-z_, ]*):", doc, re.M):
+    for m in re.finditer(r"^ {4}(\d+) +([a-z_][a-z0-9_, ]*):", doc, re.M):
         for name in m.group(2).replace(",", " ").split():
             floors[name] = int(m.group(1))
     return floors
