@@ -47,6 +47,7 @@ from .diffusion import Diffusion
 from .fast import DeviceBatches
 from .bench_model import blocks_to_recompute, format_rows, run_ladder
 from .model import DiT
+from .scratch import write_atomic
 from .train import TrainHooks, autocast_ctx, compiled, resolve_device, train
 
 COURSE_MODEL = {"hidden_size": 64, "depth": 3, "num_heads": 4, "patch_size": 4}
@@ -278,8 +279,13 @@ def model_ladder(args, cfg) -> None:
     device = resolve_device(args.device)
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if device.type == "cuda" else 0.0
     blocks = args.recompute_blocks or (blocks_to_recompute(cfg, args.huge_batch, gpu_gib) if gpu_gib else 0)
+    def save(partial: dict) -> None:             # after every row: a run cut short keeps the rows it finished
+        if args.json:
+            text = json.dumps({**partial, "partial": True}, indent=1)
+            write_atomic(args.json, lambda tmp: tmp.write_text(text))
+
     report = run_ladder(cfg, device, args.steps, args.warmup, args.profile, args.big_batch, args.huge_batch,
-                        blocks, args.only)
+                        blocks, args.only, on_row=save)
     report.update({"config": args.config, "overrides": args.set, "gpu_gib": gpu_gib})
     print(format_rows(report["rows"]))
     if "profile" in report:

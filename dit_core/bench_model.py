@@ -344,7 +344,8 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def run_ladder(cfg: Config, device: torch.device, steps: int, warmup: int, profile: bool,
-               big_batch: int = 128, huge_batch: int = 256, recompute_blocks: int = 0, only: str = "") -> dict:
+               big_batch: int = 128, huge_batch: int = 256, recompute_blocks: int = 0, only: str = "",
+               on_row=None) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = bf16_peak_tflops(name) if device.type == "cuda" else None
     flops = train_flops_per_sample(cfg)
@@ -365,6 +366,8 @@ def run_ladder(cfg: Config, device: torch.device, steps: int, warmup: int, profi
         if not row.get("out_of_memory") and not row.get("failed") and (fastest is None or row["images_per_s"] > fastest["images_per_s"]):
             fastest = row
         report["rows"].append(row)
+        if on_row is not None:
+            on_row(report)
     if fastest is not None and "profile" in fastest and peak:
         report["profile"] = {"row": fastest["name"], **fastest["profile"],
                              "gap": gap_report(fastest, fastest["profile"], flops, peak)}
