@@ -876,9 +876,9 @@ plt.tight_layout()
 #   is what the ladder's loss check decides for the FP8 rows.
 # - **Not measured on a GPU yet.** The ladder has three FP8 rows ("cuDNN row + FP8 matmuls", "FP8 + kernel tuning",
 #   "FP8 + tuning, batch 256, recompute N"; `python -m dit_core.bench --config configs/dit_xl2.yaml`), and
-#   `tools/matmul_ceiling.py` measures float8 against bf16 matmuls at DiT-XL/2's shapes. This session asked for an
-#   H100 (and an H200) many times and got none, so the committed ladder above has no FP8 row, and this chapter does
-#   not say how fast they are. Exercise 8 asks what they can reach at most.
+#   `tools/matmul_ceiling.py` measures float8 against bf16 matmuls at DiT-XL/2's shapes. No GPU could be borrowed
+#   when they were written (2026-12-06), so the committed ladder above has no FP8 row, and this chapter does not say
+#   how fast they are. Exercise 8 asks what they can reach at most.
 
 # %% [markdown]
 # ## 7. Memory on one GPU (单卡显存)

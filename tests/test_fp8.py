@@ -98,3 +98,13 @@ def test_float8_linear_names_a_shape_the_tensor_cores_cannot_take():
     lin.__class__ = Float8Linear
     with pytest.raises(ValueError, match="multiples of 16, got 10 rows"):
         lin(torch.randn(10, 64))
+
+
+def test_matmul_ceiling_says_it_needs_a_gpu(capsys, monkeypatch):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("matmul_ceiling", "tools/matmul_ceiling.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert tool.main([]) == 2
+    assert "no CUDA device here" in capsys.readouterr().out
