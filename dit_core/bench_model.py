@@ -19,7 +19,11 @@ and noise drawn on the GPU from a generator seeded by the step. Rows, each a cha
   batch 256, recompute N  the batch one 80 GB GPU cannot hold without recomputation, N blocks recomputed
                           (the fewest that fit, from dit_core.parallel.plan's peak model)
 Then, each alone on top of the cuDNN row: the weights in bf16, inductor's coordinate-descent tuning of its Triton
-kernels, and CUDA graphs (compile mode reduce-overhead).
+kernels, and CUDA graphs (compile mode reduce-overhead). Then float8 matmuls (dit_core.fp8: the blocks' qkv, proj,
+fc1 and fc2 with per-tensor scales), with the kernel tuning, and at the huge batch; last, inductor's max-autotune
+(Triton matmul templates with the element-wise work fused into their epilogues). The float8 and max-autotune rows were
+added without a GPU to measure them (2026-12-06): the whole ladder may need more than the 6 minutes above; `--only`
+picks rows (e.g. `--only 6,11,12,13`: the cuDNN row and the three float8 rows, with rows 0 and 1 for the loss check).
 
 Utilisation: FLOPs per image counted by torch.utils.flop_counter on the meta device (forward + backward: 711.7
 GFLOPs at DiT-XL/2), over the GPU's dense bf16 peak from NVIDIA's data sheet (989 TFLOP/s for an H100 SXM or H200).

@@ -54,8 +54,13 @@ class _Float8Linear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
         x8, sx = quantize(x, E4M3)
         w8, sw = quantize(weight, E4M3)
+        # the bias rides in the matmul's epilogue for a bf16/fp16 result; CUDA's float8 matmul takes only a bf16
+        # bias for an fp32 result, so there it is added afterwards at full precision
+        fused = bias is not None and out_dtype != torch.float32
         y = torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=out_dtype,
-                             bias=None if bias is None else bias.to(out_dtype))
+                             bias=bias.to(out_dtype) if fused else None)
+        if bias is not None and not fused:
+            y = y + bias
         ctx.save_for_backward(x8, sx, w8, sw)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y
