@@ -279,6 +279,7 @@ def model_ladder(args, cfg) -> None:
     device = resolve_device(args.device)
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if device.type == "cuda" else 0.0
     blocks = args.recompute_blocks or (blocks_to_recompute(cfg, args.huge_batch, gpu_gib) if gpu_gib else 0)
+
     def save(partial: dict) -> None:             # after every row: a run cut short keeps the rows it finished
         if args.json:
             text = json.dumps({**partial, "partial": True}, indent=1)

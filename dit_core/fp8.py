@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -110,8 +109,3 @@ def use_fp8(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS) -> int:
             lin.__class__ = Float8Linear
             n += 1
     return n
-
-
-def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The same layer in plain PyTorch (what the test compares against)."""
-    return F.linear(x, weight, bias)
